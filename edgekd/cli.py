@@ -1,0 +1,100 @@
+"""The edgekd command line: a thin typer app over config, plan and pipeline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from edgekd.config import known_profiles, load_profile, load_recipe
+from edgekd.errors import EdgekdError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles.")
+app.add_typer(profiles_app, name="profiles")
+console = Console()
+
+
+def _fail(err: EdgekdError) -> None:
+    Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def build(
+    profile: Annotated[str, typer.Option(help="profile name or path to a profile YAML")],
+    recipe: Annotated[Path | None, typer.Option(help="recipe YAML overriding the default")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="'embedded', HF folder, hub id or .gguf file")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="jsonl, text file/folder or dataset")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder [default: export/<profile>]")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override, e.g. distill.temperature=4")
+    ] = None,
+    stages: Annotated[str | None, typer.Option(help="comma-separated subset, e.g. distill")] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the plan and stop")] = False,
+    force: Annotated[bool, typer.Option(help="replace a different build in --out")] = False,
+) -> None:
+    """Distill, recover, export and benchmark a student for a device profile."""
+    from edgekd import pipeline
+    from edgekd.plan import make_plan
+
+    try:
+        prof = load_profile(profile)
+        rec = load_recipe(recipe, set_ or [], teacher=teacher, data=data)
+        chosen = pipeline.select_stages(stages.split(",") if stages else None, prof)
+        plan = make_plan(prof, rec, chosen, timing=dry_run)
+        if dry_run:
+            for line in plan.lines(prof):
+                console.print(line, highlight=False)
+            return
+        from edgekd.preflight import preflight
+
+        preflight(prof, rec, plan)
+        pipeline.build(prof, rec, out or Path("export") / prof.name, chosen, force=force)
+    except EdgekdError as e:
+        _fail(e)
+
+
+@profiles_app.command("list")
+def profiles_list() -> None:
+    """The shipped device profiles."""
+    table = Table()
+    for col in ("name", "RAM", "budget", "threads", "bandwidth", "context", "description"):
+        table.add_column(col)
+    for name in sorted(known_profiles()):
+        p = load_profile(name)
+        table.add_row(
+            name,
+            f"{p.ram_mb} MB",
+            f"{p.memory_budget_mb} MB",
+            str(p.threads),
+            f"{p.memory_bandwidth_gbs:g} GB/s",
+            str(p.context_length),
+            p.description,
+        )
+    console.print(table)
+
+
+@profiles_app.command("show")
+def profiles_show(name: str) -> None:
+    """One profile, as YAML."""
+    try:
+        p = load_profile(name)
+    except EdgekdError as e:
+        _fail(e)
+    sys.stdout.write(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

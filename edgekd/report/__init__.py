@@ -1,0 +1,1 @@
+"""Reports: the export folders' READMEs, the build summary and the HTML page."""

@@ -1,0 +1,79 @@
+"""distill: build the student (a given model, or the teacher minus its least useful block of
+layers) and train it on the teacher's soft targets with the KD loss."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from edgekd import models
+from edgekd.config import DistillSettings
+from edgekd.context import Context
+from edgekd.data import collate
+from edgekd.evaluate import evaluate_torch
+from edgekd.pipeline import StageResult
+from edgekd.plan import student_layer_count
+from edgekd.train import train_kd
+
+
+def _choose_layers(ctx: Context, teacher) -> tuple[list[int], dict]:
+    """Keep the layers whose contiguous complement changes the teacher's output least (kld)."""
+    total = teacher.config.num_hidden_layers
+    n_keep, why = student_layer_count(teacher.config, ctx.recipe, ctx.profile)
+    n_drop = total - n_keep
+    calib = ctx.train_examples[: ctx.recipe.student.calibration_examples]
+    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+    batches = [collate(calib[i : i + 4], pad) for i in range(0, len(calib), 4)]
+    scores = models.block_drop_scores(teacher, batches, n_drop)
+    start, kld = min(scores, key=lambda s: s[1])
+    keep = [i for i in range(total) if not start <= i < start + n_drop]
+    report = {
+        "teacher_layers": total,
+        "kept_layers": keep,
+        "dropped_block": [start, start + n_drop - 1] if n_drop else None,
+        "dropped_block_kld": kld,
+        "why": why,
+        "candidates": [{"first": s, "last": s + n_drop - 1, "kld": k} for s, k in scores],
+        "calibration_examples": len(calib),
+    }
+    return keep, report
+
+
+def _load_student(ctx: Context) -> tuple[torch.nn.Module, dict]:
+    spec = ctx.recipe.student
+    if spec.source is not None:
+        src = models.resolve_source(spec.source, role="student")
+        models.check_same_tokenizer(
+            ctx.tokenizer,
+            models.load_tokenizer(src),
+            teacher_name=ctx.teacher_source.describe(),
+            student_name=src.describe(),
+        )
+        return models.load_model(src), {"source": src.describe()}
+    keep, report = _choose_layers(ctx, ctx.teacher)
+    return models.prune_layers(ctx.teacher, keep), {"source": "pruned teacher", **report}
+
+
+def run(ctx: Context, settings: DistillSettings) -> StageResult:
+    student, student_report = _load_student(ctx)
+    # Every process takes the reference: its first use synchronizes the processes.
+    reference = ctx.reference
+    quality = {}
+    if ctx.is_main:
+        quality["teacher"] = evaluate_torch(ctx.teacher, ctx.heldout, reference).as_dict()
+        quality["student before"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
+    curve, train_report = train_kd(ctx, student, settings, name="distill")
+    artifacts = []
+    if ctx.is_main:
+        quality["student after"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
+        artifacts = models.save_model(student, ctx.tokenizer, ctx.work_dir / "model")
+        artifacts = [f"model/{a}" for a in artifacts]
+        curve_path = ctx.work_dir / "loss_curve.jsonl"
+        curve_path.write_text("".join(json.dumps(row) + "\n" for row in curve))
+        artifacts.append("loss_curve.jsonl")
+    return StageResult(
+        artifacts=artifacts,
+        report={"student": student_report, "training": train_report},
+        quality=quality,
+    )

@@ -1,0 +1,64 @@
+"""export_gguf: write the student as GGUF with gguf-py, quantize it with llama.cpp's own quantizer,
+and prove in llama.cpp that the file is the model it came from."""
+
+from __future__ import annotations
+
+import time
+
+from edgekd import models
+from edgekd.config import ExportGgufSettings
+from edgekd.context import Context
+from edgekd.evaluate import at_positions, quality, torch_logprobs
+from edgekd.formats import gguf
+from edgekd.pipeline import StageResult
+from edgekd.report.export_readme import gguf_readme
+
+
+def run(ctx: Context, settings: ExportGgufSettings) -> StageResult:
+    if not ctx.is_main:
+        return StageResult(artifacts=[])
+    quant = settings.quant or ctx.profile.gguf_quant
+    model_dir, out = ctx.latest_model(), ctx.work_dir
+    heldout, threads = ctx.heldout, ctx.threads
+    n_ctx = max(len(s) for s in heldout.sequences) + 8
+
+    start = time.perf_counter()
+    f16 = gguf.write_gguf(model_dir, out / "model-F16.gguf", dtype="F16")
+    seconds = {"write_f16": time.perf_counter() - start}
+    start = time.perf_counter()
+    quantized = gguf.quantize_gguf(f16, out / f"model-{quant}.gguf", quant, threads=threads)
+    seconds[f"quantize_{quant}"] = time.perf_counter() - start
+
+    hf_ids = [ctx.tokenizer(t)["input_ids"] for t in ctx.heldout_texts]
+    cpp_ids = gguf.llama_cpp_tokenize(f16, ctx.heldout_texts)
+    mismatches = sum(a != b for a, b in zip(hf_ids, cpp_ids, strict=True))
+
+    student = models.load_model(models.resolve_source(str(model_dir), role="student"))
+    torch_lp = torch_logprobs(student, heldout)
+    report = {"quant": quant, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+    report["tokenizer"] = {"texts": len(hf_ids), "mismatches": mismatches}
+    files = {"F16": f16, quant: quantized}
+    rows, sizes, samples = {}, {}, {}
+    for name, path in files.items():
+        lp = at_positions(
+            gguf.llama_cpp_logprobs(path, heldout.sequences, threads=threads, n_ctx=n_ctx), heldout
+        )
+        rows[f"gguf {name} (llama.cpp)"] = quality(lp, ctx.reference, heldout.targets).as_dict()
+        if name == "F16":
+            vs_torch = quality(lp, torch_lp, heldout.targets)
+            report["f16_vs_torch"] = {"kld": vs_torch.kld, "top1": vs_torch.top1}
+        sizes[path.name] = path.stat().st_size
+        samples[path.name] = gguf.llama_cpp_generate(
+            path,
+            [{"role": "user", "content": ctx.recipe.eval.sample_prompt}],
+            max_tokens=ctx.recipe.eval.sample_max_tokens,
+            threads=threads,
+        )
+    report.update(sizes=sizes, samples={"prompt": ctx.recipe.eval.sample_prompt, **samples})
+    artifacts = [quantized.name]
+    if settings.keep_f16:
+        artifacts.append(f16.name)
+    else:
+        f16.unlink()
+    (out / "README.md").write_text(gguf_readme(artifacts, ctx.profile))
+    return StageResult(artifacts=[*artifacts, "README.md"], report=report, quality=rows)

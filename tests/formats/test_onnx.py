@@ -1,0 +1,120 @@
+"""ONNX export against torch, through onnxruntime: logits, KV cache, int4 and int8."""
+
+import onnx
+import pytest
+import torch
+
+from edgekd.errors import EdgekdError
+from edgekd.formats import onnx as onnx_module
+from edgekd.formats.onnx import export_onnx, onnx_generate, onnx_logprobs, quantize_onnx
+from tests.formats.test_gguf import CHAT, PROSE, measure, save_tiny, torch_logprobs
+
+
+def greedy_torch(model, tokenizer, messages, max_tokens):
+    """Argmax decoding without the KV cache, the reference for onnx_generate's cached loop."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids, eos = list(prompt), {tokenizer.eos_token_id, model.config.eos_token_id}
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        if token in eos:
+            break
+        ids.append(token)
+    return tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer):
+    """A tiny Qwen2 (q/k/v biases, untied) and a tiny Llama (tied), exported once."""
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for arch, tied in (("qwen2", False), ("llama", True)):
+        model = save_tiny(root / arch, arch, tokenizer, tied=tied)
+        out[arch] = (model, export_onnx(root / arch, root / f"{arch}-onnx"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_export_matches_torch(exported, tokenizer, arch):
+    model, onnx_dir = exported[arch]
+    assert (onnx_dir / "tokenizer.json").is_file()
+    assert not (onnx_dir / "tokenizer.model").exists()
+    seqs = [tokenizer(PROSE)["input_ids"], tokenizer.apply_chat_template(CHAT, tokenize=True)]
+    ref = torch_logprobs(model, seqs)
+    got = onnx_logprobs(onnx_dir, seqs, threads=2)
+    assert max((g - r).abs().max().item() for g, r in zip(got, ref, strict=True)) < 1e-3
+    assert measure(got, ref, seqs).top1 == 1.0
+
+
+@pytest.mark.slow
+def test_generate_uses_the_cache_correctly(exported, tokenizer):
+    model, onnx_dir = exported["qwen2"]
+    messages = CHAT[:2]
+    got = onnx_generate(onnx_dir, tokenizer, messages, max_tokens=8, threads=2)
+    assert got == greedy_torch(model, tokenizer, messages, 8)
+
+
+def _bits(graph) -> dict[str, int]:
+    """Bits of each quantized MatMul, keyed 'lm_head' for the one that writes the logits."""
+    return {
+        "lm_head" if "logits" in n.output else n.name: next(
+            a.i for a in n.attribute if a.name == "bits"
+        )
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantized_loads_and_stays_close(exported, tokenizer, tmp_path, kind):
+    model, onnx_dir = exported["llama"]
+    out = quantize_onnx(onnx_dir, tmp_path / kind, kind)
+    assert {p.name for p in out.iterdir()} == {p.name for p in onnx_dir.iterdir()}
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    # Every MatMul with a constant weight is quantized, lm_head included: the tied embedding
+    # reaches it through a Transpose in optimum's graph, which quantize_onnx unties.
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    bits = _bits(graph)
+    assert len(bits) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    assert bits.pop("lm_head") == 8
+    assert set(bits.values()) == {4 if kind == "int4" else 8}
+    ops = {n.op_type for n in graph.node}
+    assert ("GatherBlockQuantized" in ops) is (kind == "int4")
+    seqs = [tokenizer(PROSE)["input_ids"]]
+    ref = torch_logprobs(model, seqs)
+    q = measure(onnx_logprobs(out, seqs, threads=2), ref, seqs)
+    other = save_tiny(tmp_path / "other", "llama", tokenizer, seed=1)
+    unrelated = measure(torch_logprobs(other, seqs), ref, seqs)
+    assert q.kld < (0.1 if kind == "int4" else 0.01) * unrelated.kld
+    assert isinstance(onnx_generate(out, tokenizer, CHAT[:2], max_tokens=4, threads=2), str)
+
+
+@pytest.mark.slow
+def test_large_models_keep_weights_in_a_side_file(exported, tokenizer, tmp_path, monkeypatch):
+    """Past 2 GiB protobuf cannot hold the weights; the same path, forced on a tiny model."""
+    _, onnx_dir = exported["qwen2"]
+    small = quantize_onnx(onnx_dir, tmp_path / "inline", "int4")
+    monkeypatch.setattr(onnx_module, "_EXTERNAL_DATA_BYTES", 0)
+    side = quantize_onnx(onnx_dir, tmp_path / "side", "int4")
+    assert (side / "model.onnx").stat().st_size < 0.1 * (small / "model.onnx").stat().st_size
+    seqs = [tokenizer(PROSE)["input_ids"][:20]]
+    a, b = onnx_logprobs(small, seqs, threads=1)[0], onnx_logprobs(side, seqs, threads=1)[0]
+    assert torch.equal(a, b)
+
+
+def test_quantize_refuses_unknown_kind(tmp_path):
+    with pytest.raises(EdgekdError, match="int3"):
+        quantize_onnx(tmp_path, tmp_path / "out", "int3")
+
+
+def test_quantize_refuses_bad_block_size(tmp_path):
+    with pytest.raises(EdgekdError, match="block_size 48"):
+        quantize_onnx(tmp_path, tmp_path / "out", "int4", block_size=48)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(EdgekdError, match="model.onnx"):
+        onnx_logprobs(tmp_path, [[1, 2, 3]], threads=1)

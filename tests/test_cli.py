@@ -1,0 +1,137 @@
+"""The command line: plans, profiles and one-line errors before any work starts."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekd.cli import app
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+RECIPES = Path(__file__).parents[1] / "edgekd" / "recipes"
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_profiles_list_and_show():
+    out = _run("profiles", "list")
+    assert out.exit_code == 0
+    for name in ("phone-1gb", "phone-4gb", "sbc-8gb", "laptop-cpu"):
+        assert name in out.output
+    show = _run("profiles", "show", "sbc-8gb")
+    assert show.exit_code == 0
+    assert "memory_budget_mb: 4096" in show.output
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:")
+    return lines[0]
+
+
+def test_unknown_profile(tmp_path):
+    line = _error_line(_run("build", "--profile", "phone-2gb", "--out", str(tmp_path)))
+    assert "unknown profile 'phone-2gb'" in line and "phone-1gb" in line
+
+
+def test_missing_teacher_and_folder_without_model(tmp_path):
+    line = _error_line(_run("build", "--profile", "phone-1gb", "--teacher", "no/such/dir.gguf"))
+    assert "no/such/dir.gguf" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = _error_line(_run("build", "--profile", "phone-1gb", "--teacher", str(empty)))
+    assert str(empty) in line and "config.json" in line
+
+
+def test_teacher_folder_without_weights(tmp_path, tiny_teacher_dir, chat_jsonl):
+    folder = tmp_path / "cfg-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_teacher_dir / "config.json").read_text())
+    out = tmp_path / "run"
+    line = _error_line(
+        _run("build", "--profile", "phone-1gb", "--teacher", str(folder), "--data",
+             str(chat_jsonl), "--out", str(out))
+    )  # fmt: skip
+    assert str(folder) in line and "weights" in line
+    assert not out.exists()
+
+
+def test_bad_data_is_refused_before_work(tmp_path, tiny_teacher_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    out = tmp_path / "run"
+    line = _error_line(
+        _run("build", "--profile", "phone-1gb", "--teacher", str(tiny_teacher_dir), "--data",
+             str(bad), "--out", str(out))
+    )  # fmt: skip
+    assert str(bad) in line and "2" in line
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    line = _error_line(
+        _run("build", "--profile", "phone-1gb", "--teacher", str(tiny_teacher_dir), "--data",
+             str(empty), "--out", str(out))
+    )  # fmt: skip
+    assert str(empty) in line
+    assert not out.exists()
+
+
+def test_typo_in_set_and_unknown_stage(tiny_teacher_dir):
+    line = _error_line(
+        _run("build", "--profile", "phone-1gb", "--teacher", str(tiny_teacher_dir), "--set",
+             "distill.temperatur=4")
+    )  # fmt: skip
+    assert "unknown key 'distill.temperatur'" in line
+    line = _error_line(_run("build", "--profile", "phone-1gb", "--stages", "distil"))
+    assert "unknown stage 'distil'" in line
+
+
+def test_student_with_other_tokenizer_is_refused(tmp_path, tiny_teacher_dir, chat_jsonl):
+    from transformers import AutoTokenizer
+
+    from tests.conftest import save_tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    tok.add_tokens(["<extra_a>", "<extra_b>"])
+    student = save_tiny_llama(tmp_path / "student", tok, num_layers=1)
+    line = _error_line(
+        _run("build", "--profile", "phone-1gb", "--teacher", str(tiny_teacher_dir), "--data",
+             str(chat_jsonl), "--set", f"student.source={student}", "--out", str(tmp_path / "r"))
+    )  # fmt: skip
+    assert "tokenizer" in line
+
+
+def _dry_run(recipe, profile, student):
+    return _run(
+        "build", "--profile", profile, "--recipe", str(RECIPES / recipe), "--dry-run",
+        "--teacher", str(CONFIGS / "qwen2.5-7b-instruct"),
+        "--set", f"student.source={CONFIGS / student}",
+    )  # fmt: skip
+
+
+def test_example_recipes_plan_from_configs_alone():
+    small = _dry_run("qwen2.5-7b-to-0.5b.yaml", "phone-1gb", "qwen2.5-0.5b-instruct")
+    assert small.exit_code == 0, small.output
+    assert "7615.6M params" in small.output  # Qwen2.5-7B's published parameter count
+    assert "494.0M params" in small.output  # Qwen2.5-0.5B
+    assert "fits" in small.output and "distill: up to" in small.output
+    mid = _dry_run("qwen2.5-7b-to-1.5b.yaml", "phone-4gb", "qwen2.5-1.5b-instruct")
+    assert mid.exit_code == 0, mid.output
+    assert "1543.7M params" in mid.output
+
+
+def test_student_that_cannot_fit_is_refused():
+    line = _error_line(_dry_run("qwen2.5-7b-to-1.5b.yaml", "phone-1gb", "qwen2.5-1.5b-instruct"))
+    assert "phone-1gb allows 400 MB" in line
+
+
+@pytest.mark.slow
+def test_student_layers_beyond_embedded_teacher():
+    line = _error_line(
+        _run("build", "--profile", "phone-1gb", "--dry-run", "--set", "student.num_layers=31")
+    )
+    assert "exceeds the teacher's 30 layers" in line
