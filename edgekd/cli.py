@@ -48,7 +48,7 @@ def build(
     try:
         prof = load_profile(profile)
         rec = load_recipe(recipe, set_ or [], teacher=teacher, data=data)
-        chosen = pipeline.select_stages(stages.split(",") if stages else None, prof)
+        chosen = pipeline.select_stages(stages.split(",") if stages else None, prof, rec)
         plan = make_plan(prof, rec, chosen, timing=dry_run)
         if dry_run:
             for line in plan.lines(prof):
@@ -60,6 +60,50 @@ def build(
         pipeline.build(prof, rec, out or Path("export") / prof.name, chosen, force=force)
     except EdgekdError as e:
         _fail(e)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a build's run folder")]) -> None:
+    """Print a build's summary again: verdict, speed, memory and accuracy."""
+    from edgekd.pipeline import BUILD_FILE
+    from edgekd.report import summary
+
+    try:
+        if not (run_dir / BUILD_FILE).is_file():
+            raise EdgekdError(f"{run_dir} holds no edgekd build (no build.json); pass a run folder")
+        html = run_dir / summary.REPORT_HTML
+        summary.print_summary(summary.gather(run_dir), console, html if html.is_file() else None)
+    except EdgekdError as e:
+        _fail(e)
+
+
+@app.command()
+def bench(
+    artifact: Annotated[Path, typer.Argument(help="a .gguf file or an ONNX export folder")],
+    profile: Annotated[str, typer.Option(help="profile name or path to a profile YAML")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override, e.g. bench.runs=3")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the report to this file")
+    ] = None,
+) -> None:
+    """Benchmark one GGUF or ONNX artifact against a device profile."""
+    from edgekd import atomic
+    from edgekd.benchmark import bench_file
+    from edgekd.report.summary import print_bench
+
+    try:
+        if not artifact.exists():
+            raise EdgekdError(f"{artifact} does not exist; pass a .gguf file or an ONNX folder")
+        prof = load_profile(profile)
+        rec = load_recipe(None, set_ or [])
+        result = bench_file(artifact, prof, rec.bench)
+    except EdgekdError as e:
+        _fail(e)
+    print_bench(result, console)
+    if json_out is not None:
+        atomic.write_json(json_out, result)
 
 
 @profiles_app.command("list")

@@ -110,6 +110,30 @@ class DistillSettings(TrainSettings):
     pass
 
 
+class QLoraSettings(TrainSettings):
+    """LoRA adapters on the student loaded in 4-bit NF4, trained with the KD loss, then merged."""
+
+    enabled: bool = True
+    lr: float = Field(2e-4, gt=0)
+    max_steps: int = Field(60, gt=0)
+    rank: int = Field(16, gt=0)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        "all-linear", description="peft target_modules: 'all-linear' or module names"
+    )
+    double_quant: bool = Field(True, description="bitsandbytes double quantization of scales")
+
+
+class QatKdSettings(TrainSettings):
+    """Training through fake quantization that imitates the GGUF export, against the teacher."""
+
+    enabled: bool = True
+    lr: float = Field(5e-5, gt=0)
+    max_steps: int = Field(60, gt=0)
+    eval_every: int = Field(20, gt=0, description="steps between held-out checks; best is kept")
+
+
 class ExportGgufSettings(Strict):
     quant: GgufQuant | None = Field(None, description="unset: the profile's gguf_quant")
     keep_f16: bool = Field(True, description="keep the F16 GGUF the quantized one is made from")
@@ -118,12 +142,28 @@ class ExportGgufSettings(Strict):
 class ExportOnnxSettings(Strict):
     quant: list[OnnxQuant] | None = Field(None, description="unset: the profile's onnx_quant")
     block_size: int = Field(32, ge=16, description="int4 MatMulNBits block size (power of 2)")
+    genai: bool = Field(True, description="also write onnxruntime-genai's int4 on-device format")
 
     @model_validator(mode="after")
     def _power_of_two(self) -> ExportOnnxSettings:
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size {self.block_size} is not a power of 2")
         return self
+
+
+class BenchSettings(Strict):
+    """How the bench stage measures each artifact (kept small: the host is usually shared)."""
+
+    runs: int = Field(5, gt=0, description="timed runs per artifact; reported as median and range")
+    warmup_runs: int = Field(1, ge=0, description="untimed runs before the timed ones")
+    prompt_tokens: int = Field(128, gt=0, description="prompt length for prompt processing")
+    decode_tokens: int = Field(32, gt=0, description="tokens decoded per timed run")
+    questions: int = Field(12, ge=0, description="shipped checkable questions, never trained on")
+    answer_max_tokens: int = Field(40, gt=0, description="greedy answer length per question")
+    threads: int | None = Field(
+        None, gt=0, description="unset: the profile's threads, at most the host's cores"
+    )
+    bandwidth_mib: int = Field(256, ge=16, description="buffer copied to measure host bandwidth")
 
 
 class EvalSettings(Strict):
@@ -142,8 +182,11 @@ class Recipe(Strict):
     data: DataSettings = DataSettings()
     eval: EvalSettings = EvalSettings()
     distill: DistillSettings = DistillSettings()
+    qlora: QLoraSettings = QLoraSettings()
+    qat_kd: QatKdSettings = QatKdSettings()
     export_gguf: ExportGgufSettings = ExportGgufSettings()
     export_onnx: ExportOnnxSettings = ExportOnnxSettings()
+    bench: BenchSettings = BenchSettings()
 
 
 def settings_hash(*parts: BaseModel | dict | str | None) -> str:

@@ -112,15 +112,30 @@ def load_config(src: ModelSource):
     return AutoConfig.from_pretrained(_local_folder(src), trust_remote_code=False)
 
 
-def _apply_gguf_special_tokens(tok, path: Path) -> None:
-    """Take bos/eos/pad and add_bos_token from the GGUF's own metadata.
+# llama.cpp pre-tokenizer names whose digit handling transformers' GGUF loader drops.
+_SPLIT_DIGITS_PRE = {"smollm"}
+
+
+def _apply_gguf_tokenizer_metadata(tok, path: Path) -> None:
+    """Take bos/eos/pad, add_bos_token and the pre-tokenizer from the GGUF's own metadata.
 
     transformers (4.57) builds Llama-family GGUF tokenizers with eos set to the bos token, no pad
     token, and add_bos_token on even where the file says off (SmolLM2: eos <|im_start|> instead of
-    <|im_end|>, and every text prefixed with <|im_start|>), so its token streams would differ from
-    llama.cpp's and the original tokenizer's.
+    <|im_end|>, and every text prefixed with <|im_start|>), and without the individual-digit
+    split of SmolLM2's pre-tokenizer, so its token streams would differ from llama.cpp's and the
+    original tokenizer's.
     """
     fields = GGUFReader(path).fields
+    pre = fields.get("tokenizer.ggml.pre")
+    if pre is not None and str(pre.contents()) in _SPLIT_DIGITS_PRE:
+        from tokenizers import pre_tokenizers
+
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     for attr, key in (
         ("bos_token", "tokenizer.ggml.bos_token_id"),
         ("eos_token", "tokenizer.ggml.eos_token_id"),
@@ -136,7 +151,7 @@ def load_tokenizer(src: ModelSource):
     """The model's tokenizer (rebuilt from the GGUF metadata for GGUF files)."""
     if src.kind == "gguf":
         tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
-        _apply_gguf_special_tokens(tok, src.path)
+        _apply_gguf_tokenizer_metadata(tok, src.path)
         return tok
     return AutoTokenizer.from_pretrained(_local_folder(src), trust_remote_code=False)
 

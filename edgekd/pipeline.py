@@ -23,7 +23,7 @@ from edgekd.context import Context
 from edgekd.errors import EdgekdError
 
 STAGES = ("distill", "qlora", "qat_kd", "export_gguf", "export_onnx", "bench")
-IMPLEMENTED = ("distill", "export_gguf", "export_onnx")
+IMPLEMENTED = ("distill", "qlora", "qat_kd", "export_gguf", "export_onnx", "bench")
 TRAINING = ("distill", "qlora", "qat_kd")
 BUILD_FILE = "build.json"
 console = Console()
@@ -47,6 +47,8 @@ def stage_settings(recipe: Recipe, stage: str) -> dict:
     own = getattr(recipe, stage).model_dump(mode="json")
     if stage == "distill":
         return {"distill": own, "student": recipe.student.model_dump(mode="json")}
+    if stage.startswith("export"):
+        return {stage: own, "eval": recipe.eval.model_dump(mode="json")}
     return own
 
 
@@ -57,10 +59,10 @@ def read_done(stage_dir: Path) -> dict | None:
         return None
 
 
-def select_stages(requested: list[str] | None, profile: Profile) -> list[str]:
-    """The stages to run now: those asked for, or the whole chain the profile wants."""
+def select_stages(requested: list[str] | None, profile: Profile, recipe: Recipe) -> list[str]:
+    """The stages to run now: those asked for, or the whole chain."""
     if not requested:
-        return build_chain(profile, [])
+        return build_chain(profile, recipe, [])
     unknown = [s for s in requested if s not in STAGES]
     if unknown:
         raise EdgekdError(f"unknown stage '{unknown[0]}'; stages are: {', '.join(STAGES)}")
@@ -73,13 +75,19 @@ def select_stages(requested: list[str] | None, profile: Profile) -> list[str]:
     return [s for s in STAGES if s in requested]
 
 
-def build_chain(profile: Profile, requested: list[str]) -> list[str]:
-    """Every stage of this build: the implemented ones, less exports the profile does not want
-    (unless asked for by name)."""
+def build_chain(profile: Profile, recipe: Recipe, requested: list[str]) -> list[str]:
+    """Every stage of this build: the implemented ones, less training stages the recipe turns off
+    and exports the profile does not want (unless asked for by name)."""
     wanted = {"export_gguf": "gguf", "export_onnx": "onnx"}
-    return [
-        s for s in IMPLEMENTED if s in requested or s not in wanted or wanted[s] in profile.formats
-    ]
+
+    def included(stage: str) -> bool:
+        if stage in requested:
+            return True
+        if stage in wanted:
+            return wanted[stage] in profile.formats
+        return getattr(getattr(recipe, stage), "enabled", True)
+
+    return [s for s in IMPLEMENTED if included(s)]
 
 
 def inputs_of(stage: str, chain: list[str]) -> list[str]:
@@ -198,7 +206,7 @@ def build(
     check_run_dir(run_dir, identity, force, ctx.is_main)
     ctx.barrier()
     base = settings_hash(identity, recipe.data, ctx.teacher_source.describe())
-    chain = build_chain(profile, stages)
+    chain = build_chain(profile, recipe, stages)
     needed = {dep for s in stages for dep in inputs_of(s, chain)}
     keys: dict[str, str] = {}
     outcome: dict[str, str] = {}
@@ -236,4 +244,9 @@ def build(
         outcome[stage] = "ran"
     if all(v == "up to date" for v in outcome.values()):
         console.print("Nothing to do: every requested stage is up to date.")
+    if ctx.is_main:
+        from edgekd.report import summary  # imports this module
+
+        report, html_path = summary.write(run_dir)
+        summary.print_summary(report, console, html_path)
     return outcome

@@ -11,6 +11,7 @@ from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError
 from edgekd.formats import gguf, onnx
 from edgekd.plan import Plan
+from edgekd.quant.gguf_k import q4_k_m_types
 
 
 def check_data(recipe: Recipe) -> None:
@@ -42,6 +43,14 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan) -> None:
             teacher_name=plan.teacher.describe(),
             student_name=plan.student_source.describe(),
         )
+    if "qat_kd" in plan.stages:
+        quant = recipe.export_gguf.quant or profile.gguf_quant
+        if quant != "Q4_K_M":
+            raise EdgekdError(
+                f"qat_kd imitates llama.cpp's Q4_K_M, but this build exports {quant}; "
+                "set qat_kd.enabled=false or export Q4_K_M"
+            )
+        q4_k_m_types(plan.student_config)
     if "export_gguf" in plan.stages:
         gguf.check_exportable(plan.student_config, tokenizer)
     if "export_onnx" in plan.stages:

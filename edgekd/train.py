@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -57,16 +58,23 @@ def _progress(name: str, enabled: bool) -> Progress:
 
 
 def train_kd(
-    ctx: Context, student: torch.nn.Module, settings: TrainSettings, *, name: str
+    ctx: Context,
+    student: torch.nn.Module,
+    settings: TrainSettings,
+    *,
+    name: str,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> tuple[list[dict], dict]:
-    """Train `student` in place against ctx.teacher; returns the loss curve and a summary."""
+    """Train `student`'s trainable parameters in place against ctx.teacher.
+
+    Returns the loss curve and a summary. The caller chooses what trains (requires_grad);
+    `on_step(step, model)` runs in every process after each optimizer step."""
     set_seed(settings.seed)
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not on_gpu())
     examples = ctx.train_examples
     pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
     teacher = ctx.teacher.to(accelerator.device)
     student.train()
-    student.requires_grad_(True)
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad],
         lr=settings.lr,
@@ -152,6 +160,8 @@ def train_kd(
                 window_loss = window_kd = window_ce = 0.0
                 window_n = 0
             bar.update(task, completed=step, loss=curve[-1]["loss"] if curve else 0.0, tps=tps)
+            if on_step is not None:
+                on_step(step, accelerator.unwrap_model(student))
             if step % settings.checkpoint_every == 0 and step < settings.max_steps:
                 _save_checkpoint(accelerator, ckpt, step, curve)
     accelerator.wait_for_everyone()
@@ -170,6 +180,12 @@ def train_kd(
         "train_examples": len(examples),
     }
     return curve, summary
+
+
+def save_curve(folder, curve: list[dict]) -> str:
+    """Write the loss curve as JSON lines; returns the file name."""
+    (folder / "loss_curve.jsonl").write_text("".join(json.dumps(row) + "\n" for row in curve))
+    return "loss_curve.jsonl"
 
 
 def _save_checkpoint(accelerator: Accelerator, ckpt, step: int, curve: list[dict]) -> None:

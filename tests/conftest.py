@@ -61,19 +61,21 @@ def tiny_teacher_dir(tmp_path_factory, tokenizer) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("teacher"), tokenizer, num_layers=4)
 
 
+def write_chat_jsonl(path: Path, n: int = 40) -> Path:
+    """A small chat corpus in JSONL, enough for a held-out split and a few training steps."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i + 1}?"},
+                {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."},
+            ]
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture
 def chat_jsonl(tmp_path) -> Path:
-    """A small chat corpus in JSONL, enough for a held-out split and a few training steps."""
-    rows = []
-    for i in range(40):
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"What is {i} plus {i + 1}?"},
-                    {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."},
-                ]
-            }
-        )
-    path = tmp_path / "chat.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+    return write_chat_jsonl(tmp_path / "chat.jsonl")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -185,16 +188,21 @@ class _Session:
         return outputs[0][0], dict(zip(self.past_names, outputs[1:], strict=True))
 
 
-def onnx_logprobs(
-    onnx_dir: Path, sequences: list[list[int]], *, threads: int
-) -> list[torch.Tensor]:
-    """Log-probabilities over the whole vocabulary ([len, vocab], float32) per token sequence."""
+def onnx_logits(onnx_dir: Path, sequences: list[list[int]], *, threads: int) -> list[torch.Tensor]:
+    """Raw logits over the whole vocabulary ([len, vocab], float32) per token sequence."""
     session = _Session(onnx_dir, threads)
     out = []
     for seq in sequences:
         logits, _ = session.step(list(seq), session.empty_past(), 0)
-        out.append(torch.log_softmax(torch.from_numpy(logits.astype(np.float32)), dim=-1))
+        out.append(torch.from_numpy(logits.astype(np.float32)))
     return out
+
+
+def onnx_logprobs(
+    onnx_dir: Path, sequences: list[list[int]], *, threads: int
+) -> list[torch.Tensor]:
+    """Log-probabilities over the whole vocabulary ([len, vocab], float32) per token sequence."""
+    return [x.log_softmax(-1) for x in onnx_logits(onnx_dir, sequences, threads=threads)]
 
 
 def _eos_ids(onnx_dir: Path, tokenizer) -> set[int]:
@@ -242,3 +250,39 @@ def check_exportable(config) -> None:
             f"({', '.join(config.architectures or [])}) for text generation with a KV cache; "
             "drop onnx from the profile's formats or use a supported architecture"
         )
+
+
+def build_genai(model_dir: Path, out_dir: Path, *, precision: str = "int4") -> Path:
+    """onnxruntime-genai's on-device format (genai_config.json + model) from its model builder.
+
+    The builder runs in a child process: it is a command-line tool that sets global state.
+    """
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp, tempfile.TemporaryDirectory() as cache:
+        cmd = [
+            sys.executable, "-m", "onnxruntime_genai.models.builder",
+            "-i", str(model_dir), "-o", str(tmp), "-p", precision, "-e", "cpu", "-c", cache,
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not (tmp / "genai_config.json").is_file():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise EdgekdError(f"onnxruntime-genai's builder failed on {model_dir}: {tail[0]}")
+        (tmp / "tokenizer.model").unlink(missing_ok=True)
+    return out_dir
+
+
+def genai_generate(genai_dir: Path, tokenizer, messages: list[dict], *, max_tokens: int) -> str:
+    """Greedy chat completion through onnxruntime_genai (the runtime that ships on devices)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(genai_dir))
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + max_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    new: list[int] = []
+    while not generator.is_done() and len(new) < max_tokens:
+        generator.generate_next_token()
+        new.append(int(generator.get_next_tokens()[0]))
+    return tokenizer.decode(new, skip_special_tokens=True)

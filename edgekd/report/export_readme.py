@@ -47,9 +47,13 @@ def onnx_readme(folders: list[str], profile: Profile) -> str:
         "| folder | what it is |",
         "|---|---|",
     ]
-    for name in folders:
+    decoders = [f for f in folders if not f.startswith("genai")]
+    for name in decoders:
         lines.append(f"| `{name}/` | `model.onnx` (+ external data), `config.json`, tokenizer |")
-    main = folders[-1]
+    genai = [f for f in folders if f.startswith("genai")]
+    for name in genai:
+        lines.append(f"| `{name}/` | onnxruntime-genai's format: `genai_config.json`, model |")
+    main = decoders[-1]
     lines += [
         "",
         "Each folder is a decoder with a KV cache (inputs `input_ids`, `attention_mask`,",
@@ -64,6 +68,23 @@ def onnx_readme(folders: list[str], profile: Profile) -> str:
         "    from transformers import AutoTokenizer",
         f'    model = ORTModelForCausalLM.from_pretrained("{main}")',
         f'    tokenizer = AutoTokenizer.from_pretrained("{main}")',
+        "",
+    ]
+    for name in genai:
+        lines += [
+            "",
+            f"`{name}/` runs in onnxruntime-genai, as on a device:",
+            "",
+            "    import onnxruntime_genai as og",
+            f'    model = og.Model("{name}")',
+            "    tokenizer = og.Tokenizer(model)",
+            "    params = og.GeneratorParams(model)",
+            "    generator = og.Generator(model, params)",
+            '    generator.append_tokens(tokenizer.encode("<your chat-formatted prompt>"))',
+            "    while not generator.is_done():",
+            "        generator.generate_next_token()",
+        ]
+    lines += [
         "",
         "`report.json` beside them holds the logit parity with the torch model and the held-out",
         "quality of each folder.",

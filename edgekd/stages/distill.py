@@ -3,8 +3,6 @@ layers) and train it on the teacher's soft targets with the KD loss."""
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from edgekd import models
@@ -14,7 +12,7 @@ from edgekd.data import collate
 from edgekd.evaluate import evaluate_torch
 from edgekd.pipeline import StageResult
 from edgekd.plan import student_layer_count
-from edgekd.train import train_kd
+from edgekd.train import save_curve, train_kd
 
 
 def _choose_layers(ctx: Context, teacher) -> tuple[list[int], dict]:
@@ -57,6 +55,7 @@ def _load_student(ctx: Context) -> tuple[torch.nn.Module, dict]:
 
 def run(ctx: Context, settings: DistillSettings) -> StageResult:
     student, student_report = _load_student(ctx)
+    student.requires_grad_(True)
     # Every process takes the reference: its first use synchronizes the processes.
     reference = ctx.reference
     quality = {}
@@ -69,9 +68,7 @@ def run(ctx: Context, settings: DistillSettings) -> StageResult:
         quality["student after"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
         artifacts = models.save_model(student, ctx.tokenizer, ctx.work_dir / "model")
         artifacts = [f"model/{a}" for a in artifacts]
-        curve_path = ctx.work_dir / "loss_curve.jsonl"
-        curve_path.write_text("".join(json.dumps(row) + "\n" for row in curve))
-        artifacts.append("loss_curve.jsonl")
+        artifacts.append(save_curve(ctx.work_dir, curve))
     return StageResult(
         artifacts=artifacts,
         report={"student": student_report, "training": train_report},

@@ -31,6 +31,8 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
     kinds = settings.quant if settings.quant is not None else ctx.profile.onnx_quant
     model_dir, out = ctx.latest_model(), ctx.work_dir
     heldout, threads = ctx.heldout, ctx.threads
+    chat = [{"role": "user", "content": ctx.recipe.eval.sample_prompt}]
+    max_tokens = ctx.recipe.eval.sample_max_tokens
 
     start = time.perf_counter()
     folders = {"fp32": onnx.export_onnx(model_dir, out / "fp32")}
@@ -55,12 +57,17 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
         rows[f"onnx {name} (onnxruntime)"] = quality(lp, ctx.reference, heldout.targets).as_dict()
         sizes[name] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         samples[name] = onnx.onnx_generate(
-            folder,
-            ctx.tokenizer,
-            [{"role": "user", "content": ctx.recipe.eval.sample_prompt}],
-            max_tokens=ctx.recipe.eval.sample_max_tokens,
-            threads=threads,
+            folder, ctx.tokenizer, chat, max_tokens=max_tokens, threads=threads
         )
+    if settings.genai:
+        start = time.perf_counter()
+        genai = onnx.build_genai(model_dir, out / "genai-int4")
+        seconds["genai_int4"] = time.perf_counter() - start
+        sizes["genai-int4"] = sum(f.stat().st_size for f in genai.rglob("*") if f.is_file())
+        samples["genai-int4"] = onnx.genai_generate(
+            genai, ctx.tokenizer, chat, max_tokens=max_tokens
+        )
+        folders["genai-int4"] = genai
     report.update(
         seconds={k: round(v, 1) for k, v in seconds.items()},
         sizes=sizes,

@@ -1,0 +1,270 @@
+"""The build report: every finished stage's report.json gathered into one, and its terminal summary.
+
+Nothing here measures: it arranges what the stages wrote. Budget verdicts for other profiles are
+arithmetic on the measured artifacts' sizes (weights + KV cache at each profile's context), and
+say so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from edgekd import atomic
+from edgekd.benchmark import MIB, budget_verdict
+from edgekd.config import Profile, known_profiles, load_profile
+from edgekd.pipeline import BUILD_FILE, STAGES, TRAINING, read_done, stage_dirname
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+
+
+def finished_stages(run_dir: Path) -> dict[str, Path]:
+    """The stage folders of a run that hold a finished stage, in stage order."""
+    found = {}
+    for stage in STAGES:
+        folder = Path(run_dir) / stage_dirname(stage)
+        if read_done(folder) is not None and (folder / REPORT_JSON).is_file():
+            found[stage] = folder
+    return found
+
+
+def _read_curve(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def profile_verdicts(bench: dict, profiles: dict[str, Profile]) -> list[dict]:
+    """The bench's device artifacts against each profile's budget: measured weights bytes + KV
+    cache bytes at that profile's context (computed, not run on the device)."""
+    rows = [r for r in bench["artifacts"] if r["shipped"]] or [
+        r for r in bench["artifacts"] if r["role"] == "export"
+    ]
+    out = []
+    for name, p in profiles.items():
+        checks = []
+        for r in rows:
+            v = budget_verdict(
+                r["weights_bytes"],
+                r["kv_bytes_per_token"] * p.context_length,
+                p.memory_budget_mb * MIB,
+            )
+            checks.append({"artifact": r["name"], **v})
+        out.append(
+            {
+                "profile": name,
+                "context_length": p.context_length,
+                "budget_mb": p.memory_budget_mb,
+                "fits": bool(checks) and all(c["fits"] for c in checks),
+                "artifacts": checks,
+            }
+        )
+    return out
+
+
+def build_report(
+    identity: dict,
+    stages: dict[str, dict],
+    curves: dict[str, list[dict]],
+    keys: dict[str, str],
+    profiles: dict[str, Profile],
+) -> dict:
+    """One report from the stages' reports: quality from teacher to final artifact, loss curves,
+    the bench (flagged stale when a stage it measured was rebuilt after it) and the verdicts."""
+    quality = [
+        {"stage": stage, "model": model, **q}
+        for stage, report in stages.items()
+        if stage != "bench"
+        for model, q in report.get("quality", {}).items()
+    ]
+    bench = stages.get("bench")
+    stale = []
+    if bench is not None:
+        stale = [s for s, k in bench.get("inputs", {}).items() if keys.get(s) != k]
+    return {
+        "profile": identity.get("profile", bench["profile"] if bench else {}),
+        "teacher": identity.get("teacher"),
+        "stages": stages,
+        "loss_curves": curves,
+        "quality": quality,
+        "bench": bench,
+        "bench_stale_inputs": stale,
+        "profile_verdicts": profile_verdicts(bench, profiles) if bench else [],
+    }
+
+
+def gather(run_dir: Path) -> dict:
+    """The build report of a run folder, from its finished stages."""
+    run_dir = Path(run_dir)
+    build_file = run_dir / BUILD_FILE
+    identity = json.loads(build_file.read_text()) if build_file.is_file() else {}
+    folders = finished_stages(run_dir)
+    stages = {s: json.loads((f / REPORT_JSON).read_text()) for s, f in folders.items()}
+    curves = {
+        s: _read_curve(f / "loss_curve.jsonl")
+        for s, f in folders.items()
+        if s in TRAINING and (f / "loss_curve.jsonl").is_file()
+    }
+    keys = {s: read_done(f)["key"] for s, f in folders.items()}
+    profiles = {name: load_profile(name) for name in sorted(known_profiles())}
+    report = build_report(identity, stages, curves, keys, profiles)
+    report["run_dir"] = str(run_dir)
+    return report
+
+
+def write(run_dir: Path) -> tuple[dict, Path]:
+    """Write the build's report.json and report.html; returns the report and the HTML path."""
+    from edgekd.report.html import render
+
+    run_dir = Path(run_dir)
+    report = gather(run_dir)
+    atomic.write_json(run_dir / REPORT_JSON, report)
+    html_path = run_dir / REPORT_HTML
+    atomic.write_text(html_path, render(report))
+    return report, html_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal
+
+
+def mb(n: float) -> str:
+    return f"{n / MIB:.1f}"
+
+
+def _num(x: float) -> str:
+    return f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def spread_text(s: dict) -> str:
+    """'median (min-max)' of a spread."""
+    return f"{_num(s['median'])} ({_num(s['min'])}-{_num(s['max'])})"
+
+
+def verdict_line(row: dict) -> str:
+    """'PASS/FAIL name: weights + KV = need of budget, margin' for one artifact."""
+    b = row["budget"]
+    margin = b["margin_bytes"]
+    how = f"{mb(margin)} MB to spare" if margin >= 0 else f"over by {mb(-margin)} MB"
+    return (
+        f"{'PASS' if b['fits'] else 'FAIL'} {row['name']}: weights {mb(b['weights_bytes'])} MB "
+        f"+ KV cache {mb(b['kv_bytes'])} MB at {b['context_length']} tokens = "
+        f"{mb(b['need_bytes'])} MB of the {mb(b['budget_bytes'])} MB budget, {how}"
+    )
+
+
+def _table(title: str, cols: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title)
+    for i, col in enumerate(cols):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def bench_tables(bench: dict) -> list[Table]:
+    """Two tables of a bench report: speed on this host, then memory and accuracy."""
+    arts = bench["artifacts"]
+    names = [("* " if r["shipped"] else "") + r["name"] for r in arts]
+    speed = _table(
+        f"speed on this host, {bench['host']['threads']} threads: median (min-max)",
+        ["artifact", "runtime", "prompt tok/s", "decode tok/s", "TTFT ms", "of BW limit"],
+        [
+            [
+                n,
+                r["runtime"],
+                spread_text(r["speed"]["prompt_tps"]),
+                spread_text(r["speed"]["decode_tps"]),
+                spread_text(r["speed"]["ttft_ms"]),
+                f"{100 * r['bandwidth']['host_fraction']:.0f}%",
+            ]
+            for n, r in zip(names, arts, strict=True)
+        ],
+    )
+    rows = []
+    for n, r in zip(names, arts, strict=True):
+        q, em = r["quality"], r["exact_match"]
+        rows.append(
+            [
+                n,
+                mb(r["size_bytes"]),
+                mb(r["budget"]["need_bytes"]),
+                mb(r["memory"]["peak_rss_bytes"]),
+                "-" if q is None else f"{q['kld']:.4f}",
+                "-" if q is None else f"{q['top1']:.3f}",
+                "-" if q is None else f"{q['ppl']:.2f}",
+                f"{em['correct']}/{em['total']}" if em["total"] else "-",
+            ]
+        )
+    memory = _table(
+        "memory (MB) and accuracy",
+        ["artifact", "disk", "weights+KV", "peak RSS", "kld", "top1", "ppl", "exact"],
+        rows,
+    )
+    return [speed, memory]
+
+
+def print_bench(bench: dict, console: Console) -> None:
+    """Verdict lines, the table, the ratios and the host, for one bench report."""
+    p = bench["profile"]
+    for r in bench["artifacts"]:
+        if r["shipped"]:
+            colour = "green" if r["budget"]["fits"] else "red"
+            console.print(f"[{colour}]{verdict_line(r)}[/]", highlight=False)
+    if not any(r["shipped"] for r in bench["artifacts"]):
+        console.print("no device artifact (GGUF/ONNX in the profile's formats) was judged")
+    for table in bench_tables(bench):
+        console.print(table)
+    host = bench["host"]
+    console.print(
+        f"host: {host['cpu']}, {host['cores']} cores, {host['threads']} threads, memory "
+        f"bandwidth {host['bandwidth_bps'] / 1e9:.1f} GB/s ({host['bandwidth_note']}), "
+        f"load average {host['load_average']:.1f} at the start",
+        highlight=False,
+    )
+    teacher_ratio = bench["ratios"].get("decode_vs_teacher", {})
+    for r in bench["artifacts"]:
+        if r["shipped"]:
+            b = r["bandwidth"]
+            vs = teacher_ratio.get(r["name"])
+            console.print(
+                f"{r['name']}: decode {'' if vs is None else f'{vs:.2f}x the teacher, '}"
+                f"{100 * b['host_fraction']:.0f}% of this host's bandwidth limit "
+                f"({b['host_limit_tps']:.0f} tok/s); projection for {p['name']}: "
+                f"{b['device_projection_tps']:.0f} tok/s",
+                highlight=False,
+            )
+    console.print(
+        f"* judged against {p['name']}'s {p['memory_budget_mb']} MB budget. Speeds: "
+        f"{bench['settings']['runs']} runs of {bench['settings']['prompt_tokens']} prompt + "
+        f"{bench['settings']['decode_tokens']} decoded tokens. A projection is the profile's "
+        f"{p['memory_bandwidth_gbs']:g} GB/s over the bytes read per token, not a measurement.",
+        highlight=False,
+    )
+
+
+def print_summary(report: dict, console: Console, html_path: Path | None = None) -> None:
+    """The end-of-build summary: verdict, bench table, other profiles, the HTML path."""
+    bench = report["bench"]
+    if bench is None:
+        console.print("No bench stage in this run: no speed, memory or budget verdict.")
+    else:
+        if report["bench_stale_inputs"]:
+            console.print(
+                "[yellow]warning:[/] the bench measured an earlier build of "
+                f"{', '.join(report['bench_stale_inputs'])}; run the bench stage again"
+            )
+        print_bench(bench, console)
+        fits = [
+            f"{v['profile']} {'fits' if v['fits'] else 'does NOT fit'}"
+            for v in report["profile_verdicts"]
+        ]
+        console.print(
+            "shipped profiles (weights + KV cache at each profile's context, computed): "
+            + ", ".join(fits),
+            highlight=False,
+        )
+    if html_path is not None:
+        console.print(f"HTML report: {html_path}", highlight=False, soft_wrap=True)

@@ -1,0 +1,125 @@
+"""bench: measure every artifact of the build in its own runtime, with the profile's threads and
+context length: size, peak memory, speed, held-out quality and exact-match answers, and whether
+the device artifacts fit the profile's memory budget."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from edgekd import benchmark, data
+from edgekd.benchmark import Artifact
+from edgekd.config import BenchSettings
+from edgekd.context import Context
+from edgekd.errors import EdgekdError
+from edgekd.pipeline import StageResult, console, read_done
+
+
+def _stage_report(ctx: Context, stage: str) -> dict:
+    path = ctx.stage_dirs[stage] / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _shown(path: Path, run_dir: Path) -> str:
+    """Paths inside the run folder relative to it; others (the teacher) as they are."""
+    return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
+
+
+def _teacher(ctx: Context) -> Artifact:
+    src = ctx.teacher_source
+    if src.kind == "gguf":
+        return Artifact("teacher GGUF", "llama.cpp", src.path, role="teacher")
+    if src.kind == "hf_folder":
+        return Artifact("teacher", "torch", src.path, role="teacher")
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(src.ref, local_files_only=True))
+    return Artifact("teacher", "torch", folder, role="teacher")
+
+
+def artifacts(ctx: Context) -> list[Artifact]:
+    """The teacher, the full-precision student and every export, in build order."""
+    found = [_teacher(ctx), Artifact("student", "torch", ctx.latest_model(), role="student")]
+    if "export_gguf" in ctx.stage_dirs:
+        shipped = _stage_report(ctx, "export_gguf").get("quant")
+        for path in sorted(ctx.stage_dirs["export_gguf"].glob("model-*.gguf")):
+            quant = path.stem.removeprefix("model-")
+            found.append(
+                Artifact(f"student GGUF {quant}", "llama.cpp", path, shipped=quant == shipped)
+            )
+    if "export_onnx" in ctx.stage_dirs:
+        shipped = _stage_report(ctx, "export_onnx").get("quant") or []
+        folders = [p.parent for p in ctx.stage_dirs["export_onnx"].glob("*/model.onnx")]
+        # fp32 first, then the quantized folders in the order the profile lists them
+        for folder in sorted(folders, key=lambda f: (f.name != "fp32", f.name)):
+            found.append(
+                Artifact(
+                    f"student ONNX {folder.name}",
+                    "onnxruntime",
+                    folder,
+                    shipped=folder.name in shipped,
+                )
+            )
+    return found
+
+
+def _questions(ctx: Context, n: int) -> tuple[list[dict], dict]:
+    """Shipped checkable questions that no training stage saw."""
+    s = ctx.recipe.data
+    train, _ = data.split_heldout(ctx.rows, s.heldout_fraction, s.max_heldout)
+    trained = {
+        m["content"] for row in train for m in row.get("messages", []) if m["role"] == "user"
+    }
+    checkable = [r for r in data.default_prompts() if r.get("answer") is not None]
+    picked = benchmark.pick_questions(checkable, n, exclude=trained)
+    left_out = sum(r["prompt"] in trained for r in checkable)
+    note = benchmark.questions_note(
+        len(picked), len(checkable), left_out, ctx.recipe.bench.answer_max_tokens
+    )
+    return picked, note
+
+
+def run(ctx: Context, settings: BenchSettings) -> StageResult:
+    if not ctx.is_main:
+        return StageResult(artifacts=[])
+    profile = ctx.profile
+    if settings.prompt_tokens + settings.decode_tokens >= profile.context_length:
+        raise EdgekdError(
+            f"bench.prompt_tokens ({settings.prompt_tokens}) + bench.decode_tokens "
+            f"({settings.decode_tokens}) must stay below the profile's context_length "
+            f"({profile.context_length}); lower them with --set bench.prompt_tokens=..."
+        )
+    threads = benchmark.bench_threads(profile.threads, settings.threads)
+    found = artifacts(ctx)
+    questions, questions_note = _questions(ctx, settings.questions)
+    prompt = benchmark.prompt_ids(ctx.heldout.sequences, settings.prompt_tokens)
+    bandwidth = benchmark.host_bandwidth(settings.bandwidth_mib, threads)
+    host = benchmark.host_info(threads, bandwidth, settings.bandwidth_mib)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=ctx.work_dir, prefix="scratch-") as scratch:
+        heldout_file = Path(scratch) / "heldout.safetensors"
+        benchmark.save_heldout(heldout_file, ctx.heldout, ctx.reference)
+        for artifact in found:
+            console.print(f"  bench: {artifact.name} ({artifact.runtime}, {threads} threads)")
+            row = benchmark.benchmark_artifact(
+                artifact,
+                profile=profile,
+                settings=settings,
+                threads=threads,
+                host_bandwidth_bps=bandwidth,
+                prompt=prompt,
+                questions=questions,
+                heldout_file=heldout_file,
+                scratch=Path(scratch) / "job",
+            )
+            rows.append({**row, "path": _shown(Path(artifact.path), ctx.run_dir)})
+    report = benchmark.bench_report(profile, settings, host, rows, questions_note)
+    # The keys of the stages measured, so a report can tell when they were rebuilt since.
+    report["inputs"] = {
+        stage: read_done(folder)["key"]
+        for stage, folder in ctx.stage_dirs.items()
+        if folder != ctx.work_dir and read_done(folder)
+    }
+    quality = {f"{r['name']} ({r['runtime']})": r["quality"] for r in rows}
+    return StageResult(artifacts=[], report=report, quality=quality)

@@ -1,0 +1,112 @@
+"""qat_kd: train the student through fake quantization that reproduces llama.cpp's Q4_K_M export
+tensor by tensor, against the full-precision teacher, and measure in llama.cpp how much of the
+quantization loss it recovered."""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from edgekd import models
+from edgekd.config import QatKdSettings
+from edgekd.context import Context
+from edgekd.evaluate import at_positions, evaluate_torch, quality
+from edgekd.formats import gguf
+from edgekd.pipeline import StageResult
+from edgekd.quant.gguf_k import fake_quantize, q4_k_m_types
+from edgekd.train import save_curve, train_kd
+
+
+class FakeQuant(nn.Module):
+    """A weight parametrization: forward sees the exported values, gradients pass straight."""
+
+    def __init__(self, ggml_type: str):
+        super().__init__()
+        self.ggml_type = ggml_type
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, self.ggml_type)
+
+
+def attach_fake_quant(model: nn.Module) -> dict[str, str]:
+    """Fake-quantize every weight the way Q4_K_M exports it; returns weight name -> ggml type."""
+    types = q4_k_m_types(model.config)
+    modules = dict(model.named_modules())
+    targets = dict(types)
+    if model.config.tie_word_embeddings:
+        # The output projection reads the same tensor, exported once at the embedding's type.
+        targets["lm_head.weight"] = types["model.embed_tokens.weight"]
+    for weight, ggml_type in targets.items():
+        owner, _, attr = weight.rpartition(".")
+        parametrize.register_parametrization(modules[owner], attr, FakeQuant(ggml_type))
+    return types
+
+
+def detach_fake_quant(model: nn.Module) -> None:
+    """Back to plain float weights (the trained ones, not their quantized values)."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
+def _q4_k_m_kld(ctx: Context, model_dir: Path, folder: Path) -> float:
+    """Held-out kld to the teacher of the model's Q4_K_M GGUF, measured in llama.cpp."""
+    f16 = gguf.write_gguf(model_dir, folder / "model-F16.gguf")
+    q = gguf.quantize_gguf(f16, folder / "model-Q4_K_M.gguf", "Q4_K_M", threads=ctx.threads)
+    n_ctx = max(len(s) for s in ctx.heldout.sequences) + 8
+    lp = gguf.llama_cpp_logprobs(q, ctx.heldout.sequences, threads=ctx.threads, n_ctx=n_ctx)
+    return quality(at_positions(lp, ctx.heldout), ctx.reference, ctx.heldout.targets).kld
+
+
+def run(ctx: Context, settings: QatKdSettings) -> StageResult:
+    model_dir = ctx.latest_model()
+    reference = ctx.reference  # every process: its first use synchronizes them
+    student = models.load_model(models.resolve_source(str(model_dir), role="student"))
+    quality_rows = {}
+    if ctx.is_main:
+        quality_rows["student before"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
+    types = attach_fake_quant(student)
+    student.requires_grad_(True)
+    before = evaluate_torch(student, ctx.heldout, reference)
+    quality_rows["fake Q4_K_M before"] = before.as_dict()
+
+    best = {"kld": before.kld, "step": 0, "state": None}
+
+    def keep_best(step: int, model: nn.Module) -> None:
+        if step % settings.eval_every and step != settings.max_steps:
+            return
+        kld = evaluate_torch(model, ctx.heldout, reference).kld
+        if kld < best["kld"]:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best.update(kld=kld, step=step, state=state)
+
+    curve, train_report = train_kd(ctx, student, settings, name="qat_kd", on_step=keep_best)
+    if best["state"] is not None:
+        student.load_state_dict(best["state"])
+    artifacts: list[str] = []
+    report = {"best_step": best["step"], "types": Counter(types.values()), "training": train_report}
+    if ctx.is_main:
+        quality_rows["fake Q4_K_M after"] = evaluate_torch(
+            student, ctx.heldout, reference
+        ).as_dict()
+        detach_fake_quant(student)
+        quality_rows["student after"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
+        saved = models.save_model(student, ctx.tokenizer, ctx.work_dir / "model")
+        artifacts = [f"model/{a}" for a in saved] + [save_curve(ctx.work_dir, curve)]
+        with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
+            full = quality_rows["student before"]["kld"]
+            gap_before = _q4_k_m_kld(ctx, model_dir, Path(tmp) / "before") - full
+            gap_after = _q4_k_m_kld(ctx, ctx.work_dir / "model", Path(tmp) / "after") - full
+        report["recovery"] = {
+            "measured_in": "llama.cpp, Q4_K_M GGUF vs the full-precision input student",
+            "kld_full_precision": full,
+            "gap_before": gap_before,
+            "gap_after": gap_after,
+            "recovered": 1 - gap_after / gap_before if gap_before > 0 else None,
+        }
+    return StageResult(artifacts=artifacts, report=report, quality=quality_rows)

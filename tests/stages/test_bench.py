@@ -1,0 +1,176 @@
+"""The bench stage on a tiny build: every artifact measured in its own runtime, the verdict, the
+build report and its HTML page, `edgekd report`, and a bench made stale by a rebuilt stage."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekd import pipeline
+from edgekd.cli import app
+from edgekd.config import load_profile, load_recipe
+from edgekd.errors import EdgekdError
+from edgekd.report import summary
+
+STAGES = ["distill", "export_gguf", "export_onnx", "bench"]
+FAST = [
+    "student.num_layers=2",
+    "student.calibration_examples=4",
+    "distill.max_steps=2",
+    "distill.batch_size=2",
+    "distill.log_every=1",
+    "data.max_seq_len=48",
+    "data.max_heldout=4",
+    "qlora.enabled=false",
+    "qat_kd.enabled=false",
+    "eval.sample_max_tokens=4",
+    "eval.threads=1",
+    "bench.runs=2",
+    "bench.warmup_runs=0",
+    "bench.prompt_tokens=24",
+    "bench.decode_tokens=4",
+    "bench.questions=2",
+    "bench.answer_max_tokens=4",
+    "bench.threads=1",
+    "bench.bandwidth_mib=16",
+]
+
+
+def _corpus(path):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i + 1}?"},
+                {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."},
+            ]
+        }
+        for i in range(40)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _build(teacher, corpus, run, extra=(), stages=STAGES):
+    recipe = load_recipe(None, [*FAST, *extra], teacher=str(teacher), data=str(corpus))
+    return pipeline.build(load_profile("phone-1gb"), recipe, run, list(stages))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_teacher_dir):
+    root = tmp_path_factory.mktemp("benchbuild")
+    corpus = _corpus(root / "chat.jsonl")
+    run = root / "run"
+    outcome = _build(tiny_teacher_dir, corpus, run)
+    return run, corpus, outcome
+
+
+@pytest.mark.slow
+def test_bench_measures_every_artifact(built):
+    run, _, outcome = built
+    assert outcome["bench"] == "ran"
+    report = json.loads((run / "06-bench" / "report.json").read_text())
+    rows = {r["name"]: r for r in report["artifacts"]}
+    assert list(rows) == [
+        "teacher",
+        "student",
+        "student GGUF F16",
+        "student GGUF Q4_K_M",
+        "student ONNX fp32",
+        "student ONNX int4",
+    ]
+    runtimes = [r["runtime"] for r in rows.values()]
+    assert runtimes == ["torch", "torch", "llama.cpp", "llama.cpp", "onnxruntime", "onnxruntime"]
+    assert [n for n, r in rows.items() if r["shipped"]] == [
+        "student GGUF Q4_K_M",
+        "student ONNX int4",
+    ]
+    for r in rows.values():
+        assert r["speed"]["decode_tps"]["n"] == 2 and r["speed"]["prompt_tokens"] == 24
+        assert r["memory"]["peak_rss_bytes"] > r["memory"]["baseline_rss_bytes"] > 0
+        assert r["exact_match"]["total"] == 2
+        assert r["budget"]["context_length"] == 2048 and r["threads"] == 1
+        assert r["size_bytes"] >= r["weights_bytes"] > 0
+    # The teacher against its own reference; the full-precision student in torch and in its
+    # exact exports agree with each other.
+    assert rows["teacher"]["quality"]["kld"] < 1e-3
+    student = rows["student"]["quality"]
+    for name in ("student GGUF F16", "student ONNX fp32"):
+        assert rows[name]["quality"]["kld"] == pytest.approx(student["kld"], rel=0.05, abs=2e-3)
+    assert rows["student GGUF Q4_K_M"]["size_bytes"] < rows["student GGUF F16"]["size_bytes"]
+    assert rows["student ONNX int4"]["size_bytes"] < rows["student ONNX fp32"]["size_bytes"]
+    # The teacher is a folder outside the run; exports are shown relative to the run folder.
+    assert rows["student GGUF Q4_K_M"]["path"] == "04-export-gguf/model-Q4_K_M.gguf"
+    assert report["verdict"]["fits"]
+    assert set(report["ratios"]["decode_vs_teacher"]) == set(rows) - {"teacher"}
+    assert set(report["inputs"]) == {"distill", "export_gguf", "export_onnx"}
+    assert report["questions"]["asked"] == 2
+    # The stage's quality rows are the bench's own measurements.
+    assert (
+        report["quality"]["student ONNX int4 (onnxruntime)"] == rows["student ONNX int4"]["quality"]
+    )
+    assert not list((run / "06-bench").glob("scratch-*"))
+
+
+@pytest.mark.slow
+def test_build_report_and_html(built):
+    run, _, _ = built
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["stages"]) == set(STAGES)
+    assert report["bench_stale_inputs"] == []
+    assert [q["model"] for q in report["quality"]][:3] == [
+        "teacher",
+        "student before",
+        "student after",
+    ]
+    assert [row["step"] for row in report["loss_curves"]["distill"]] == [1, 2]
+    verdicts = {v["profile"]: v for v in report["profile_verdicts"]}
+    assert set(verdicts) == {"phone-1gb", "phone-4gb", "sbc-8gb", "laptop-cpu"}
+    assert all(v["fits"] for v in verdicts.values())  # a tiny model fits everywhere
+    page = (run / "report.html").read_text()
+    assert 'id="verdict" class="verdict pass"' in page
+    for plot in ("plot-loss", "plot-quality", "plot-size-quality", "plot-memory", "plot-speed"):
+        assert f'<svg id="{plot}"' in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "<script" not in page
+
+
+@pytest.mark.slow
+def test_report_command_prints_the_summary(built):
+    run, _, _ = built
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "PASS student GGUF Q4_K_M" in out and "PASS student ONNX int4" in out
+    assert f"HTML report: {run / 'report.html'}" in out
+    assert "projection for phone-1gb" in out
+
+
+def test_report_command_refuses_a_folder_without_a_build(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no edgekd build" in result.output
+
+
+@pytest.mark.slow
+def test_rebuilt_stage_makes_the_bench_stale(built, tiny_teacher_dir, tmp_path):
+    import shutil
+
+    run, corpus, _ = built
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    _build(tiny_teacher_dir, corpus, copy, ["distill.lr=1e-3"], stages=["distill"])
+    report = summary.gather(copy)
+    assert report["bench_stale_inputs"] == ["distill"]
+    page = (copy / "report.html").read_text()
+    assert "measured an earlier build of distill" in page
+
+
+@pytest.mark.slow
+def test_bench_refuses_a_prompt_longer_than_the_context(built, tiny_teacher_dir, tmp_path):
+    import shutil
+
+    run, corpus, _ = built
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    longer = ["bench.prompt_tokens=2040", "bench.decode_tokens=16"]
+    with pytest.raises(EdgekdError, match=r"bench.prompt_tokens \(2040\) .* context_length"):
+        _build(tiny_teacher_dir, corpus, copy, longer, stages=["bench"])

@@ -1,0 +1,47 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from edgekd import pipeline
+from edgekd.config import load_profile
+from edgekd.quant.gguf_k import fake_quantize
+from edgekd.stages.qat_kd import attach_fake_quant, detach_fake_quant
+from tests.stages.conftest import fast_recipe
+
+
+def test_fake_quant_parametrization_round_trip(tiny_teacher_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    types = attach_fake_quant(model)
+    q = model.model.layers[0].self_attn.q_proj
+    want = fake_quantize(plain["model.layers.0.self_attn.q_proj.weight"], types[
+        "model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    assert torch.equal(q.weight, want)
+    # Tied output projection sees the quantized embedding too, and they stay one tensor.
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    assert not torch.equal(model.lm_head.weight, plain["model.embed_tokens.weight"])
+    detach_fake_quant(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, plain[k]), k
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.slow
+def test_qat_kd_measures_recovery_in_llama_cpp(run_copy, tiny_teacher_dir):
+    run, data = run_copy
+    recipe = fast_recipe(tiny_teacher_dir, data, ["qlora.enabled=false"])
+    assert pipeline.build(load_profile("phone-1gb"), recipe, run, ["qat_kd"]) == {"qat_kd": "ran"}
+    report = json.loads((run / "03-qat-kd" / "report.json").read_text())
+    assert list(report["quality"]) == [
+        "student before",
+        "fake Q4_K_M before",
+        "fake Q4_K_M after",
+        "student after",
+    ]
+    rec = report["recovery"]
+    assert rec["gap_before"] > 0  # 4-bit export of a random model does lose something
+    assert rec["recovered"] == pytest.approx(1 - rec["gap_after"] / rec["gap_before"])
+    assert report["types"]["Q5_0"] > 0  # hidden 64: rows fall back from Q4_K to Q5_0
+    assert 0 <= report["best_step"] <= 4
