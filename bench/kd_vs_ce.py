@@ -1,9 +1,11 @@
 """KD against hard labels only: the same pruned student, data, seed and number of tokens, trained
 once with the default KD loss and once with alpha=0 (cross-entropy on the teacher's answers).
 
-    python bench/kd_vs_ce.py [--profile phone-1gb] [--out export/bench-kd-vs-ce] [--set k=v ...]
+    python bench/kd_vs_ce.py [--profile phone-1gb] [--set k=v ...]
 
-Prints both students' held-out kld and ppl (against the teacher) and the ratios KD / CE.
+The KD arm is the distill stage of the default build (export/<profile>, reused when it is up to
+date); the CE arm is built in export/<profile>-ce from the same cached corpus. Prints both
+students' held-out kld and ppl (against the teacher) and the ratios KD / CE.
 """
 
 from __future__ import annotations
@@ -20,20 +22,19 @@ from edgekd.config import load_profile, load_recipe
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="phone-1gb")
-    ap.add_argument("--out", type=Path, default=Path("export/bench-kd-vs-ce"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     profile = load_profile(args.profile)
     reports = {}
-    for name, alpha in (("kd", None), ("ce", 0.0)):
-        overrides = list(args.overrides)
-        if alpha is not None:
-            overrides.append(f"distill.alpha={alpha}")
-        run = args.out / name
-        if name == "ce" and (args.out / "kd" / "cache").exists():
+    kd_run = Path("export") / profile.name
+    for name, run, extra in (
+        ("kd", kd_run, []),
+        ("ce", kd_run.with_name(kd_run.name + "-ce"), ["distill.alpha=0"]),
+    ):
+        if name == "ce" and (kd_run / "cache").exists():
             # Same corpus and teacher reference: copy the cache instead of generating it again.
-            shutil.copytree(args.out / "kd" / "cache", run / "cache", dirs_exist_ok=True)
-        pipeline.build(profile, load_recipe(None, overrides), run, ["distill"])
+            shutil.copytree(kd_run / "cache", run / "cache", dirs_exist_ok=True)
+        pipeline.build(profile, load_recipe(None, [*args.overrides, *extra]), run, ["distill"])
         reports[name] = json.loads((run / "01-distill" / "report.json").read_text())
 
     before = reports["kd"]["quality"]["student before"]

@@ -30,8 +30,9 @@ from edgekd.errors import EdgekdError
 if TYPE_CHECKING:  # the child process stays free of anything its runtime does not need
     from edgekd.config import BenchSettings, Profile
 
-RUNTIMES = ("llama.cpp", "onnxruntime", "torch")
+RUNTIMES = ("llama.cpp", "onnxruntime", "onnxruntime-genai", "torch")
 _ONNX_MODEL = "model.onnx"
+_GENAI_CONFIG = "genai_config.json"
 _GATHER_OPS = ("Gather", "GatherBlockQuantized")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 MIB = 1 << 20
@@ -53,6 +54,8 @@ def runtime_of(path: Path) -> str:
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return "llama.cpp"
+    if path.is_dir() and (path / _GENAI_CONFIG).is_file():
+        return "onnxruntime-genai"
     if path.is_dir() and (path / _ONNX_MODEL).is_file():
         return "onnxruntime"
     if path.is_dir() and (path / "config.json").is_file():
@@ -76,7 +79,7 @@ def weight_files(artifact: Artifact) -> list[Path]:
     path = Path(artifact.path)
     if artifact.runtime == "llama.cpp":
         return [path]
-    if artifact.runtime == "onnxruntime":
+    if artifact.runtime.startswith("onnxruntime"):
         return sorted(f for f in path.iterdir() if f.name.startswith(_ONNX_MODEL))
     return sorted(path.glob("*.safetensors"))
 
@@ -129,7 +132,7 @@ def _initializer_bytes(tensor) -> int:
     return numpy_helper.to_array(tensor).nbytes
 
 
-def _onnx_cost(folder: Path) -> TokenCost:
+def _onnx_cost(folder: Path, runtime: str) -> TokenCost:
     import onnx
 
     model = onnx.load(folder / _ONNX_MODEL, load_external_data=False)
@@ -140,17 +143,20 @@ def _onnx_cost(folder: Path) -> TokenCost:
             users.setdefault(name, set()).add(node.op_type)
     # Tensors that only feed embedding lookups are read one row per token.
     lookup = sum(b for n, b in sizes.items() if users.get(n) and users[n] <= set(_GATHER_OPS))
-    kv = 0
-    for inp in model.graph.input:
-        if inp.name.startswith("past_key_values."):
-            t = inp.type.tensor_type
-            per_value = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
-            fixed = [d.dim_value for d in t.shape.dim if d.HasField("dim_value")]
-            kv += per_value * int(np.prod(fixed))
+    past = [i.type.tensor_type for i in model.graph.input if i.name.startswith("past_key_values.")]
+    itemsize = [onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize for t in past]
+    if runtime == "onnxruntime-genai":
+        # Its graphs leave the head size symbolic; its config states it.
+        d = json.loads((folder / _GENAI_CONFIG).read_text())["model"]["decoder"]
+        per_layer = d["num_key_value_heads"] * d["head_size"]
+        kv = sum(per_layer * size for size in itemsize)
+    else:  # [batch, kv heads, past length, head size]: the fixed dims are the per-position size
+        kv = sum(
+            size * int(np.prod([d.dim_value for d in t.shape.dim if d.HasField("dim_value")]))
+            for t, size in zip(past, itemsize, strict=True)
+        )
     return TokenCost(
-        weights_bytes=sum(
-            f.stat().st_size for f in weight_files(Artifact("", "onnxruntime", folder))
-        ),
+        weights_bytes=sum(f.stat().st_size for f in weight_files(Artifact("", runtime, folder))),
         weights_read_bytes=sum(sizes.values()) - lookup,
         kv_bytes_per_position=kv,
     )
@@ -186,8 +192,8 @@ def token_cost(artifact: Artifact) -> TokenCost:
     path = Path(artifact.path)
     if artifact.runtime == "llama.cpp":
         return _gguf_cost(path)
-    if artifact.runtime == "onnxruntime":
-        return _onnx_cost(path)
+    if artifact.runtime.startswith("onnxruntime"):
+        return _onnx_cost(path, artifact.runtime)
     return _torch_cost(path)
 
 
@@ -390,6 +396,7 @@ def benchmark_artifact(
         host_bandwidth_bps=host_bandwidth_bps,
         prompt_tokens=len(prompt),
         decode_tokens=settings.decode_tokens,
+        size_bytes=size_on_disk(artifact.path),
     )
 
 
@@ -403,6 +410,7 @@ def artifact_row(
     host_bandwidth_bps: float,
     prompt_tokens: int,
     decode_tokens: int,
+    size_bytes: int,
 ) -> dict:
     """One report row from what the child measured: speeds, the budget verdict, and decode
     speed against the host's bandwidth limit and the profile's (a projection)."""
@@ -424,7 +432,7 @@ def artifact_row(
         "runtime": artifact.runtime,
         "path": str(artifact.path),
         "shipped": artifact.shipped,
-        "size_bytes": size_on_disk(artifact.path),
+        "size_bytes": size_bytes,
         "weights_bytes": cost.weights_bytes,
         "kv_bytes_per_token": cost.kv_bytes_per_position,
         "threads": threads,
@@ -632,6 +640,40 @@ class _OnnxRuntime:
         return self._run([token])
 
 
+class _OnnxGenai:
+    """onnxruntime-genai's generator: it picks the greedy token itself, and runs the model on
+    a token when asked for the next one."""
+
+    def __init__(self, folder: str, threads: int, n_ctx: int):
+        import onnxruntime_genai as og
+
+        trained = json.loads((Path(folder) / _GENAI_CONFIG).read_text())["model"]["context_length"]
+        # It refuses a longer max_length than the model's context (tiny test models).
+        self.og, self.n_ctx = og, min(n_ctx, trained)
+        config = og.Config(folder)
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
+
+    def start(self, ids: list[int]):
+        """A generator that has run `ids` (its logits cover every position)."""
+        params = self.og.GeneratorParams(self.model)
+        # max_length sizes its shared KV buffer: the profile's context, as on the device.
+        params.set_search_options(max_length=self.n_ctx, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        return generator
+
+    def first(self, ids: list[int]) -> int:
+        self.generator = self.start(ids)
+        self.generator.generate_next_token()
+        return int(self.generator.get_next_tokens()[0])
+
+    def next(self, token: int) -> int:
+        self.generator.generate_next_token()
+        return int(self.generator.get_next_tokens()[0])
+
+
 class _Torch:
     def __init__(self, folder: str, threads: int, n_ctx: int):
         import torch
@@ -658,7 +700,12 @@ class _Torch:
         return self._forward([token])
 
 
-_RUNNERS = {"llama.cpp": _LlamaCpp, "onnxruntime": _OnnxRuntime, "torch": _Torch}
+_RUNNERS = {
+    "llama.cpp": _LlamaCpp,
+    "onnxruntime": _OnnxRuntime,
+    "onnxruntime-genai": _OnnxGenai,
+    "torch": _Torch,
+}
 
 
 def _timed_runs(runner, job: Job) -> tuple[list[float], list[float]]:
@@ -705,6 +752,14 @@ def _quality(job: Job, runner) -> dict:
         from edgekd.formats.onnx import onnx_logprobs
 
         lp = at_positions(onnx_logprobs(job.path, heldout.sequences, threads=job.threads), heldout)
+    elif job.runtime == "onnxruntime-genai":
+        import torch
+
+        full = [
+            torch.from_numpy(np.asarray(runner.start(s).get_output("logits"))[0]).float()
+            for s in heldout.sequences
+        ]
+        lp = at_positions([x.log_softmax(-1) for x in full], heldout)
     else:
         lp = torch_logprobs(runner.model, heldout)
     return quality(lp, reference, heldout.targets).as_dict()
@@ -712,33 +767,38 @@ def _quality(job: Job, runner) -> dict:
 
 def _answers(job: Job, runner) -> list[str]:
     """Greedy chat answers to the questions, through the runtime's own generation path."""
+    messages = [[{"role": "user", "content": q["prompt"]}] for q in job.questions]
     if job.runtime == "llama.cpp":
-        from edgekd.data import generate_with_llama_cpp
+        from edgekd.formats.gguf import llama_cpp_generate
 
-        rows = generate_with_llama_cpp(
-            Path(job.path),
-            job.questions,
-            max_tokens=job.answer_max_tokens,
-            seed=0,
-            n_threads=job.threads,
-            temperature=0.0,
-        )
-        return [r["messages"][-1]["content"] for r in rows]
+        return [
+            llama_cpp_generate(
+                Path(job.path),
+                m,
+                max_tokens=job.answer_max_tokens,
+                threads=job.threads,
+                n_ctx=job.n_ctx,
+            )
+            for m in messages
+        ]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(job.path)
+    if job.runtime == "onnxruntime-genai":
+        from edgekd.formats.onnx import genai_generate
+
+        return [
+            genai_generate(Path(job.path), tokenizer, m, max_tokens=job.answer_max_tokens)
+            for m in messages
+        ]
     if job.runtime == "onnxruntime":
         from edgekd.formats.onnx import onnx_generate
 
         return [
             onnx_generate(
-                Path(job.path),
-                tokenizer,
-                [{"role": "user", "content": q["prompt"]}],
-                max_tokens=job.answer_max_tokens,
-                threads=job.threads,
+                Path(job.path), tokenizer, m, max_tokens=job.answer_max_tokens, threads=job.threads
             )
-            for q in job.questions
+            for m in messages
         ]
     from edgekd.data import generate_with_transformers
 

@@ -52,7 +52,7 @@ def build(
         plan = make_plan(prof, rec, chosen, timing=dry_run)
         if dry_run:
             for line in plan.lines(prof):
-                console.print(line, highlight=False)
+                console.print(line, highlight=False, soft_wrap=True)
             return
         from edgekd.preflight import preflight
 

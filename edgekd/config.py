@@ -66,7 +66,7 @@ class StudentSettings(Strict):
     )
     num_layers: int | None = Field(None, gt=0, description="unset: layer_fraction of the teacher")
     layer_fraction: float = Field(2 / 3, gt=0, le=1)
-    calibration_examples: int = Field(16, gt=0, description="examples used to choose the layers")
+    calibration_examples: int = Field(8, gt=0, description="examples used to choose the layers")
 
 
 class DataSettings(Strict):
@@ -80,6 +80,7 @@ class DataSettings(Strict):
     gen_max_tokens: int = Field(128, gt=0, description="teacher answer length for shipped prompts")
     gen_temperature: float = Field(0.0, ge=0, description="0: greedy answers")
     gen_seed: int = 0
+    gen_parallel: int = Field(16, gt=0, description="prompts a GGUF teacher decodes at once")
     pack: bool = False
 
 
@@ -97,7 +98,7 @@ class TrainSettings(KDSettings):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_steps: int = Field(150, gt=0)
+    max_steps: int = Field(40, gt=0)
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -115,7 +116,7 @@ class QLoraSettings(TrainSettings):
 
     enabled: bool = True
     lr: float = Field(2e-4, gt=0)
-    max_steps: int = Field(60, gt=0)
+    max_steps: int = Field(30, gt=0)
     rank: int = Field(16, gt=0)
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -130,8 +131,8 @@ class QatKdSettings(TrainSettings):
 
     enabled: bool = True
     lr: float = Field(5e-5, gt=0)
-    max_steps: int = Field(60, gt=0)
-    eval_every: int = Field(20, gt=0, description="steps between held-out checks; best is kept")
+    max_steps: int = Field(30, gt=0)
+    eval_every: int = Field(10, gt=0, description="steps between held-out checks; best is kept")
 
 
 class ExportGgufSettings(Strict):

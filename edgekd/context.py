@@ -108,6 +108,7 @@ class Context:
                 seed=settings.gen_seed,
                 n_threads=self.threads,
                 temperature=settings.gen_temperature,
+                parallel=settings.gen_parallel,
             )
         return data.generate_with_transformers(
             self.teacher,

@@ -52,7 +52,7 @@ class Plan:
         ]
         for stage, n in self.tokens.items():
             eta = self.estimates.get(stage)
-            when = f", estimated {eta / 60:.1f} min on this host" if eta is not None else ""
+            when = f", estimated {_duration(eta)} on this host" if eta is not None else ""
             lines.append(f"tokens    {stage}: up to {n:,} training tokens{when}")
         if self.host_gflops:
             lines.append(
@@ -60,6 +60,13 @@ class Plan:
                 "matmul and 6N+2N_teacher FLOPs per training token; a projection, not a measurement"
             )
         return lines
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds / 60:.1f} min"
 
 
 def _host_gflops(seconds: float = 0.3) -> float:

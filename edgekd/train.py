@@ -114,15 +114,14 @@ def train_kd(
                     for k, v in collate([examples[i] for i in idx], pad_id).items()
                 }
                 with accelerator.accumulate(student):
-                    with torch.no_grad():
-                        t_logits = teacher(
-                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                        ).logits
-                    s_logits = student(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
+                    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+                    t_logits = None
+                    if settings.alpha > 0:  # alpha=0 trains on hard labels alone
+                        with torch.no_grad():
+                            t_logits = teacher(**inputs).logits
+                        t_logits, _ = shift_for_next_token(t_logits, batch["labels"])
+                    s_logits = student(**inputs).logits
                     s_logits, labels = shift_for_next_token(s_logits, batch["labels"])
-                    t_logits, _ = shift_for_next_token(t_logits, batch["labels"])
                     out = kd_loss(
                         s_logits,
                         t_logits,

@@ -112,6 +112,7 @@ def test_token_cost_of_gguf_and_safetensors(tiny, tokenizer):
     assert cost.read_per_token(10) == cost.weights_read_bytes + 10 * cost.kv_bytes_per_position
 
 
+@pytest.mark.slow
 def test_untied_embedding_is_only_looked_up(tmp_path, tokenizer):
     config = tiny_llama_config(tokenizer, num_layers=1)
     config.tie_word_embeddings = False
@@ -232,7 +233,7 @@ def test_artifact_row_arithmetic():
         "exact_match": {"correct": 1, "total": 4, "items": []},
     }
     row = benchmark.artifact_row(
-        Artifact("m", "llama.cpp", Path(__file__), shipped=True),
+        Artifact("m", "llama.cpp", Path("m.gguf"), shipped=True),
         cost=cost,
         measured=measured,
         profile=profile,
@@ -240,6 +241,7 @@ def test_artifact_row_arithmetic():
         host_bandwidth_bps=20e9,
         prompt_tokens=100,
         decode_tokens=21,
+        size_bytes=123,
     )
     b = row["bandwidth"]
     assert b["at_tokens"] == 110 and b["bytes_per_token"] == 40_000_000 + 110 * 10_000

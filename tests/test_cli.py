@@ -126,7 +126,7 @@ def test_example_recipes_plan_from_configs_alone():
 
 def test_student_that_cannot_fit_is_refused():
     line = _error_line(_dry_run("qwen2.5-7b-to-1.5b.yaml", "phone-1gb", "qwen2.5-1.5b-instruct"))
-    assert "phone-1gb allows 400 MB" in line
+    assert "phone-1gb allows 480 MB" in line
 
 
 @pytest.mark.slow

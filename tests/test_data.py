@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from edgekd.data import (
     IGNORE,
     TokenizedExample,
+    _llama_chat_prompts,
     collate,
     default_prompts,
     fingerprint,
@@ -318,14 +319,55 @@ def test_generate_with_transformers_batches_like_single(tokenizer):
     assert len({r["messages"][1]["content"] for r in batched}) == 3
 
 
+def _llama(**kw):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(embedded_teacher_gguf()), n_threads=2, verbose=False, **kw)
+
+
+def test_llama_cpp_prompt_ids_match_create_chat_completion():
+    llm = _llama(vocab_only=True)
+    fed = []
+
+    class Fed(Exception):
+        pass
+
+    def record(tokens, *args, **kwargs):  # the ids create_chat_completion hands to the model
+        fed.append(list(tokens))
+        raise Fed
+
+    llm.generate = record
+    prompts = [{"prompt": "Hi"}, {"prompt": "Explain <b>tags</b> & café, 2+2=?\n\nThanks"}]
+    for p in prompts:
+        with pytest.raises(Fed):
+            llm.create_chat_completion([{"role": "user", "content": p["prompt"]}], max_tokens=1)
+    ids = _llama_chat_prompts(_llama(vocab_only=True), embedded_teacher_gguf(), prompts)
+    assert ids == fed
+    assert (
+        llm.detokenize(ids[0], special=True)
+        .decode()
+        .endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    )
+
+
 @pytest.mark.slow
 def test_generate_with_llama_cpp_real_teacher():
-    prompts = default_prompts()[:3]
-    kw = {"max_tokens": 16, "seed": 0, "n_threads": 2, "temperature": 0.0}
-    first = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, **kw)
-    again = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, **kw)
+    # Five prompts through three slots: finished answers free slots that later prompts reuse.
+    prompts = default_prompts()[:5]
+    kw = {"max_tokens": 24, "seed": 0, "n_threads": 2, "parallel": 3}
+    first = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=0.0, **kw)
+    again = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=0.0, **kw)
     assert first == again
+    # Reference: the one-prompt-at-a-time path this replaced.
+    llm = _llama(n_ctx=512)
     for p, r in zip(prompts, first, strict=True):
-        assert r["messages"][0] == {"role": "user", "content": p["prompt"]}
-        assert r["messages"][1]["role"] == "assistant" and r["messages"][1]["content"].strip()
+        user = {"role": "user", "content": p["prompt"]}
+        out = llm.create_chat_completion([user], max_tokens=24, temperature=0.0)
+        reply = out["choices"][0]["message"]["content"].strip()
+        assert reply and r["messages"] == [user, {"role": "assistant", "content": reply}]
         assert r["category"] == p["category"]
+    sampled = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=1.0, **kw)
+    assert sampled == generate_with_llama_cpp(
+        embedded_teacher_gguf(), prompts, temperature=1.0, **kw
+    )
+    assert sampled != first

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from safetensors import safe_open
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
 
+_GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"}
 
 _ARCH_BY_MODEL_TYPE = {
@@ -502,8 +505,28 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int) -> Path:
     return Path(dst)
 
 
+@functools.cache
+def quiet_llama_cpp():
+    """Let only llama.cpp's errors reach stderr.
+
+    llama-cpp-python maps llama.cpp's log levels one off, so its warnings (the context-size notes
+    of short evaluations, say) print even with verbose=False; edgekd reports failures itself.
+    """
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, user_data) -> None:
+        if level == _GGML_LOG_LEVEL_ERROR:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    return log  # llama.cpp holds a raw pointer to it: keep it alive
+
+
 def _llama(gguf_path: Path, **kwargs):
     from llama_cpp import Llama
+
+    quiet_llama_cpp()
 
     if not Path(gguf_path).is_file():
         raise EdgekdError(f"GGUF file {gguf_path} does not exist")

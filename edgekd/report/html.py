@@ -21,7 +21,7 @@ _CSS = """
 :root { color-scheme: light; }
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
        background: #f8fafc; color: #0f172a; }
-main { max-width: 1100px; margin: 0 auto; padding: 24px 28px 48px; }
+main { max-width: 1200px; margin: 0 auto; padding: 24px 28px 48px; }
 h1 { font-size: 26px; margin: 0 0 4px; }
 h2 { font-size: 18px; margin: 32px 0 8px; }
 .sub { color: #475569; margin: 0; }
@@ -42,10 +42,11 @@ figure { background: #fff; border: 1px solid #e2e8f0; border-radius: 8px; margin
          padding: 12px; }
 figcaption { color: #475569; font-size: 12px; margin-top: 6px; }
 svg text { font-family: system-ui, sans-serif; fill: #334155; }
-table { border-collapse: collapse; width: 100%; background: #fff; font-size: 13px; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; background: #fff; font-size: 12.5px; }
 th, td { border-bottom: 1px solid #e2e8f0; padding: 5px 7px; text-align: right;
          white-space: nowrap; }
-th { background: #f1f5f9; font-weight: 600; }
+th { background: #f1f5f9; font-weight: 600; white-space: normal; vertical-align: bottom; }
 td:first-child, th:first-child, td.l, th.l { text-align: left; }
 .fit { color: #15803d; font-weight: 600; } .nofit { color: #b91c1c; font-weight: 600; }
 .proj { color: #b45309; }
@@ -199,6 +200,8 @@ def quality_plot(rows: list[dict]) -> str:
     if not rows:
         return _empty("plot-quality", "no stage reported held-out quality")
     names = [f"{r['stage']}: {r['model']}" for r in rows]
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    colours = [_PALETTE[stages.index(r["stage"]) % len(_PALETTE)] for r in rows]
     panels = [
         ("kld", "KL(teacher || model), lower is better"),
         ("top1", "top-1 agreement"),
@@ -219,8 +222,7 @@ def quality_plot(rows: list[dict]) -> str:
         )
         pts = " ".join(f"{f.x(i):.1f},{f.y(v):.1f}" for i, v in enumerate(vals))
         body.append(f'<polyline points="{pts}" fill="none" stroke="#94a3b8" stroke-width="1.5"/>')
-        for i, (v, r) in enumerate(zip(vals, rows, strict=True)):
-            colour = _PALETTE[list(dict.fromkeys(x["stage"] for x in rows)).index(r["stage"])]
+        for i, (v, colour) in enumerate(zip(vals, colours, strict=True)):
             body.append(
                 f'<circle cx="{f.x(i):.1f}" cy="{f.y(v):.1f}" r="4.5" fill="{colour}">'
                 f"<title>{_e(names[i])}: {key} {v:.4g}</title></circle>"
@@ -245,29 +247,34 @@ def size_quality_plot(artifacts: list[dict]) -> str:
     yt = _nice_ticks(0, max(max(ys) * 1.15, 1e-3))
     f = _Frame(70, 20, 640, 280, (xt[0], xt[-1]), (yt[0], yt[-1]))
     body = [f.axes(xt, yt, "size on disk (MB)", "KL(teacher || model)")]
+    # Points only on the plot, names in a keyed list beside it: artifacts of one build cluster.
     for i, (r, x, y) in enumerate(zip(pts, xs, ys, strict=True)):
         colour = _PALETTE[i % len(_PALETTE)]
-        shape = (
-            f'<rect x="{f.x(x) - 6:.1f}" y="{f.y(y) - 6:.1f}" width="12" height="12" '
-            f'fill="{colour}"/>'
-            if r["shipped"]
-            else f'<circle cx="{f.x(x):.1f}" cy="{f.y(y):.1f}" r="6" fill="{colour}"/>'
-        )
-        body.append(shape)
-        anchor = "end" if f.x(x) > f.x0 + f.w * 0.7 else "start"
-        dx = -10 if anchor == "end" else 10
+        ly = 40 + 20 * i
+        label = f"{r['name']}: {x:.1f} MB, kld {y:.4f}, top1 {r['quality']['top1']:.2f}"
         body.append(
-            f'<text x="{f.x(x) + dx:.1f}" y="{f.y(y) - 8 - 0 * i:.1f}" font-size="11" '
-            f'text-anchor="{anchor}">{_e(r["name"])} (top1 {r["quality"]["top1"]:.2f})</text>'
+            _marker(f.x(x), f.y(y), colour, r["shipped"], f"{r['name']}")
+            + _marker(736, ly - 4, colour, r["shipped"], r["name"])
+            + f'<text x="748" y="{ly}" font-size="11">{_e(label)}</text>'
         )
     body.append(
-        '<text x="730" y="40" font-size="12">square: judged against the budget</text>'
-        '<text x="730" y="58" font-size="12">circle: reference artifact</text>'
+        f'<text x="730" y="{52 + 20 * len(pts)}" font-size="11">square: judged against the '
+        "budget; circle: reference</text>"
     )
-    return _svg("plot-size-quality", 940, 340, "".join(body), "size against quality")
+    return _svg("plot-size-quality", 1080, 340, "".join(body), "size against quality")
 
 
-def _hbar_frame(n: int, xmax: float, label: str, left: int = 230, row: int = 34):
+def _marker(x: float, y: float, colour: str, square: bool, title: str) -> str:
+    if square:
+        shape = f'<rect x="{x - 6:.1f}" y="{y - 6:.1f}" width="12" height="12" fill="{colour}">'
+        return f"{shape}<title>{_e(title)}</title></rect>"
+    return (
+        f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{colour}"><title>{_e(title)}</title>'
+        "</circle>"
+    )
+
+
+def _hbar_frame(n: int, xmax: float, left: int = 230, row: int = 34):
     xt = _nice_ticks(0, xmax)
     return _Frame(left, 30, 560, n * row, (0, xt[-1]), (0, n)), xt
 
@@ -279,7 +286,7 @@ def memory_plot(artifacts: list[dict], budget_mb: float, profile: str, context: 
         return _empty("plot-memory", "no artifact was benchmarked")
     need = [r["budget"]["need_bytes"] / MIB for r in artifacts]
     rss = [r["memory"]["peak_rss_bytes"] / MIB for r in artifacts]
-    f, xt = _hbar_frame(len(artifacts), max([*need, *rss, budget_mb]) * 1.05, "MB")
+    f, xt = _hbar_frame(len(artifacts), max([*need, *rss, budget_mb]) * 1.05)
     row = f.h / len(artifacts)
     body = [f.axes(xt, [], "MB (2^20 bytes)")]
     for i, r in enumerate(artifacts):
@@ -332,7 +339,7 @@ def speed_plot(artifacts: list[dict], profile: str) -> str:
         )
         for r in artifacts
     )
-    f, xt = _hbar_frame(len(artifacts), top * 1.05, "tok/s", row=46)
+    f, xt = _hbar_frame(len(artifacts), top * 1.05, row=46)
     row = f.h / len(artifacts)
     body = [
         '<defs><pattern id="hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
@@ -463,7 +470,7 @@ def _bench_table(bench: dict) -> str:
         "ppl",
         "exact match",
     )
-    out = ['<table id="bench-table"><thead><tr>']
+    out = ['<div class="scroll"><table id="bench-table"><thead><tr>']
     out += [f"<th>{_e(h)}</th>" for h in head]
     out.append("</tr></thead><tbody>")
     for r in bench["artifacts"]:
@@ -490,7 +497,7 @@ def _bench_table(bench: dict) -> str:
             f"{em['correct']}/{em['total']}" if em["total"] else "-",
         ]
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     st = bench["settings"]
     out.append(
         f'<p class="note">&#9632; judged against the budget. Speeds: median (min-max) of '

@@ -51,16 +51,10 @@ def artifacts(ctx: Context) -> list[Artifact]:
     if "export_onnx" in ctx.stage_dirs:
         shipped = _stage_report(ctx, "export_onnx").get("quant") or []
         folders = [p.parent for p in ctx.stage_dirs["export_onnx"].glob("*/model.onnx")]
-        # fp32 first, then the quantized folders in the order the profile lists them
-        for folder in sorted(folders, key=lambda f: (f.name != "fp32", f.name)):
-            found.append(
-                Artifact(
-                    f"student ONNX {folder.name}",
-                    "onnxruntime",
-                    folder,
-                    shipped=folder.name in shipped,
-                )
-            )
+        for folder in sorted(folders, key=lambda f: (f.name != "fp32", f.name)):  # fp32 first
+            runtime = benchmark.runtime_of(folder)  # a genai folder holds a model.onnx too
+            name = f"student ONNX {folder.name}"
+            found.append(Artifact(name, runtime, folder, shipped=folder.name in shipped))
     return found
 
 

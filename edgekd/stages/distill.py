@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from edgekd import models
+from edgekd import evaluate, models
 from edgekd.config import DistillSettings
 from edgekd.context import Context
 from edgekd.data import collate
@@ -60,7 +60,8 @@ def run(ctx: Context, settings: DistillSettings) -> StageResult:
     reference = ctx.reference
     quality = {}
     if ctx.is_main:
-        quality["teacher"] = evaluate_torch(ctx.teacher, ctx.heldout, reference).as_dict()
+        # The reference is the teacher's own held-out log-probs: its row needs no second pass.
+        quality["teacher"] = evaluate.quality(reference, reference, ctx.heldout.targets).as_dict()
         quality["student before"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
     curve, train_report = train_kd(ctx, student, settings, name="distill")
     artifacts = []
