@@ -247,11 +247,14 @@ def test_artifact_row_arithmetic():
     assert b["at_tokens"] == 110 and b["bytes_per_token"] == 40_000_000 + 110 * 10_000
     assert b["host_limit_tps"] == pytest.approx(20e9 / 41_100_000)
     assert b["host_fraction"] == pytest.approx(21 / b["host_limit_tps"])
-    assert b["device_projection_tps"] == pytest.approx(6e9 / 41_100_000)
-    assert "projection" in b["device_projection_note"] and "6 GB/s" in b["device_projection_note"]
+    gbs = profile.memory_bandwidth_gbs
+    assert b["device_projection_tps"] == pytest.approx(gbs * 1e9 / 41_100_000)
+    assert "projection" in b["device_projection_note"]
+    assert f"{gbs:g} GB/s divided by the 41.1 MB" in b["device_projection_note"]
     v = row["budget"]
-    assert v["kv_bytes"] == 10_000 * 2048 and v["budget_bytes"] == 400 * 2**20
-    assert v["fits"] and v["margin_bytes"] == 400 * 2**20 - 50 * 2**20 - 10_000 * 2048
+    budget, ctx = profile.memory_budget_mb * 2**20, profile.context_length
+    assert v["kv_bytes"] == 10_000 * ctx and v["budget_bytes"] == budget
+    assert v["fits"] and v["margin_bytes"] == budget - 50 * 2**20 - 10_000 * ctx
     assert row["exact_match"]["accuracy"] == 0.25
 
     teacher = {**row, "name": "t", "role": "teacher", "shipped": False}

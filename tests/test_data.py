@@ -358,14 +358,20 @@ def test_generate_with_llama_cpp_real_teacher():
     first = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=0.0, **kw)
     again = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=0.0, **kw)
     assert first == again
-    # Reference: the one-prompt-at-a-time path this replaced.
+    # Reference: the one-prompt-at-a-time path this replaced. Batches of other sizes add the
+    # same logits in another order, so a near-tie can flip a later token: most answers must be
+    # identical, and every one must start the same way.
     llm = _llama(n_ctx=512)
+    identical = 0
     for p, r in zip(prompts, first, strict=True):
         user = {"role": "user", "content": p["prompt"]}
         out = llm.create_chat_completion([user], max_tokens=24, temperature=0.0)
         reply = out["choices"][0]["message"]["content"].strip()
-        assert reply and r["messages"] == [user, {"role": "assistant", "content": reply}]
-        assert r["category"] == p["category"]
+        assert reply and r["messages"][0] == user and r["category"] == p["category"]
+        ours = r["messages"][1]["content"]
+        identical += ours == reply
+        assert ours.split()[:5] == reply.split()[:5], (ours, reply)
+    assert identical >= len(prompts) - 1
     sampled = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=1.0, **kw)
     assert sampled == generate_with_llama_cpp(
         embedded_teacher_gguf(), prompts, temperature=1.0, **kw

@@ -124,7 +124,11 @@ def test_page_has_the_verdict_the_plots_and_nothing_external():
     assert els.ids["verdict"]["class"] == "verdict pass"
     text = " ".join(" ".join(els.text).split())
     assert "PASS: phone-1gb" in text
-    assert "PASS student GGUF Q4_K_M: weights 60.0 MB + KV cache 30.0 MB at 2048 tokens" in text
+    ctx = load_profile("phone-1gb").context_length
+    kv = 15_360 * ctx / MB
+    assert (
+        f"PASS student GGUF Q4_K_M: weights 60.0 MB + KV cache {kv:.1f} MB at {ctx} tokens" in text
+    )
     for plot in PLOTS:
         assert els.ids[plot]["tag"] == "svg"
     assert els.ids["bench-table"]["tag"] == "table"
@@ -132,19 +136,22 @@ def test_page_has_the_verdict_the_plots_and_nothing_external():
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert page.isascii()
     # the budget line and the projection are drawn and labelled
-    assert "phone-1gb budget 400 MB" in text
+    assert f"phone-1gb budget {load_profile('phone-1gb').memory_budget_mb} MB" in text
     assert "PROJECTION for phone-1gb" in text
     # ratios measured in this report: student 2 runs faster than the teacher's median
     assert "2.00x" in text and "decode speed, student GGUF Q4_K_M / teacher" in text
 
 
 def test_failing_artifact_says_by_how_much():
-    page = html.render(_report(student_mb=390.0))
+    p = load_profile("phone-1gb")
+    kv = 15_360 * p.context_length / MB
+    page = html.render(_report(student_mb=p.memory_budget_mb + 20 - kv))
     els = _parse(page)
     assert els.ids["verdict"]["class"] == "verdict fail"
     text = " ".join(" ".join(els.text).split())
     assert "FAIL: phone-1gb" in text
-    assert "= 420.0 MB of the 400.0 MB budget, over by 20.0 MB" in text
+    budget = p.memory_budget_mb
+    assert f"= {budget + 20:.1f} MB of the {budget:.1f} MB budget, over by 20.0 MB" in text
     assert "does not fit" in text  # the profiles table: phone-1gb does not fit
 
 

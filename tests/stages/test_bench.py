@@ -69,7 +69,8 @@ def test_bench_measures_every_artifact(built):
         assert r["speed"]["decode_tps"]["n"] == 2 and r["speed"]["prompt_tokens"] == 24
         assert r["memory"]["peak_rss_bytes"] > r["memory"]["baseline_rss_bytes"] > 0
         assert r["exact_match"]["total"] == 2
-        assert r["budget"]["context_length"] == 2048 and r["threads"] == 1
+        assert r["budget"]["context_length"] == load_profile("phone-1gb").context_length
+        assert r["threads"] == 1
         assert r["size_bytes"] >= r["weights_bytes"] > 0
     # The teacher against its own reference; the full-precision student in torch and in its
     # exact exports agree with each other.
@@ -148,6 +149,7 @@ def test_bench_refuses_a_prompt_longer_than_the_context(built, tiny_teacher_dir,
     run, corpus, _ = built
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    longer = ["bench.prompt_tokens=2040", "bench.decode_tokens=16"]
-    with pytest.raises(EdgekdError, match=r"bench.prompt_tokens \(2040\) .* context_length"):
+    ctx = load_profile("phone-1gb").context_length
+    longer = [f"bench.prompt_tokens={ctx - 8}", "bench.decode_tokens=16"]
+    with pytest.raises(EdgekdError, match=rf"bench.prompt_tokens \({ctx - 8}\) .* context_length"):
         _build(tiny_teacher_dir, corpus, copy, longer, stages=["bench"])
