@@ -320,9 +320,10 @@ def test_generate_with_transformers_batches_like_single(tokenizer):
 
 
 def _llama(**kw):
+    # One thread: OpenMP threads that busy-wait on shared cores made these tests 5x slower.
     from llama_cpp import Llama
 
-    return Llama(model_path=str(embedded_teacher_gguf()), n_threads=2, verbose=False, **kw)
+    return Llama(model_path=str(embedded_teacher_gguf()), n_threads=1, verbose=False, **kw)
 
 
 def test_llama_cpp_prompt_ids_match_create_chat_completion():
@@ -354,7 +355,7 @@ def test_llama_cpp_prompt_ids_match_create_chat_completion():
 def test_generate_with_llama_cpp_real_teacher():
     # Five prompts through three slots: finished answers free slots that later prompts reuse.
     prompts = default_prompts()[:5]
-    kw = {"max_tokens": 24, "seed": 0, "n_threads": 2, "parallel": 3}
+    kw = {"max_tokens": 24, "seed": 0, "n_threads": 1, "parallel": 3}
     first = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=0.0, **kw)
     again = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=0.0, **kw)
     assert first == again
