@@ -196,44 +196,46 @@ def loss_plot(curves: dict[str, list[dict]]) -> str:
 
 
 def quality_plot(rows: list[dict]) -> str:
-    """kld, top1 and ppl of every quality row, from the teacher to the final artifact."""
+    """kld, top1 and ppl of every quality row, from the teacher (top) to the final artifact:
+    one row per model, one panel per measure."""
     if not rows:
         return _empty("plot-quality", "no stage reported held-out quality")
-    names = [f"{r['stage']}: {r['model']}" for r in rows]
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     colours = [_PALETTE[stages.index(r["stage"]) % len(_PALETTE)] for r in rows]
     panels = [
-        ("kld", "KL(teacher || model), lower is better"),
-        ("top1", "top-1 agreement"),
-        ("ppl", "perplexity"),
+        ("kld", "kld, lower is better"),
+        ("top1", "top1, higher is better"),
+        ("ppl", "ppl, lower is better"),
     ]
+    left, pw, gap, row_h, top = 300, 210, 30, 22, 36
+    height = top + row_h * len(rows)
     body = []
-    pw, gap = 260, 50
+    for i, r in enumerate(rows):
+        y = top + row_h * (i + 0.5)
+        body.append(
+            f'<text x="{left - 10}" y="{y + 4:.1f}" text-anchor="end" font-size="11">'
+            f"{_e(r['stage'])}: {_e(r['model'])}</text>"
+        )
     for p, (key, label) in enumerate(panels):
         vals = [r[key] for r in rows]
-        lo = 0.0 if key != "ppl" else min(vals) * 0.95
+        lo = 0.0 if key != "ppl" else min(vals) * 0.9
         hi = 1.0 if key == "top1" else max(vals) * 1.1 or 1.0
-        yt = _nice_ticks(lo, hi, 4)
-        f = _Frame(60 + p * (pw + gap), 30, pw, 200, (-0.5, len(rows) - 0.5), (yt[0], yt[-1]))
-        body.append(f.axes([], yt))
+        xt = _nice_ticks(lo, hi, 4)
+        f = _Frame(left + p * (pw + gap), top, pw, height - top, (xt[0], xt[-1]), (0, 1))
+        body.append(f.axes(xt, []))
         body.append(
-            f'<text x="{f.x0 + pw / 2}" y="20" text-anchor="middle" font-size="13" '
+            f'<text x="{f.x0 + pw / 2}" y="{top - 12}" text-anchor="middle" font-size="12" '
             f'font-weight="600">{_e(label)}</text>'
         )
-        pts = " ".join(f"{f.x(i):.1f},{f.y(v):.1f}" for i, v in enumerate(vals))
-        body.append(f'<polyline points="{pts}" fill="none" stroke="#94a3b8" stroke-width="1.5"/>')
+        pts = " ".join(f"{f.x(v):.1f},{top + row_h * (i + 0.5):.1f}" for i, v in enumerate(vals))
+        body.append(f'<polyline points="{pts}" fill="none" stroke="#cbd5e1" stroke-width="1.5"/>')
         for i, (v, colour) in enumerate(zip(vals, colours, strict=True)):
             body.append(
-                f'<circle cx="{f.x(i):.1f}" cy="{f.y(v):.1f}" r="4.5" fill="{colour}">'
-                f"<title>{_e(names[i])}: {key} {v:.4g}</title></circle>"
+                f'<circle cx="{f.x(v):.1f}" cy="{top + row_h * (i + 0.5):.1f}" r="4.5" '
+                f'fill="{colour}"><title>{_e(rows[i]["model"])}: {key} {v:.4g}</title></circle>'
             )
-        for i, name in enumerate(names):
-            x, y = f.x(i), f.y0 + f.h + 10
-            body.append(
-                f'<text x="{x:.1f}" y="{y:.1f}" font-size="10" text-anchor="end" '
-                f'transform="rotate(-40 {x:.1f} {y:.1f})">{_e(name)}</text>'
-            )
-    return _svg("plot-quality", 990, 400, "".join(body), "held-out quality per stage")
+    width = left + 3 * pw + 2 * gap + 20
+    return _svg("plot-quality", width, height + 30, "".join(body), "held-out quality per stage")
 
 
 def size_quality_plot(artifacts: list[dict]) -> str:
