@@ -23,6 +23,7 @@ import torch
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from edgekd.config import ExportOnnxSettings
 from edgekd.evaluate import quality
 from edgekd.formats import gguf, onnx
 from edgekd.models import embedded_teacher_gguf, load_tokenizer, resolve_source
@@ -188,7 +189,14 @@ def main() -> None:
     measure("fp32", onnx.onnx_logprobs(fp32, seqs, threads=args.threads), reference, seqs)
     for kind in ("int4", "int8"):
         t = time.perf_counter()
-        out = onnx.quantize_onnx(fp32, tmp / f"onnx-{kind}", kind)
+        settings = ExportOnnxSettings()
+        out = onnx.quantize_onnx(
+            fp32,
+            tmp / f"onnx-{kind}",
+            kind,
+            block_size=settings.block_size,
+            accuracy_level=settings.accuracy_level,
+        )
         print(f"  {kind:<14} {time.perf_counter() - t:.1f} s, {size_mb(out):.1f} MB")
         measure(kind, onnx.onnx_logprobs(out, seqs, threads=args.threads), reference, seqs)
         print(

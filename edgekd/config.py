@@ -143,6 +143,9 @@ class ExportGgufSettings(Strict):
 class ExportOnnxSettings(Strict):
     quant: list[OnnxQuant] | None = Field(None, description="unset: the profile's onnx_quant")
     block_size: int = Field(32, ge=16, description="int4 MatMulNBits block size (power of 2)")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="MatMulNBits compute type: 4 = int8 (fast on CPU), 0 = unset (fp32)"
+    )
     genai: bool = Field(True, description="also write onnxruntime-genai's int4 on-device format")
 
     @model_validator(mode="after")

@@ -40,13 +40,21 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
     for kind in kinds:
         start = time.perf_counter()
         folders[kind] = onnx.quantize_onnx(
-            folders["fp32"], out / kind, kind, block_size=settings.block_size
+            folders["fp32"],
+            out / kind,
+            kind,
+            block_size=settings.block_size,
+            accuracy_level=settings.accuracy_level,
         )
         seconds[f"quantize_{kind}"] = time.perf_counter() - start
 
     student = models.load_model(models.resolve_source(str(model_dir), role="student"))
     rows, sizes, samples = {}, {}, {}
-    report: dict = {"quant": kinds, "block_size": settings.block_size}
+    report: dict = {
+        "quant": kinds,
+        "block_size": settings.block_size,
+        "accuracy_level": settings.accuracy_level,
+    }
     for name, folder in folders.items():
         logits = onnx.onnx_logits(folder, heldout.sequences, threads=threads)
         if name == "fp32":

@@ -4,10 +4,13 @@ import onnx
 import pytest
 import torch
 
+from edgekd.config import ExportOnnxSettings
 from edgekd.errors import EdgekdError
 from edgekd.formats import onnx as onnx_module
 from edgekd.formats.onnx import export_onnx, onnx_generate, onnx_logprobs, quantize_onnx
 from tests.formats.test_gguf import CHAT, PROSE, measure, save_tiny, torch_logprobs
+
+QUANT = ExportOnnxSettings().model_dump(include={"block_size", "accuracy_level"})
 
 
 def greedy_torch(model, tokenizer, messages, max_tokens):
@@ -70,7 +73,7 @@ def _bits(graph) -> dict[str, int]:
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_quantized_loads_and_stays_close(exported, tokenizer, tmp_path, kind):
     model, onnx_dir = exported["llama"]
-    out = quantize_onnx(onnx_dir, tmp_path / kind, kind)
+    out = quantize_onnx(onnx_dir, tmp_path / kind, kind, **QUANT)
     assert {p.name for p in out.iterdir()} == {p.name for p in onnx_dir.iterdir()}
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
@@ -81,6 +84,15 @@ def test_quantized_loads_and_stays_close(exported, tokenizer, tmp_path, kind):
     assert len(bits) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
     assert bits.pop("lm_head") == 8
     assert set(bits.values()) == {4 if kind == "int4" else 8}
+    # Level 4 (int8 compute) on every node: without it the 8-bit kernel is ~15x slower on CPU.
+    levels = {
+        a.i
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    }
+    assert levels == {QUANT["accuracy_level"]}
     ops = {n.op_type for n in graph.node}
     assert ("GatherBlockQuantized" in ops) is (kind == "int4")
     seqs = [tokenizer(PROSE)["input_ids"]]
@@ -96,9 +108,9 @@ def test_quantized_loads_and_stays_close(exported, tokenizer, tmp_path, kind):
 def test_large_models_keep_weights_in_a_side_file(exported, tokenizer, tmp_path, monkeypatch):
     """Past 2 GiB protobuf cannot hold the weights; the same path, forced on a tiny model."""
     _, onnx_dir = exported["qwen2"]
-    small = quantize_onnx(onnx_dir, tmp_path / "inline", "int4")
+    small = quantize_onnx(onnx_dir, tmp_path / "inline", "int4", **QUANT)
     monkeypatch.setattr(onnx_module, "_EXTERNAL_DATA_BYTES", 0)
-    side = quantize_onnx(onnx_dir, tmp_path / "side", "int4")
+    side = quantize_onnx(onnx_dir, tmp_path / "side", "int4", **QUANT)
     assert (side / "model.onnx").stat().st_size < 0.1 * (small / "model.onnx").stat().st_size
     seqs = [tokenizer(PROSE)["input_ids"][:20]]
     a, b = onnx_logprobs(small, seqs, threads=1)[0], onnx_logprobs(side, seqs, threads=1)[0]
@@ -107,12 +119,12 @@ def test_large_models_keep_weights_in_a_side_file(exported, tokenizer, tmp_path,
 
 def test_quantize_refuses_unknown_kind(tmp_path):
     with pytest.raises(EdgekdError, match="int3"):
-        quantize_onnx(tmp_path, tmp_path / "out", "int3")
+        quantize_onnx(tmp_path, tmp_path / "out", "int3", **QUANT)
 
 
 def test_quantize_refuses_bad_block_size(tmp_path):
     with pytest.raises(EdgekdError, match="block_size 48"):
-        quantize_onnx(tmp_path, tmp_path / "out", "int4", block_size=48)
+        quantize_onnx(tmp_path, tmp_path / "out", "int4", block_size=48, accuracy_level=4)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
