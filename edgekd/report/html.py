@@ -565,6 +565,22 @@ def _answers(bench: dict) -> str:
     return "".join(out)
 
 
+def _recovery(rec: dict) -> str:
+    share = "n/a" if rec["recovered"] is None else f"{100 * rec['recovered']:.1f}%"
+    rows = [
+        ("full-precision student, kld", f"{rec['kld_full_precision']:.4f}"),
+        ("Q4_K_M gap before qat_kd", f"{rec['gap_before']:.4f}"),
+        ("Q4_K_M gap after qat_kd", f"{rec['gap_after']:.4f}"),
+        ("recovered = 1 - after / before", share),
+    ]
+    body = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
+    return (
+        '<h2>Quantization-aware recovery</h2><table id="qat-recovery">'
+        f"<tbody>{body}</tbody></table>"
+        f'<p class="note">Measured in {_e(rec["measured_in"])}, held-out kld to the teacher.</p>'
+    )
+
+
 def render(report: dict) -> str:
     """The build report as a self-contained HTML page (ASCII, non-ASCII as character refs)."""
     bench = report["bench"]
@@ -594,6 +610,8 @@ def render(report: dict) -> str:
         "teacher's log-probs at temperature 1; exports measured through their runtimes."
         "</figcaption></figure>",
     ]
+    if report.get("qat_recovery"):
+        parts.append(_recovery(report["qat_recovery"]))
     if bench is not None:
         artifacts = bench["artifacts"]
         p = bench["profile"]

@@ -92,6 +92,7 @@ def build_report(
         "bench": bench,
         "bench_stale_inputs": stale,
         "profile_verdicts": profile_verdicts(bench, profiles) if bench else [],
+        "qat_recovery": stages.get("qat_kd", {}).get("report", {}).get("recovery"),
     }
 
 
@@ -245,9 +246,21 @@ def print_bench(bench: dict, console: Console) -> None:
     )
 
 
+def recovery_line(rec: dict) -> str:
+    """qat_kd's effect on the exported Q4_K_M model, in one line."""
+    share = "n/a (no gap to recover)" if rec["recovered"] is None else f"{rec['recovered']:.1%}"
+    return (
+        f"qat_kd recovered {share} of the Q4_K_M quantization gap in kld ({rec['measured_in']}): "
+        f"gap {rec['gap_before']:.4f} before, {rec['gap_after']:.4f} after, full-precision "
+        f"student {rec['kld_full_precision']:.4f}"
+    )
+
+
 def print_summary(report: dict, console: Console, html_path: Path | None = None) -> None:
     """The end-of-build summary: verdict, bench table, other profiles, the HTML path."""
     bench = report["bench"]
+    if report.get("qat_recovery"):
+        console.print(recovery_line(report["qat_recovery"]), highlight=False)
     if bench is None:
         console.print("No bench stage in this run: no speed, memory or budget verdict.")
     else:

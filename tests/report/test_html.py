@@ -182,6 +182,31 @@ def test_stale_bench_is_flagged():
     assert "measured an earlier build of distill" in html.render(stale)
 
 
+def test_qat_recovery_is_shown_in_page_and_terminal():
+    report = _report()
+    recovery = {
+        "measured_in": "llama.cpp",
+        "kld_full_precision": 0.3,
+        "gap_before": 0.2,
+        "gap_after": 0.05,
+        "recovered": 0.75,
+    }
+    stages = {**report["stages"], "qat_kd": {"report": {"recovery": recovery}}}
+    with_qat = summary.build_report(
+        {"profile": report["profile"], "teacher": "embedded"},
+        stages,
+        report["loss_curves"],
+        {"distill": "k1", "export_gguf": "k2", "bench": "k3", "qat_kd": "k4"},
+        {},
+    )
+    assert with_qat["qat_recovery"] == recovery
+    els = _parse(html.render(with_qat))
+    assert els.ids["qat-recovery"]["tag"] == "table"
+    assert "75.0%" in " ".join(els.text)
+    assert "recovered 75.0% of the Q4_K_M quantization gap" in summary.recovery_line(recovery)
+    assert "qat-recovery" not in _parse(html.render(report)).ids
+
+
 def test_nice_ticks_cover_the_range():
     ticks = html._nice_ticks(0, 0.0073)
     assert ticks[0] == 0 and ticks[-1] >= 0.0073 and len(ticks) <= 7
