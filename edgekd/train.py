@@ -158,6 +158,14 @@ def train_kd(
                 )
                 window_loss = window_kd = window_ce = 0.0
                 window_n = 0
+                if not bar.console.is_terminal and accelerator.is_main_process:
+                    # No live bar in a log file or CI: one line per logging window instead.
+                    last = curve[-1]
+                    print(
+                        f"{name}: step {step}/{settings.max_steps} loss {last['loss']:.4f} "
+                        f"{tps:.0f} tok/s",
+                        flush=True,
+                    )
             bar.update(task, completed=step, loss=curve[-1]["loss"] if curve else 0.0, tps=tps)
             if on_step is not None:
                 on_step(step, accelerator.unwrap_model(student))
