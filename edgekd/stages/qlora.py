@@ -4,6 +4,7 @@ loss against the teacher, then merge them into the full-precision weights."""
 from __future__ import annotations
 
 import torch
+from bitsandbytes.nn import Linear4bit
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -15,7 +16,8 @@ from edgekd.pipeline import StageResult
 from edgekd.train import save_curve, train_kd
 
 
-def _load_nf4(model_dir, settings: QLoraSettings, device):
+def load_nf4(model_dir, settings: QLoraSettings, device):
+    """The model folder's weights in 4-bit NF4, ready to train adapters on."""
     # Compute in bf16 where the GPU has it; on CPU bitsandbytes computes NF4 matmuls in fp32.
     compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     config = BitsAndBytesConfig(
@@ -24,9 +26,17 @@ def _load_nf4(model_dir, settings: QLoraSettings, device):
         bnb_4bit_use_double_quant=settings.double_quant,
         bnb_4bit_compute_dtype=compute or torch.float32,
     )
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=config, device_map={"": device}, use_safetensors=True
     )
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its fast inference kernel
+    # the first time the layer runs in eval mode without grad, and keeps it repacked; that kernel
+    # has no backward, so after our "nf4" evaluation training would get no gradient through the
+    # frozen base weights (only a warning). Keep the trainable layout throughout.
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def run(ctx: Context, settings: QLoraSettings) -> StageResult:
@@ -38,7 +48,7 @@ def run(ctx: Context, settings: QLoraSettings) -> StageResult:
         before = models.load_model(source)
         quality["student before"] = evaluate_torch(before, ctx.heldout, reference).as_dict()
         del before
-    nf4 = _load_nf4(model_dir, settings, ctx.state.device)
+    nf4 = load_nf4(model_dir, settings, ctx.state.device)
     if ctx.is_main:
         quality["nf4"] = evaluate_torch(nf4, ctx.heldout, reference).as_dict()
     lora = LoraConfig(
