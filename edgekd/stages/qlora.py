@@ -18,16 +18,23 @@ from edgekd.train import save_curve, train_kd
 
 def load_nf4(model_dir, settings: QLoraSettings, device):
     """The model folder's weights in 4-bit NF4, ready to train adapters on."""
-    # Compute in bf16 where the GPU has it; on CPU bitsandbytes computes NF4 matmuls in fp32.
-    compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    # Compute in bf16 where the GPU has it, else fp32. The unquantized weights (embeddings, norms)
+    # get the same dtype: left unset, transformers loads them in fp16 for bitsandbytes, and on a
+    # CPU fp16 matmuls fall back to PyTorch's reference GEMM (one qlora step took minutes).
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    compute = torch.bfloat16 if bf16 else torch.float32
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=settings.double_quant,
-        bnb_4bit_compute_dtype=compute or torch.float32,
+        bnb_4bit_compute_dtype=compute,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=config, device_map={"": device}, use_safetensors=True
+        model_dir,
+        quantization_config=config,
+        device_map={"": device},
+        dtype=compute,
+        use_safetensors=True,
     )
     # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its fast inference kernel
     # the first time the layer runs in eval mode without grad, and keeps it repacked; that kernel

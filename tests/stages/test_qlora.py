@@ -47,6 +47,8 @@ def test_nf4_trains_the_same_after_an_evaluation(tiny_teacher_dir):
     settings = QLoraSettings()
     fresh = load_nf4(tiny_teacher_dir, settings, torch.device("cpu"))
     evaluated = load_nf4(tiny_teacher_dir, settings, torch.device("cpu"))
+    # fp16 leftovers would send CPU matmuls to PyTorch's slow reference GEMM.
+    assert {p.dtype for p in fresh.parameters() if p.is_floating_point()} == {torch.float32}
     evaluated.eval()
     with torch.no_grad():
         evaluated(input_ids=torch.arange(3, 11)[None])
