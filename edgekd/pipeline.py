@@ -17,10 +17,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edgekd import atomic
+from edgekd import atomic, models
 from edgekd.config import Profile, Recipe, settings_hash
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
+from edgekd.train import CHECKPOINT
 
 STAGES = ("distill", "qlora", "qat_kd", "export_gguf", "export_onnx", "bench")
 IMPLEMENTED = ("distill", "qlora", "qat_kd", "export_gguf", "export_onnx", "bench")
@@ -179,15 +180,49 @@ def quality_table(title: str, quality: dict[str, dict]) -> Table:
     return table
 
 
+def build_identity(profile: Profile, recipe: Recipe) -> dict:
+    """What build.json holds: a run folder serves one profile and teacher."""
+    return {"profile": profile.model_dump(mode="json"), "teacher": recipe.teacher.source}
+
+
+def stage_keys(
+    profile: Profile, recipe: Recipe, chain: list[str], teacher: models.ModelSource
+) -> dict[str, str]:
+    """Each stage's key: a hash of its settings, the build, the data and its inputs' keys."""
+    base = settings_hash(build_identity(profile, recipe), recipe.data, teacher.describe())
+    keys: dict[str, str] = {}
+    for stage in chain:
+        upstream = [keys[s] for s in inputs_of(stage, chain)]
+        keys[stage] = settings_hash(stage, stage_settings(recipe, stage), base, *upstream)
+    return keys
+
+
+def pending_stages(
+    profile: Profile, recipe: Recipe, run_dir: Path, stages: list[str], teacher
+) -> list[str]:
+    """The stages of `stages` a build would run now: those with no finished folder of their key."""
+    keys = stage_keys(profile, recipe, build_chain(profile, recipe, stages), teacher)
+    return [
+        s
+        for s in stages
+        if (done := read_done(run_dir / stage_dirname(s))) is None or done["key"] != keys[s]
+    ]
+
+
 def _prepare_work_dir(ctx: Context, stage: str, key: str) -> None:
-    """Reuse a partial folder left by a killed run of the same stage and key; else start clean."""
+    """Reuse the training checkpoint a killed run of the same stage and key left; start clean
+    otherwise. Anything else in a partial folder may have been cut short, so it goes."""
     ctx.work_dir = ctx.run_dir / f".{stage_dirname(stage)}.partial"
     if ctx.is_main:
         held_key = ctx.work_dir / ".key"
         if ctx.work_dir.exists() and (not held_key.exists() or held_key.read_text() != key):
             atomic.remove(ctx.work_dir)
+        elif ctx.work_dir.exists():
+            for child in ctx.work_dir.iterdir():
+                if child.name not in (".key", CHECKPOINT):
+                    atomic.remove(child)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        held_key.write_text(key)
+        atomic.write_text(held_key, key)
     ctx.barrier()
 
 
@@ -202,17 +237,17 @@ def build(
     """Run `stages` in order, after checking that the stages they read from are built;
     returns each stage's outcome ('ran' or 'up to date')."""
     ctx = Context(run_dir=run_dir, profile=profile, recipe=recipe)
-    identity = {"profile": profile.model_dump(mode="json"), "teacher": recipe.teacher.source}
-    check_run_dir(run_dir, identity, force, ctx.is_main)
+    check_run_dir(run_dir, build_identity(profile, recipe), force, ctx.is_main)
+    if ctx.is_main:
+        for folder in (run_dir, run_dir / "cache"):
+            atomic.remove_temporaries(folder)
     ctx.barrier()
-    base = settings_hash(identity, recipe.data, ctx.teacher_source.describe())
     chain = build_chain(profile, recipe, stages)
     needed = {dep for s in stages for dep in inputs_of(s, chain)}
-    keys: dict[str, str] = {}
+    keys = stage_keys(profile, recipe, chain, ctx.teacher_source)
     outcome: dict[str, str] = {}
     for stage in chain:
-        upstream = [keys[s] for s in inputs_of(stage, chain)]
-        keys[stage] = key = settings_hash(stage, stage_settings(recipe, stage), base, *upstream)
+        key = keys[stage]
         final = run_dir / stage_dirname(stage)
         done = read_done(final)
         if stage not in stages:
