@@ -216,8 +216,8 @@ def check_weights(src: ModelSource, *, allow_pickle: bool, role: str) -> bool:
     if not has_safetensors and not allow_pickle:
         raise EdgekdError(
             f"{role} folder {src.path} holds only pickle weights ({pickles[0]}), which can "
-            "run code when loaded: convert them to safetensors, or pass --allow-pickle if you "
-            "trust them"
+            f"run code when loaded: convert them to safetensors, or pass --allow-pickle "
+            f"({role}.allow_pickle) if you trust them"
         )
     for name in sorted(n for n in names if n.endswith(".safetensors")):
         _check_safetensors(src.path / name, role)

@@ -245,18 +245,20 @@ def build(
     chain = build_chain(profile, recipe, stages)
     needed = {dep for s in stages for dep in inputs_of(s, chain)}
     keys = stage_keys(profile, recipe, chain, ctx.teacher_source)
+    for stage in chain:  # before any stage runs: a missing input must not cost a stage's work
+        done = read_done(run_dir / stage_dirname(stage))
+        if stage in needed and stage not in stages and (done is None or done["key"] != keys[stage]):
+            raise EdgekdError(
+                f"stage '{stage}' must be built first with these settings, before "
+                f"{', '.join(s for s in stages if stage in inputs_of(s, chain))}; "
+                f"add it to --stages"
+            )
     outcome: dict[str, str] = {}
     for stage in chain:
         key = keys[stage]
         final = run_dir / stage_dirname(stage)
         done = read_done(final)
         if stage not in stages:
-            if stage in needed and (done is None or done["key"] != key):
-                raise EdgekdError(
-                    f"stage '{stage}' must be built first with these settings, before "
-                    f"{', '.join(s for s in stages if stage in inputs_of(s, chain))}; "
-                    f"add it to --stages"
-                )
             if done is not None:
                 ctx.stage_dirs[stage] = final
             continue
