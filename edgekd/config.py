@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edgekd.errors import EdgekdError
 
@@ -31,8 +38,7 @@ class Strict(BaseModel):
 class Profile(Strict):
     """Where the model must run: the device, never how to compress for it."""
 
-    # The name becomes the default run folder export/<name>: it must stay a plain folder name.
-    name: str = Field("", pattern=r"^([^/\\.][^/\\]*)?$", description="no slashes, no leading dot")
+    name: str = Field("", description="names the default run folder export/<name>")
     description: str
     ram_mb: int = Field(gt=0)
     memory_budget_mb: int = Field(gt=0, description="weights + KV cache at context_length")
@@ -42,6 +48,14 @@ class Profile(Strict):
     formats: list[Literal["gguf", "onnx"]]
     gguf_quant: GgufQuant = "Q4_K_M"
     onnx_quant: list[OnnxQuant] = ["int4"]
+
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, name: str) -> str:
+        # export/<name> must stay inside export/: no separators, no '..', no hidden names.
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', '\\' or leading '.')")
+        return name
 
     @model_validator(mode="after")
     def _budget_within_ram(self) -> Profile:

@@ -282,6 +282,7 @@ def build(
     if all(v == "up to date" for v in outcome.values()):
         console.print("Nothing to do: every requested stage is up to date.")
     if ctx.is_main:
+        write_manifest(run_dir)  # a kill between a .done and the manifest left it behind
         from edgekd.report import summary  # imports this module
 
         report, html_path = summary.write(run_dir)

@@ -195,3 +195,54 @@ def test_kill_during_each_export_then_resume(distilled, tiny_teacher_dir, tmp_pa
     _no_leftovers(run)
     checked, findings = verify(run)
     assert checked > 10 and findings == []
+
+
+@pytest.mark.slow
+def test_same_inputs_and_seed_give_the_same_student_and_numbers(tiny_teacher_dir, tmp_path):
+    from tests.conftest import write_chat_jsonl
+
+    data = write_chat_jsonl(tmp_path / "chat.jsonl")
+    recipe = load_recipe(None, [*FAST, "distill.max_steps=3"], str(tiny_teacher_dir), str(data))
+    reports = []
+    for name in ("a", "b"):
+        pipeline.build(load_profile("phone-1gb"), recipe, tmp_path / name, ["distill"])
+        reports.append(json.loads((tmp_path / name / "01-distill" / "report.json").read_text()))
+    weights = [(tmp_path / n / "01-distill/model/model.safetensors").read_bytes() for n in "ab"]
+    assert weights[0] == weights[1]
+    assert reports[0]["quality"] == reports[1]["quality"]
+    assert reports[0]["student"] == reports[1]["student"]
+    curves = [(tmp_path / n / "01-distill/loss_curve.jsonl").read_text() for n in "ab"]
+    losses = [[json.loads(line)["loss"] for line in c.splitlines()] for c in curves]
+    assert losses[0] == losses[1]
+    assert reports[0]["quality"]["student after"] != reports[0]["quality"]["student before"]
+
+
+def test_disk_check_says_what_is_needed_free_and_where(tmp_path):
+    import shutil as sh
+
+    from edgekd.errors import EdgekdError
+    from edgekd.preflight import check_disk
+
+    run = tmp_path / "not" / "yet" / "run"
+    check_disk(run, 1 << 20, ["distill"])
+    free = sh.disk_usage(tmp_path).free
+    with pytest.raises(EdgekdError) as err:
+        check_disk(run, free + (1 << 40), ["distill", "export_gguf"])
+    line = str(err.value)
+    assert f"need about {(free + (1 << 40)) / 2**30:.1f} GB (estimate) in {run}" in line
+    assert f"only {free / 2**30:.1f} GB is free on the file system of {tmp_path}" in line
+    assert "\n" not in line and "stages distill, export_gguf" in line
+
+
+def test_disk_estimate_covers_each_stage_and_skips_finished_ones(tiny_teacher_dir, tmp_path):
+    from edgekd.plan import make_plan
+
+    profile = load_profile("phone-1gb")
+    recipe = load_recipe(None, FAST, str(tiny_teacher_dir))
+    stages = ["distill", "export_gguf", "export_onnx"]
+    plan = make_plan(profile, recipe, stages, timing=False)
+    assert list(plan.disk_bytes) == stages and all(b > 0 for b in plan.disk_bytes.values())
+    # Two copies of fp32 weights at least: the student and its checkpoint.
+    assert plan.disk_bytes["distill"] > 8 * 4 * 10**6
+    assert any(line.startswith("disk") and "GB" in line for line in plan.lines(profile))
+    assert pipeline.pending_stages(profile, recipe, tmp_path, stages, plan.teacher) == stages
