@@ -1,7 +1,9 @@
 """Checks that run before any expensive work, each failing with one clear line.
 
 `make_plan` has already resolved the teacher and checked that the student fits the profile; this
-adds what needs more than a config: weights present, usable data, a shared tokenizer.
+adds what needs more than a config: weights present and whole, room on disk for the stages still
+to run, exportable architecture and tokenizer, usable data, a shared tokenizer, a chat template that
+renders.
 """
 
 from __future__ import annotations

@@ -552,7 +552,7 @@ def _resumed(fault: str, run: Path, out: str, expect: str, kept: str) -> Row:
     checked, findings = verify(run)
     assert not findings, findings
     intact = f"{kept}; rerun exit 0, `edgekd verify`: all {checked} artifacts match"
-    line = said(out, expect).replace(str(run.parent), "<tmp>")
+    line = " ".join(said(out, expect).replace("━", " ").split()).replace(str(run.parent), "<tmp>")
     return Row(fault, f"(rerun) {line}", 0, intact)
 
 

@@ -39,7 +39,7 @@ class Build:
     """`edgekd build` in a child process, its output collected by a thread as it comes."""
 
     def __init__(self, run: Path, args: list[str], live: bool = False):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}  # no wrapped lines
         if live:  # rich then draws progress bars as they move, not once at the end
             env.update(TTY_INTERACTIVE="1", TTY_COMPATIBLE="1")
         cmd = [sys.executable, "-m", "edgekd.cli", "build", "--profile", "phone-1gb"]
