@@ -2,6 +2,7 @@
 leave the finished run as it was, and the table must hold every case."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ def _script():
         "reliability_table", ROOT / "scripts" / "reliability_table.py"
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -33,8 +35,9 @@ def _cli(args: list[str]) -> tuple[int, str]:
 def test_table_lists_every_case():
     doc = (ROOT / "docs" / "reliability.md").read_text()
     rows = [line for line in doc.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(rows) == len(table.CASES) >= 20
-    for row, case in zip(rows, table.CASES, strict=True):
+    assert len(rows) == len(table.CASES) + len(table.KILLS) >= 20
+    assert f"{len(rows)} cases." in doc
+    for row, case in zip(rows, table.CASES, strict=False):
         assert f"| {case.fault} |" in row and case.expect in row
 
 
