@@ -24,6 +24,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+TMP_MARK = ".tmp-"
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Remove what killed writers left in `folder`: temporaries that were never renamed."""
+    for child in Path(folder).glob(f".*{TMP_MARK}*"):
+        remove(child)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling name; on success fsync it and rename it onto `path`.
@@ -33,7 +42,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     remove(tmp)
     try:
         yield tmp

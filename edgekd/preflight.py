@@ -1,16 +1,21 @@
 """Checks that run before any expensive work, each failing with one clear line.
 
 `make_plan` has already resolved the teacher and checked that the student fits the profile; this
-adds what needs more than a config: weights present, usable data, a shared tokenizer.
+adds what needs more than a config: weights present and whole, room on disk for the stages still
+to run, exportable architecture and tokenizer, usable data, a shared tokenizer, a chat template that
+renders.
 """
 
 from __future__ import annotations
 
-from edgekd import data, models
+import shutil
+from pathlib import Path
+
+from edgekd import data, models, pipeline
 from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError
 from edgekd.formats import gguf, onnx
-from edgekd.plan import Plan
+from edgekd.plan import GB, Plan
 from edgekd.quant.gguf_k import q4_k_m_types
 
 
@@ -32,11 +37,40 @@ def check_data(recipe: Recipe) -> None:
         )
 
 
-def preflight(profile: Profile, recipe: Recipe, plan: Plan) -> None:
+def check_disk(run_dir: Path, need_bytes: int, stages: list[str]) -> None:
+    """The file system that will hold `run_dir` has room for the estimated size of the run."""
+    where = Path(run_dir).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need_bytes > free:
+        raise EdgekdError(
+            f"disk: stages {', '.join(stages)} need about {need_bytes / GB:.1f} GB (estimate) in "
+            f"{run_dir} but only {free / GB:.1f} GB is free on the file system of {where}; "
+            "free some space or pass --out on a larger disk"
+        )
+
+
+def check_chat_template(tokenizer, recipe: Recipe) -> None:
+    """A chat corpus (the shipped prompts, or the user's chat rows) renders in the template."""
+    if recipe.data.source is not None and not any(
+        "messages" in row for row in data.load_corpus(recipe.data.source)
+    ):
+        return
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    data.render_chat(tokenizer, probe, add_generation_prompt=False)
+
+
+def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> None:
+    """Every check that can fail before the build starts, in the order they cost."""
     models.check_weights(plan.teacher, allow_pickle=recipe.teacher.allow_pickle, role="teacher")
+    pending = pipeline.pending_stages(profile, recipe, run_dir, plan.stages, plan.teacher)
+    check_disk(run_dir, sum(plan.disk_bytes.get(s, 0) for s in pending), pending)
     tokenizer = models.load_tokenizer(plan.teacher)
     if plan.student_source is not None:
-        models.check_weights(plan.student_source, allow_pickle=False, role="student")
+        models.check_weights(
+            plan.student_source, allow_pickle=recipe.student.allow_pickle, role="student"
+        )
         models.check_same_tokenizer(
             tokenizer,
             models.load_tokenizer(plan.student_source),
@@ -56,3 +90,4 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan) -> None:
     if "export_onnx" in plan.stages:
         onnx.check_exportable(plan.student_config)
     check_data(recipe)
+    check_chat_template(tokenizer, recipe)

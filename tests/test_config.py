@@ -75,3 +75,20 @@ def test_settings_hash_changes_with_settings():
     a = settings_hash(Recipe().distill)
     assert a == settings_hash(Recipe().distill)
     assert a != settings_hash(load_recipe(None, ["distill.lr=0.1"]).distill)
+
+
+@pytest.mark.parametrize("name", ["../../outside", "/tmp/x", "a/b", "..", ".hidden", "a\\b"])
+def test_profile_name_cannot_lead_the_run_folder_out_of_export(tmp_path, name):
+    base = (known_profiles()["phone-1gb"]).read_text()
+    path = tmp_path / "p.yaml"
+    path.write_text(base + f"name: {name!r}\n")
+    with pytest.raises(EdgekdError, match=r"'name'.*plain folder name"):
+        load_profile(str(path))
+
+
+def test_no_recipe_setting_names_an_output_path():
+    """Output names a recipe can reach are closed sets (quant types), so none can leave the run
+    folder; the run folder itself comes only from --out or the checked profile name."""
+    for item in ("export_gguf.quant=../../x", "export_onnx.quant=[../x]"):
+        with pytest.raises(EdgekdError, match="--set: 'export_"):
+            load_recipe(None, [item])

@@ -378,3 +378,32 @@ def test_generate_with_llama_cpp_real_teacher():
         embedded_teacher_gguf(), prompts, temperature=1.0, **kw
     )
     assert sampled != first
+
+
+UNSAFE_TEMPLATES = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ messages.__class__.__init__.__globals__['os'].system('touch pwned') }}",
+    "{% for m in messages %}{{ m.update({'content': 'x'}) }}{% endfor %}",  # mutating the input
+]
+
+
+@pytest.mark.parametrize("template", UNSAFE_TEMPLATES)
+def test_chat_template_runs_in_transformers_sandbox(tokenizer, template, tmp_path, monkeypatch):
+    from copy import deepcopy
+
+    from jinja2.exceptions import SecurityError, UndefinedError
+
+    from edgekd.data import render_chat
+
+    monkeypatch.chdir(tmp_path)
+    tok = deepcopy(tokenizer)
+    tok.chat_template = template
+    messages = [{"role": "user", "content": "hi"}]
+    # transformers 4.57 itself stops the template (ImmutableSandboxedEnvironment) ...
+    with pytest.raises((SecurityError, UndefinedError)):
+        tok.apply_chat_template(messages, tokenize=False)
+    # ... and edgekd says so in one line that names the tokenizer.
+    with pytest.raises(EdgekdError, match="chat template of tokenizer"):
+        render_chat(tok, messages, add_generation_prompt=False)
+    assert not (tmp_path / "pwned").exists()
+    assert messages == [{"role": "user", "content": "hi"}]

@@ -1,6 +1,7 @@
 """Tests for edgekd.models: sources, loading, tokenizer checks, layer pruning and sizing."""
 
 import ctypes
+import json
 import re
 import shutil
 
@@ -24,6 +25,7 @@ from edgekd.models import (
     ModelSource,
     block_drop_scores,
     check_same_tokenizer,
+    check_weights,
     embedded_teacher_gguf,
     gguf_bytes_estimate,
     kept_layers_kld,
@@ -552,3 +554,75 @@ def test_gguf_estimate_matches_llama_cpp_on_smollm2(tmp_path, embedded):
     q4 = llama_quantize(tmp_path / "p-f16.gguf", tmp_path / "p-q4.gguf", "Q4_K_M")
     pruned = with_layers(config, 20)
     assert gguf_bytes_estimate(pruned, "Q4_K_M") - gguf_bytes_estimate(pruned, "F16") == q4 - f16
+
+
+def _cut(src, dst, keep: int):
+    with open(src, "rb") as f:
+        dst.write_bytes(f.read(keep))
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage header"])
+def test_broken_safetensors_is_a_clear_error(tmp_path, tiny_teacher_dir, damage):
+    folder = tmp_path / "t"
+    shutil.copytree(tiny_teacher_dir, folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncate":
+        _cut(tiny_teacher_dir / "model.safetensors", weights, weights.stat().st_size - 100)
+    else:
+        weights.write_bytes((10**9).to_bytes(8, "little") + b"{not json")
+    src = resolve_source(str(folder), role="teacher")
+    pattern = rf"teacher weights {re.escape(str(weights))} is truncated or malformed"
+    with pytest.raises(EdgekdError, match=pattern):
+        check_weights(src, allow_pickle=False, role="teacher")
+    with pytest.raises(EdgekdError, match="truncated or malformed"):
+        load_model(src)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", [3, 5000, "all but 16 bytes"])
+def test_broken_gguf_is_a_clear_error(tmp_path, keep):
+    src = embedded_teacher_gguf()
+    keep = src.stat().st_size - 16 if isinstance(keep, str) else keep
+    cut = _cut(src, tmp_path / "cut.gguf", keep)
+    source = resolve_source(str(cut), role="teacher")
+    with pytest.raises(EdgekdError, match=rf"GGUF file {re.escape(str(cut))} is truncated"):
+        load_config(source)
+
+
+def test_model_that_needs_remote_code_is_refused_and_its_code_never_runs(
+    tmp_path, tiny_teacher_dir
+):
+    folder = tmp_path / "t"
+    shutil.copytree(tiny_teacher_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil_llama", auto_map={"AutoConfig": "evil.EvilConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    src = resolve_source(str(folder), role="teacher")
+    with pytest.raises(EdgekdError, match="trust_remote_code.*never runs"):
+        load_config(src)
+    assert not marker.exists()
+
+
+def test_student_pickle_needs_allow_pickle_from_the_cli(tmp_path, tiny_teacher_dir):
+    from edgekd.config import load_recipe
+
+    assert not load_recipe(None, []).student.allow_pickle
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    folder = tmp_path / "s"
+    shutil.copytree(tiny_teacher_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    args = ["build", "--profile", "phone-1gb", "--teacher", str(tiny_teacher_dir), "--stages"]
+    args += ["distill", "--set", f"student.source={folder}", "--data", str(tmp_path / "none.jsonl")]
+    args += ["--out", str(tmp_path / "run")]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "student folder" in refused.output
+    assert "only pickle weights (pytorch_model.bin)" in refused.output
+    allowed = CliRunner().invoke(app, [*args, "--allow-pickle"])
+    # Past the weights check, preflight stops at the next problem: the missing data file.
+    assert allowed.exit_code == 2 and "none.jsonl: no such file" in allowed.output

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from edgekd.atomic import atomic_path
+from edgekd.data import render_chat
 from edgekd.errors import EdgekdError
 
 _MODEL = "model.onnx"
@@ -225,7 +226,7 @@ def onnx_generate(
 ) -> str:
     """Greedy chat completion through onnxruntime, reusing the KV cache between steps."""
     session = _Session(onnx_dir, threads)
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = render_chat(tokenizer, messages, add_generation_prompt=True, tokenize=True)
     eos = _eos_ids(onnx_dir, tokenizer)
     logits, past = session.step(prompt, session.empty_past(), 0)
     new: list[int] = []
@@ -282,7 +283,7 @@ def genai_generate(genai_dir: Path, tokenizer, messages: list[dict], *, max_toke
     import onnxruntime_genai as og
 
     model = og.Model(str(genai_dir))
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = render_chat(tokenizer, messages, add_generation_prompt=True, tokenize=True)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + max_tokens, do_sample=False)
     generator = og.Generator(model, params)

@@ -48,7 +48,8 @@ def _load_student(ctx: Context) -> tuple[torch.nn.Module, dict]:
             teacher_name=ctx.teacher_source.describe(),
             student_name=src.describe(),
         )
-        return models.load_model(src), {"source": src.describe()}
+        student = models.load_model(src, allow_pickle=spec.allow_pickle, role="student")
+        return student, {"source": src.describe()}
     keep, report = _choose_layers(ctx, ctx.teacher)
     return models.prune_layers(ctx.teacher, keep), {"source": "pruned teacher", **report}
 

@@ -1,0 +1,635 @@
+"""Feed `edgekd` bad inputs and faults for real, and write what it said to docs/reliability.md.
+
+Every case runs the real command line (`python -m edgekd.cli ...`) on tiny models in a temporary
+folder, next to a finished run whose files are hashed before and after: the table's last column
+says whether anything in it changed. Run from the repo root (a few minutes on two cores):
+
+    python scripts/reliability_table.py [--out docs/reliability.md] [--fast]
+
+tests/test_reliability_table.py runs the cases marked fast through the same code, so the table
+cannot go stale without a test failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tiny-model helpers live in tests/
+
+from tests.test_reliability import FAST as TEST_FAST  # noqa: E402  (needs ROOT on the path)
+from tests.test_reliability import (  # noqa: E402
+    Build,
+    _assert_killed_stage_not_done,
+    _marker,
+    _no_leftovers,
+    _partial_holds_file,
+)
+
+FAST = [*TEST_FAST, "distill.max_steps=2"]
+
+
+@dataclass
+class Workspace:
+    """Tiny inputs and a finished distill run that every case must leave as it was."""
+
+    root: Path
+    teacher: Path
+    data: Path
+    run: Path
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def build(self, *args: str, teacher: Path | None = None, out: Path | None = None) -> list[str]:
+        """`build` arguments for this workspace; `args` come last and may override."""
+        sets = _sets(FAST)
+        return [
+            "build", "--profile", "phone-1gb", "--teacher", str(teacher or self.teacher),
+            "--data", str(self.data), "--out", str(out or self.run), "--stages", "distill",
+            *sets, *args,
+        ]  # fmt: skip
+
+
+@dataclass
+class Case:
+    fault: str
+    args: Callable[[Workspace], list[str]]  # prepares its inputs, returns the CLI arguments
+    expect: str  # a piece of what edgekd must say
+    exit_code: int = 2
+    fast: bool = True  # in the test's subset
+    intact: Callable[[Workspace], str] | None = None  # an extra "nothing lost" check
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _teacher_copy(ws: Workspace, name: str, drop: tuple[str, ...] = ()) -> Path:
+    dst = ws.path(name)
+    shutil.copytree(ws.teacher, dst, ignore=shutil.ignore_patterns(*drop))
+    return dst
+
+
+def _truncated_safetensors(ws: Workspace) -> list[str]:
+    t = _teacher_copy(ws, "t-trunc")
+    weights = t / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    return ws.build(teacher=t)
+
+
+def _garbage_safetensors(ws: Workspace) -> list[str]:
+    t = _teacher_copy(ws, "t-garbage")
+    (t / "model.safetensors").write_bytes(b"\xff" * 8 + os.urandom(4096))
+    return ws.build(teacher=t)
+
+
+def _embedded_gguf() -> Path:
+    from edgekd.models import embedded_teacher_gguf
+
+    return embedded_teacher_gguf()
+
+
+def _truncated_gguf(ws: Workspace) -> list[str]:
+    src, dst = _embedded_gguf(), ws.path("cut.gguf")
+    with open(src, "rb") as f:
+        dst.write_bytes(f.read(src.stat().st_size // 2))
+    return ws.build(teacher=dst)
+
+
+def _not_gguf(ws: Workspace) -> list[str]:
+    dst = ws.path("random.gguf")
+    dst.write_bytes(os.urandom(65536))
+    return ws.build(teacher=dst)
+
+
+def _pickle_teacher(ws: Workspace) -> list[str]:
+    import torch
+    from safetensors.torch import load_file
+
+    t = _teacher_copy(ws, "t-pickle", drop=("*.safetensors",))
+    torch.save(load_file(ws.teacher / "model.safetensors"), t / "pytorch_model.bin")
+    return ws.build(teacher=t)
+
+
+def _remote_code_teacher(ws: Workspace) -> list[str]:
+    t = _teacher_copy(ws, "t-remote")
+    config = json.loads((t / "config.json").read_text())
+    config.update(
+        model_type="evil_llama",
+        auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+    )
+    (t / "config.json").write_text(json.dumps(config))
+    marker = ws.path("remote-code-ran")
+    _write(t / "evil.py", f"open({str(marker)!r}, 'w').write('ran')\n")
+    return ws.build(teacher=t)
+
+
+def _remote_code_not_run(ws: Workspace) -> str:
+    assert not ws.path("remote-code-ran").exists(), "the model's Python file was executed"
+    return "its evil.py never ran"
+
+
+UNSAFE_TEMPLATE = "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ messages[0]['content'] }}"
+
+
+def _unsafe_template_teacher(ws: Workspace) -> list[str]:
+    t = _teacher_copy(ws, "t-template")
+    (t / "chat_template.jinja").write_text(UNSAFE_TEMPLATE)
+    return ws.build(teacher=t)
+
+
+def _broken_config_teacher(ws: Workspace) -> list[str]:
+    t = _teacher_copy(ws, "t-config")
+    (t / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    return ws.build(teacher=t)
+
+
+def _other_tokenizer_student(ws: Workspace) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from tests.conftest import save_tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(ws.teacher)
+    tok.add_tokens(["<edgekd-extra>"])
+    student = save_tiny_llama(ws.path("s-tok"), tok, num_layers=2)
+    return ws.build("--set", f"student.source={student}")
+
+
+def _pickle_student(ws: Workspace) -> list[str]:
+    import torch
+    from safetensors.torch import load_file
+
+    s = _teacher_copy(ws, "s-pickle", drop=("*.safetensors",))
+    torch.save(load_file(ws.teacher / "model.safetensors"), s / "pytorch_model.bin")
+    return ws.build("--set", f"student.source={s}")
+
+
+def _profile(ws: Workspace, name: str, extra: str) -> Path:
+    base = (ROOT / "edgekd" / "profiles" / "phone-1gb.yaml").read_text()
+    return _write(ws.path(f"{name}.yaml"), base + extra)
+
+
+def _with(args: list[str], option: str, value: str | Path) -> list[str]:
+    """`args` with `option`'s value replaced."""
+    args[args.index(option) + 1] = str(value)
+    return args
+
+
+def _user_folder(ws: Workspace) -> list[str]:
+    folder = ws.path("my-notes")
+    _write(folder / "notes.txt", "mine")
+    return ws.build(out=folder)
+
+
+def _user_folder_kept(ws: Workspace) -> str:
+    assert (ws.path("my-notes") / "notes.txt").read_text() == "mine"
+    return "notes.txt untouched"
+
+
+def _huge_teacher(ws: Workspace) -> list[str]:
+    """A 13B-parameter teacher as a sparse file (valid header, zeros): a run that needs more disk
+    than this machine has, without using any."""
+    t = _teacher_copy(ws, "t-huge", drop=("*.safetensors", "config.json"))
+    config = json.loads((ws.teacher / "config.json").read_text())
+    config.update(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40)
+    config.update(num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False)
+    (t / "config.json").write_text(json.dumps(config))
+    n = 13_000_000_000
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [n], "data_offsets": [0, 2 * n]}})
+    header += " " * (-len(header) % 8)
+    with open(t / "model.safetensors", "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header.encode())
+        f.truncate(8 + len(header) + 2 * n)
+    args = _with(ws.build(teacher=t, out=ws.path("huge-run")), "--profile", "laptop-cpu")
+    return [*args, "--set", "student.num_layers=30"]
+
+
+def _stage_needs_input(ws: Workspace) -> list[str]:
+    return _with(ws.build(out=ws.path("fresh-run")), "--stages", "export_gguf")
+
+
+def _corrupt(ws: Workspace, how: str) -> list[str]:
+    """A copy of the finished run with one fault in it, and `edgekd verify` on it."""
+    copy = ws.path(f"run-{how}")
+    shutil.copytree(ws.run, copy)
+    weights = copy / "01-distill" / "model" / "model.safetensors"
+    if how == "flip":
+        data = bytearray(weights.read_bytes())
+        data[-100] ^= 0x01
+        weights.write_bytes(bytes(data))
+    elif how == "delete":
+        weights.unlink()
+    elif how == "manifest":
+        (copy / "manifest.json").write_text("{ not json")
+    elif how == "no-manifest":
+        (copy / "manifest.json").unlink()
+    return ["verify", str(copy)]
+
+
+def _data(ws: Workspace, name: str, text: str) -> list[str]:
+    return ws.build("--data", str(_write(ws.path(name), text)))
+
+
+def _recipe(ws: Workspace, name: str, text: str) -> list[str]:
+    return ws.build("--recipe", str(_write(ws.path(name), text)))
+
+
+PROFILE = (ROOT / "edgekd" / "profiles" / "phone-1gb.yaml").read_text()
+
+CASES = [
+    Case(
+        "profile name unknown",
+        lambda ws: _with(ws.build(), "--profile", "phone-2gb"),
+        "unknown profile 'phone-2gb'",
+    ),
+    Case(
+        "profile file with an unknown key",
+        lambda ws: _with(
+            ws.build(), "--profile", _write(ws.path("typo.yaml"), PROFILE + "ram_gb: 1\n")
+        ),
+        "unknown key 'ram_gb'",
+    ),
+    Case(
+        "profile whose name would put the run outside export/ (`name: ../../outside`)",
+        lambda ws: _with(
+            ws.build(),
+            "--profile",
+            _write(ws.path("escape.yaml"), PROFILE + "name: ../../outside\n"),
+        ),
+        "'name' = '../../outside'",
+    ),
+    Case(
+        "profile budget too small for any student (1 MB)",
+        lambda ws: _with(
+            ws.build(),
+            "--profile",
+            _write(
+                ws.path("small.yaml"),
+                PROFILE.replace("memory_budget_mb: 480", "memory_budget_mb: 1"),
+            ),
+        ),
+        "allows 1 MB",
+    ),
+    Case(
+        "recipe file missing",
+        lambda ws: ws.build("--recipe", str(ws.path("no.yaml"))),
+        "does not exist",
+    ),
+    Case(
+        "recipe with a misspelled key (`distill.temprature`)",
+        lambda ws: _recipe(ws, "typo-recipe.yaml", "distill:\n  temprature: 4\n"),
+        "unknown key 'distill.temprature'",
+    ),
+    Case(
+        "recipe that is not YAML",
+        lambda ws: _recipe(ws, "broken.yaml", "distill: [\n"),
+        "not valid YAML",
+    ),
+    Case(
+        "`--set` with a value of the wrong type (`distill.lr=fast`)",
+        lambda ws: ws.build("--set", "distill.lr=fast"),
+        "'distill.lr' = 'fast'",
+    ),
+    Case(
+        "`--set` without `=`",
+        lambda ws: ws.build("--set", "distill.lr"),
+        "expected stage.key=value",
+    ),
+    Case(
+        "`--set` aiming an export file outside the run (`export_gguf.quant=../../../tmp/x`)",
+        lambda ws: ws.build("--set", "export_gguf.quant=../../../tmp/x"),
+        "'export_gguf.quant' = '../../../tmp/x'",
+    ),
+    Case(
+        "unknown stage (`--stages distil`)",
+        lambda ws: _with(ws.build(), "--stages", "distil"),
+        "unknown stage 'distil'",
+    ),
+    Case(
+        "stage whose input was never built (`--stages export_gguf` in a new folder)",
+        _stage_needs_input,
+        "stage 'distill' must be built first",
+    ),
+    Case(
+        "teacher path that does not exist",
+        lambda ws: ws.build(teacher=ws.path("no-model")),
+        "does not exist",
+    ),
+    Case(
+        "teacher folder without config.json",
+        lambda ws: ws.build(teacher=_teacher_copy(ws, "t-noconf", drop=("config.json",))),
+        "has no config.json",
+    ),
+    Case(
+        "teacher config.json cut short (malformed JSON)",
+        _broken_config_teacher,
+        "truncated or malformed",
+    ),
+    Case(
+        "teacher with pickle weights only (pytorch_model.bin), no `--allow-pickle`",
+        _pickle_teacher,
+        "only pickle weights",
+    ),
+    Case(
+        "teacher model.safetensors truncated to half",
+        _truncated_safetensors,
+        "model.safetensors is truncated or malformed",
+    ),
+    Case(
+        "teacher model.safetensors with a garbage header",
+        _garbage_safetensors,
+        "model.safetensors is truncated or malformed",
+    ),
+    Case("teacher GGUF truncated to half", _truncated_gguf, "cut.gguf is truncated or malformed"),
+    Case("teacher .gguf file of random bytes", _not_gguf, "random.gguf is truncated or malformed"),
+    Case(
+        "teacher that needs its own Python code (auto_map, custom model_type, evil.py)",
+        _remote_code_teacher,
+        "trust_remote_code",
+        intact=_remote_code_not_run,
+    ),
+    Case(
+        "teacher chat template that reaches for Python internals (`__subclasses__`)",
+        _unsafe_template_teacher,
+        "stopped by the sandbox",
+    ),
+    Case("student.source with pickle weights only", _pickle_student, "only pickle weights"),
+    Case(
+        "student.source with a different tokenizer", _other_tokenizer_student, "differ in 1 tokens"
+    ),
+    Case(
+        "student.num_layers larger than the teacher's",
+        lambda ws: ws.build("--set", "student.num_layers=9"),
+        "exceeds the teacher's 4 layers",
+    ),
+    Case(
+        "qat_kd asked for with a Q8_0 export",
+        lambda ws: _with(ws.build("--set", "export_gguf.quant=Q8_0"), "--stages", "distill,qat_kd"),
+        "qat_kd imitates llama.cpp's Q4_K_M",
+    ),
+    Case(
+        "data file that does not exist",
+        lambda ws: ws.build("--data", str(ws.path("no.jsonl"))),
+        "no such file",
+    ),
+    Case("data file that is empty", lambda ws: _data(ws, "empty.jsonl", ""), "holds no examples"),
+    Case(
+        "data with a malformed JSON line",
+        lambda ws: _data(ws, "bad.jsonl", '{"text": "ok"}\n{"text": \n'),
+        "bad.jsonl:2: malformed JSON",
+    ),
+    Case(
+        "data rows with neither text nor messages",
+        lambda ws: _data(ws, "shape.jsonl", '{"prompt": "hi"}\n'),
+        "missing both 'text' and 'messages'",
+    ),
+    Case(
+        "data too small for a held-out slice and one batch",
+        lambda ws: _data(ws, "two.jsonl", '{"text": "a"}\n{"text": "b"}\n'),
+        "cannot fill one batch",
+    ),
+    Case(
+        "run folder holding a different build (another teacher)",
+        lambda ws: ws.build(teacher=_teacher_copy(ws, "t-other")),
+        "holds a different build",
+    ),
+    Case(
+        "run folder with the user's own files in it",
+        _user_folder,
+        "is not empty and holds no edgekd build",
+        intact=_user_folder_kept,
+    ),
+    Case(
+        "run that needs more disk than is free (13B teacher as a sparse file)",
+        _huge_teacher,
+        "GB is free",
+        fast=False,
+    ),
+    Case(
+        "artifact with one bit flipped, then `edgekd verify`",
+        lambda ws: _corrupt(ws, "flip"),
+        "differs: 01-distill/model/model.safetensors",
+        exit_code=1,
+    ),
+    Case(
+        "artifact deleted, then `edgekd verify`",
+        lambda ws: _corrupt(ws, "delete"),
+        "missing: 01-distill/model/model.safetensors",
+        exit_code=1,
+    ),
+    Case(
+        "manifest.json overwritten with garbage, then `edgekd verify`",
+        lambda ws: _corrupt(ws, "manifest"),
+        "is not an edgekd manifest",
+    ),
+    Case(
+        "manifest.json deleted, then `edgekd verify`",
+        lambda ws: _corrupt(ws, "no-manifest"),
+        "manifest.json does not exist",
+    ),
+]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def make_workspace(root: Path, cli=None, teacher: Path | None = None) -> Workspace:
+    """The tiny teacher (real SmolLM2 tokenizer, random 4-layer Llama) unless given, a chat corpus
+    and a finished distill run built through the command line."""
+    from tests.conftest import write_chat_jsonl
+
+    if teacher is None:
+        from transformers import AutoTokenizer
+
+        from edgekd.models import load_tokenizer, resolve_source
+        from tests.conftest import save_tiny_llama
+
+        tok_dir = root / "tokenizer"
+        load_tokenizer(resolve_source("embedded", role="teacher")).save_pretrained(tok_dir)
+        (tok_dir / "tokenizer.model").unlink(missing_ok=True)
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        teacher = save_tiny_llama(root / "teacher", tok, num_layers=4)
+    ws = Workspace(root, teacher, write_chat_jsonl(root / "chat.jsonl"), root / "run")
+    rc, out = (cli or run_cli)(ws.build())
+    if rc != 0:
+        raise RuntimeError(f"the base run failed:\n{out}")
+    return ws
+
+
+def run_cli(args: list[str]) -> tuple[int, str]:
+    """The real command line in a child process: exit code and output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgekd.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@dataclass
+class Row:
+    fault: str
+    said: str
+    exit_code: int
+    intact: str
+
+
+def said(output: str, expect: str) -> str:
+    """The line of the output that holds `expect` (the whole output if none does)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return next((line for line in lines if expect in line), " / ".join(lines[-3:]))
+
+
+def run_case(case: Case, ws: Workspace, cli=run_cli) -> Row:
+    """Run one case; raise AssertionError if edgekd said the wrong thing or lost anything."""
+    before = snapshot(ws.run)
+    rc, output = cli(case.args(ws))
+    line = said(output, case.expect)
+    assert rc == case.exit_code, f"{case.fault}: exit {rc}, expected {case.exit_code}:\n{output}"
+    assert case.expect in line, f"{case.fault}: expected {case.expect!r} in:\n{output}"
+    assert "Traceback" not in output, f"{case.fault}: a traceback reached the user:\n{output}"
+    assert snapshot(ws.run) == before, f"{case.fault}: the finished run changed"
+    intact = f"finished run unchanged ({len(before)} files, same sha256)"
+    if case.intact is not None:
+        intact += f"; {case.intact(ws)}"
+    return Row(case.fault, line.replace(str(ws.root), "<tmp>"), rc, intact)
+
+
+def markdown(rows: list[Row]) -> str:
+    head = [
+        "# Reliability: bad inputs and faults",
+        "",
+        "Generated by `python scripts/reliability_table.py` (do not edit by hand): each row ran",
+        "the real `edgekd` command line on tiny models in a temporary folder, beside a finished",
+        "distill run whose files were hashed before and after the case. The SIGKILL rows kill",
+        "`edgekd build` when the run folder (or the live progress) shows it at that point, then",
+        "run it again; tests/test_reliability.py asserts the same.",
+        "",
+        f"{len(rows)} cases.",
+        "",
+        "| # | bad input or fault | what edgekd said | exit | nothing lost |",
+        "|---|---|---|---|---|",
+    ]
+    body = [
+        f"| {i} | {r.fault} | `{r.said.replace('|', '/')}` | {r.exit_code} | {r.intact} |"
+        for i, r in enumerate(rows, 1)
+    ]
+    return "\n".join(head + body) + "\n"
+
+
+def _resumed(fault: str, run: Path, out: str, expect: str, kept: str) -> Row:
+    """The row of a kill case, after its rerun finished: nothing cut short survived."""
+    from edgekd.verify import verify
+
+    _no_leftovers(run)
+    checked, findings = verify(run)
+    assert not findings, findings
+    intact = f"{kept}; rerun exit 0, `edgekd verify`: all {checked} artifacts match"
+    line = " ".join(said(out, expect).replace("━", " ").split()).replace(str(run.parent), "<tmp>")
+    return Row(fault, f"(rerun) {line}", 0, intact)
+
+
+def _kill_args(ws: Workspace, stages: str, extra: list[str], data: bool = True) -> list[str]:
+    args = ["--teacher", str(ws.teacher), "--stages", stages, *_sets([*FAST, *extra])]
+    return [*args, "--data", str(ws.data)] if data else args
+
+
+def kill_generation(ws: Workspace) -> Row:
+    run = ws.path("kill-generation")
+    args = _kill_args(ws, "distill", ["data.num_prompts=32", "data.gen_max_tokens=32"], data=False)
+    build = Build(run, args, live=True)
+    build.kill_when(
+        lambda: (run / ".01-distill.partial").is_dir() and "Teacher answers" in build.output
+    )
+    assert not list((run / "cache").glob("corpus-*")), "a cut-short corpus looks complete"
+    _assert_killed_stage_not_done(run, "distill")
+    out = Build(run, args).finish()
+    kept = "no corpus file and no distill marker after the kill; the rerun answered every prompt"
+    return _resumed("SIGKILL during teacher generation", run, out, "Teacher answers", kept)
+
+
+def kill_training(ws: Workspace) -> Row:
+    run = ws.path("kill-training")
+    args = _kill_args(ws, "distill", ["distill.max_steps=30", "distill.checkpoint_every=3"])
+    build = Build(run, args)
+    build.kill_when((run / ".01-distill.partial" / "checkpoint" / "progress.json").exists)
+    _assert_killed_stage_not_done(run, "distill")
+    out = Build(run, args).finish()
+    kept = "distill not marked done after the kill; the rerun resumed from its last checkpoint"
+    return _resumed(
+        "SIGKILL mid-training (distill)", run, out, "resuming from the checkpoint", kept
+    )
+
+
+def kill_export(ws: Workspace, stage: str, seen: str, expect: str) -> Row:
+    run = ws.path(f"kill-{stage}")
+    shutil.copytree(ws.run, run)
+    args = _kill_args(ws, "export_gguf,export_onnx", [])
+    distill = _marker(run, "distill")
+    build = Build(run, args)
+    build.kill_when(_partial_holds_file(run, stage, seen))
+    _assert_killed_stage_not_done(run, stage)
+    out = Build(run, args).finish()
+    assert _marker(run, "distill") == distill
+    kept = f"{stage} neither marked done nor in manifest.json after the kill; distill reused"
+    return _resumed(f"SIGKILL during {stage} (`{seen}` being written)", run, out, expect, kept)
+
+
+KILLS = [
+    kill_generation,
+    kill_training,
+    lambda ws: kill_export(ws, "export_gguf", ".gguf", "export_gguf: running"),
+    lambda ws: kill_export(ws, "export_onnx", "fp32", "export_gguf: up to date"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "reliability.md")
+    ap.add_argument("--fast", action="store_true", help="only the cases the test runs")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="edgekd-reliability-") as tmp:
+        ws = make_workspace(Path(tmp))
+        rows = []
+        for case in CASES:
+            if args.fast and not case.fast:
+                continue
+            rows.append(run_case(case, ws))
+            print(f"{len(rows):2d}. {case.fault}: {rows[-1].said}", flush=True)
+        for kill in [] if args.fast else KILLS:
+            rows.append(kill(ws))
+            print(f"{len(rows):2d}. {rows[-1].fault}: {rows[-1].said}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(rows))
+    print(f"{len(rows)} cases written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
