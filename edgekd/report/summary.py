@@ -92,7 +92,7 @@ def build_report(
         "bench": bench,
         "bench_stale_inputs": stale,
         "profile_verdicts": profile_verdicts(bench, profiles) if bench else [],
-        "qat_recovery": stages.get("qat_kd", {}).get("report", {}).get("recovery"),
+        "qat_recovery": stages.get("qat_kd", {}).get("recovery"),
     }
 
 

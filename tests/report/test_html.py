@@ -191,7 +191,7 @@ def test_qat_recovery_is_shown_in_page_and_terminal():
         "gap_after": 0.05,
         "recovered": 0.75,
     }
-    stages = {**report["stages"], "qat_kd": {"report": {"recovery": recovery}}}
+    stages = {**report["stages"], "qat_kd": {"stage": "qat_kd", "recovery": recovery}}
     with_qat = summary.build_report(
         {"profile": report["profile"], "teacher": "embedded"},
         stages,
