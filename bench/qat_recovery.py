@@ -36,6 +36,8 @@ def main() -> None:
     print(f"gap before (no qat_kd)   {rec['gap_before']:.4f}")
     print(f"gap after  (qat_kd)      {rec['gap_after']:.4f}")
     print(f"recovered                {rec['recovered']:.1%}")
+    print(f"gap after, own weights   {rec['gap_after_own_weights']:.4f}  (qat_kd also trains on)")
+    print(f"recovered, own weights   {rec['recovered_own_weights']:.1%}")
 
 
 if __name__ == "__main__":

@@ -573,6 +573,11 @@ def _recovery(rec: dict) -> str:
         ("Q4_K_M gap after qat_kd", f"{rec['gap_after']:.4f}"),
         ("recovered = 1 - after / before", share),
     ]
+    if rec.get("recovered_own_weights") is not None:
+        rows += [
+            ("gap after, to qat_kd's own float weights", f"{rec['gap_after_own_weights']:.4f}"),
+            ("recovered, own weights", f"{100 * rec['recovered_own_weights']:.1f}%"),
+        ]
     body = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
     return (
         '<h2>Quantization-aware recovery</h2><table id="qat-recovery">'

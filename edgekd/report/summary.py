@@ -249,11 +249,17 @@ def print_bench(bench: dict, console: Console) -> None:
 def recovery_line(rec: dict) -> str:
     """qat_kd's effect on the exported Q4_K_M model, in one line."""
     share = "n/a (no gap to recover)" if rec["recovered"] is None else f"{rec['recovered']:.1%}"
-    return (
+    line = (
         f"qat_kd recovered {share} of the Q4_K_M quantization gap in kld ({rec['measured_in']}): "
         f"gap {rec['gap_before']:.4f} before, {rec['gap_after']:.4f} after, full-precision "
         f"student {rec['kld_full_precision']:.4f}"
     )
+    if rec.get("recovered_own_weights") is not None:
+        line += (
+            f"; against its own float weights the gap is {rec['gap_after_own_weights']:.4f} "
+            f"({rec['recovered_own_weights']:.1%} recovered)"
+        )
+    return line
 
 
 def print_summary(report: dict, console: Console, html_path: Path | None = None) -> None:

@@ -190,6 +190,8 @@ def test_qat_recovery_is_shown_in_page_and_terminal():
         "gap_before": 0.2,
         "gap_after": 0.05,
         "recovered": 0.75,
+        "gap_after_own_weights": 0.1,
+        "recovered_own_weights": 0.5,
     }
     stages = {**report["stages"], "qat_kd": {"stage": "qat_kd", "recovery": recovery}}
     with_qat = summary.build_report(
@@ -202,8 +204,10 @@ def test_qat_recovery_is_shown_in_page_and_terminal():
     assert with_qat["qat_recovery"] == recovery
     els = _parse(html.render(with_qat))
     assert els.ids["qat-recovery"]["tag"] == "table"
-    assert "75.0%" in " ".join(els.text)
-    assert "recovered 75.0% of the Q4_K_M quantization gap" in summary.recovery_line(recovery)
+    assert "75.0%" in " ".join(els.text) and "50.0%" in " ".join(els.text)
+    line = summary.recovery_line(recovery)
+    assert "recovered 75.0% of the Q4_K_M quantization gap" in line
+    assert "own float weights the gap is 0.1000 (50.0% recovered)" in line
     assert "qat-recovery" not in _parse(html.render(report)).ids
 
 

@@ -43,5 +43,8 @@ def test_qat_kd_measures_recovery_in_llama_cpp(run_copy, tiny_teacher_dir):
     rec = report["recovery"]
     assert rec["gap_before"] > 0  # 4-bit export of a random model does lose something
     assert rec["recovered"] == pytest.approx(1 - rec["gap_after"] / rec["gap_before"])
+    assert rec["gap_after"] == pytest.approx(rec["kld_q4_k_m_after"] - rec["kld_full_precision"])
+    own = rec["kld_q4_k_m_after"] - report["quality"]["student after"]["kld"]
+    assert rec["gap_after_own_weights"] == pytest.approx(own)
     assert report["types"]["Q5_0"] > 0  # hidden 64: rows fall back from Q4_K to Q5_0
     assert 0 <= report["best_step"] <= 4
