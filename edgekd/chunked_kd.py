@@ -23,8 +23,21 @@ from edgekd.losses import IGNORE_INDEX, KDLossOutput, _check_args, token_diverge
 TeacherLogits = Callable[[int, int], Tensor]
 
 
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on `t` in (t's own dtype outside autocast)."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # Cast once per loss, not once per chunk: autocast re-casts non-leaf weights at every use.
+    return None if t is None else t.detach().to(dtype)
+
+
 def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> TeacherLogits:
     """Teacher logits computed on demand from its kept hidden states (N, d) and its LM head."""
+    dtype = _compute_dtype(weight)
+    hidden, weight, bias = _cast(hidden, dtype), _cast(weight, dtype), _cast(bias, dtype)
 
     def rows(start: int, stop: int) -> Tensor:
         with torch.no_grad():
@@ -46,7 +59,8 @@ class _ChunkedKD(torch.autograd.Function):
             torch.zeros_like(t) if need else None
             for t, need in zip((hidden, weight, bias), needs, strict=True)
         )
-        h_all, w, b = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
+        dtype = _compute_dtype(weight)
+        h_all, w, b = _cast(hidden, dtype), _cast(weight, dtype), _cast(bias, dtype)
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         kd_sum = hidden.new_zeros((), dtype=torch.float32)
         scale = alpha * kd_args["temperature"] ** 2
@@ -65,9 +79,9 @@ class _ChunkedKD(torch.autograd.Function):
             kd_sum += kd.detach()
             if want_grad and chunk_loss.requires_grad:
                 (d_logits,) = torch.autograd.grad(chunk_loss, logits)
-                d_logits = d_logits.to(h.dtype)
+                d_logits = d_logits.to(dtype)
                 if grad_h is not None:
-                    grad_h[start:stop] = d_logits @ w.to(h.dtype)
+                    grad_h[start:stop] = d_logits @ w
                 if grad_w is not None:
                     grad_w += (d_logits.t() @ h).to(grad_w.dtype)
                 if grad_b is not None:

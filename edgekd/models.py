@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gguf import GGUFReader
 from huggingface_hub import snapshot_download
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from edgekd.errors import EdgekdError
 
@@ -181,10 +181,46 @@ def check_weights(src: ModelSource, *, allow_pickle: bool, role: str) -> bool:
     return has_safetensors
 
 
+def bnb_config(load_in: str, dtype: torch.dtype) -> BitsAndBytesConfig:
+    """bitsandbytes settings for load_in '8bit' (LLM.int8) or '4bit' (NF4, double quant)."""
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
 def load_model(
-    src: ModelSource, *, dtype=torch.float32, allow_pickle: bool = False, role: str = "model"
+    src: ModelSource,
+    *,
+    dtype=torch.float32,
+    allow_pickle: bool = False,
+    role: str = "model",
+    load_in: str = "full",
+    device: torch.device | None = None,
 ):
-    """An AutoModelForCausalLM in eval mode; GGUF weights are dequantized to `dtype`."""
+    """An AutoModelForCausalLM in eval mode; GGUF weights are dequantized to `dtype`.
+
+    load_in '8bit' or '4bit' quantizes the linear layers with bitsandbytes onto `device`."""
+    if load_in != "full":
+        if src.kind == "gguf":
+            raise EdgekdError(
+                f"{role} {src.describe()}: load_in={load_in} needs a Hugging Face model folder "
+                "or hub id, not a GGUF file; set load_in=full"
+            )
+        folder = _local_folder(src)
+        check_weights(ModelSource("hf_folder", src.ref, folder), allow_pickle=False, role=role)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            quantization_config=bnb_config(load_in, dtype),
+            device_map={"": device or torch.device("cpu")},
+            use_safetensors=True,
+        )
+        return model.eval()
     if src.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(
             src.path.parent, gguf_file=src.path.name, dtype=dtype

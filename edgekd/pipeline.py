@@ -205,7 +205,7 @@ def build(
     identity = {"profile": profile.model_dump(mode="json"), "teacher": recipe.teacher.source}
     check_run_dir(run_dir, identity, force, ctx.is_main)
     ctx.barrier()
-    base = settings_hash(identity, recipe.data, ctx.teacher_source.describe())
+    base = settings_hash(identity, recipe.data, ctx.teacher_key)
     chain = build_chain(profile, recipe, stages)
     needed = {dep for s in stages for dep in inputs_of(s, chain)}
     keys: dict[str, str] = {}

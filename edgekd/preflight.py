@@ -6,6 +6,8 @@ adds what needs more than a config: weights present, usable data, a shared token
 
 from __future__ import annotations
 
+import torch
+
 from edgekd import data, models
 from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError
@@ -32,7 +34,32 @@ def check_data(recipe: Recipe) -> None:
         )
 
 
+def check_scale(recipe: Recipe, plan: Plan) -> None:
+    """Mixed precision the host supports; a teacher quantization the build can use."""
+    for stage in plan.stages:
+        settings = getattr(recipe, stage)
+        if getattr(settings, "mixed_precision", "no") == "fp16" and not torch.cuda.is_available():
+            raise EdgekdError(
+                f"{stage}.mixed_precision=fp16 needs a CUDA GPU and none is visible; "
+                "set it to bf16 or no"
+            )
+    load_in = recipe.teacher.load_in
+    if load_in == "full":
+        return
+    if plan.teacher.kind == "gguf":
+        raise EdgekdError(
+            f"teacher.load_in={load_in} needs a Hugging Face model folder or hub id, but the "
+            f"teacher is {plan.teacher.describe()}; set teacher.load_in=full"
+        )
+    if "distill" in plan.stages and plan.student_source is None:
+        raise EdgekdError(
+            f"teacher.load_in={load_in}: a student pruned from a quantized teacher would be "
+            "quantized too; set student.source to a model, or teacher.load_in=full"
+        )
+
+
 def preflight(profile: Profile, recipe: Recipe, plan: Plan) -> None:
+    check_scale(recipe, plan)
     models.check_weights(plan.teacher, allow_pickle=recipe.teacher.allow_pickle, role="teacher")
     tokenizer = models.load_tokenizer(plan.teacher)
     if plan.student_source is not None:

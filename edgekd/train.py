@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_cosine_schedule_with_warmup
 
@@ -102,16 +102,29 @@ def kd_step_loss(
     )
 
 
-def _accelerator(settings: TrainSettings) -> Accelerator:
+def _accelerator(settings: TrainSettings, name: str) -> Accelerator:
     if settings.mixed_precision == "fp16" and not on_gpu():
         raise EdgekdError(
-            "mixed_precision=fp16 needs a CUDA GPU and none is visible; use bf16 or no"
+            f"{name}.mixed_precision=fp16 needs a CUDA GPU and none is visible; use bf16 or no"
         )
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=settings.grad_accum,
         cpu=not on_gpu(),
         mixed_precision=settings.mixed_precision,
     )
+    plugin = accelerator.state.deepspeed_plugin
+    zero3 = plugin is not None and plugin.zero_stage == 3
+    if settings.loss_chunk_tokens and (
+        accelerator.distributed_type == DistributedType.FSDP or zero3
+    ):
+        # Both gather a layer's weights only inside its forward; the chunked loss reads the
+        # student's LM head outside the model's forward.
+        raise EdgekdError(
+            f"{name}.loss_chunk_tokens={settings.loss_chunk_tokens} needs the whole LM head "
+            "outside the model's forward, which FSDP and ZeRO-3 shard: set "
+            f"{name}.loss_chunk_tokens=0, or use DDP or ZeRO-2"
+        )
+    return accelerator
 
 
 def train_kd(
@@ -127,10 +140,12 @@ def train_kd(
     Returns the loss curve and a summary. The caller chooses what trains (requires_grad);
     `on_step(step, model)` runs in every process after each optimizer step."""
     set_seed(settings.seed)
-    accelerator = _accelerator(settings)
+    accelerator = _accelerator(settings, name)
     examples = ctx.train_examples
     pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
-    teacher = ctx.teacher.to(accelerator.device)
+    teacher = ctx.teacher
+    if not getattr(teacher, "is_quantized", False):  # bitsandbytes loaded it on its device
+        teacher = teacher.to(accelerator.device)
     if settings.gradient_checkpointing:
         student.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
