@@ -181,6 +181,14 @@ def check_weights(src: ModelSource, *, allow_pickle: bool, role: str) -> bool:
     return has_safetensors
 
 
+def device_map(device: torch.device | None) -> dict:
+    """A from_pretrained device_map that puts the whole model on `device` (default: CPU)."""
+    device = torch.device(device or "cpu")
+    # Under several processes accelerate names the CPU cpu:0, and transformers reads the index of
+    # any device it is given as an accelerator's.
+    return {"": torch.device("cpu") if device.type == "cpu" else device}
+
+
 def bnb_config(load_in: str, dtype: torch.dtype) -> BitsAndBytesConfig:
     """bitsandbytes settings for load_in '8bit' (LLM.int8) or '4bit' (NF4, double quant)."""
     if load_in == "8bit":
@@ -217,7 +225,7 @@ def load_model(
             folder,
             dtype=dtype,
             quantization_config=bnb_config(load_in, dtype),
-            device_map={"": device or torch.device("cpu")},
+            device_map=device_map(device),
             use_safetensors=True,
         )
         return model.eval()

@@ -203,8 +203,10 @@ def build(
     returns each stage's outcome ('ran' or 'up to date')."""
     ctx = Context(run_dir=run_dir, profile=profile, recipe=recipe)
     identity = {"profile": profile.model_dump(mode="json"), "teacher": recipe.teacher.source}
-    check_run_dir(run_dir, identity, force, ctx.is_main)
-    ctx.barrier()
+    # The other processes look only once the main one has written build.json (atomically, through
+    # a temporary file they would otherwise take for a foreign one).
+    with ctx.state.main_process_first():
+        check_run_dir(run_dir, identity, force, ctx.is_main)
     base = settings_hash(identity, recipe.data, ctx.teacher_key)
     chain = build_chain(profile, recipe, stages)
     needed = {dep for s in stages for dep in inputs_of(s, chain)}

@@ -25,7 +25,10 @@ def _load_nf4(model_dir, settings: QLoraSettings, device):
         bnb_4bit_compute_dtype=compute or torch.float32,
     )
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=config, device_map={"": device}, use_safetensors=True
+        model_dir,
+        quantization_config=config,
+        device_map=models.device_map(device),
+        use_safetensors=True,
     )
 
 
