@@ -102,11 +102,12 @@ def student_layer_count(teacher_config, recipe: Recipe, profile: Profile) -> tup
 def fit_error(plan: Plan, profile: Profile) -> EdgekdError:
     """What to say when the student does not fit the profile's budget."""
     s = plan.student_config
+    fix = "lower student.num_layers" if plan.student_source is None else "pick a smaller student"
     return EdgekdError(
         f"the student ({s.num_hidden_layers} layers, {plan.student_layers_note}) needs about "
         f"{(plan.student_q_bytes + plan.kv_bytes) / MB:.0f} MB ({profile.gguf_quant} weights "
         f"+ KV cache at {profile.context_length} tokens) but {profile.name} allows "
-        f"{profile.memory_budget_mb} MB; lower student.num_layers or pick a larger profile"
+        f"{profile.memory_budget_mb} MB; {fix} or pick a larger profile"
     )
 
 

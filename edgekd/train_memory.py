@@ -14,6 +14,9 @@ from edgekd.config import TeacherSettings, TrainSettings
 
 GB = 1024**3
 STRATEGIES = ("DDP", "ZeRO-2", "FSDP / ZeRO-3")
+# These shard the weights outside each layer's forward, where the chunked loss reads the LM head:
+# they train with the plain full-logit loss (loss_chunk_tokens=0).
+SHARDS_WEIGHTS = ("FSDP / ZeRO-3",)
 # Bytes per teacher parameter as it is held: NF4 adds a scale per 64 weights (~0.5 bit).
 _TEACHER_BYTES = {"4bit": 0.56, "8bit": 1.0, "float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 # Activations kept for backward per token and layer, in units of hidden-size 16-bit values
@@ -64,8 +67,9 @@ def step_memory(
     """Per-GPU bytes of one training step of `settings` with `gpus` GPUs under `strategy`.
 
     The student is held in fp32 (master weights) with fp32 gradients and AdamW's two fp32 states;
-    ZeRO-2 shards gradients and states, FSDP and ZeRO-3 also the weights; the frozen teacher is
-    replicated on every GPU; activations and logits are per micro-batch.
+    ZeRO-2 shards gradients and states, FSDP and ZeRO-3 also the weights (and need the plain
+    loss, so their logits are the full ones); the frozen teacher is replicated on every GPU;
+    activations and logits are per micro-batch.
     """
     params = models.param_count(student_config)
     shard = {"DDP": (1, 1, 1), "ZeRO-2": (1, gpus, gpus), "FSDP / ZeRO-3": (gpus, gpus, gpus)}
@@ -80,7 +84,9 @@ def step_memory(
         activations = tokens * hidden * act * layers + per_layer
     else:
         activations = per_layer * layers
-    rows = min(tokens, settings.loss_chunk_tokens) if settings.loss_chunk_tokens else tokens
+    rows = tokens
+    if settings.loss_chunk_tokens and strategy not in SHARDS_WEIGHTS:
+        rows = min(tokens, settings.loss_chunk_tokens)
     return StepMemory(
         weights=4 * params / w_div,
         grads=4 * params / g_div,
@@ -127,5 +133,6 @@ def estimate_lines(
         f"AdamW {one.optimizer / GB:.1f}, teacher {one.teacher / GB:.1f}, activations "
         f"{one.activations / GB:.1f}, logits {one.logits / GB:.1f} GB "
         f"{chunk or 'naive (loss_chunk_tokens=0)'}; naive full logits would be {naive / GB:.1f} GB"
+        " (FSDP / ZeRO-3 need them: the chunked loss runs under DDP and ZeRO-2)"
     )
     return lines
