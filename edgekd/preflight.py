@@ -35,14 +35,22 @@ def check_data(recipe: Recipe) -> None:
 
 
 def check_scale(recipe: Recipe, plan: Plan) -> None:
-    """Mixed precision the host supports; a teacher quantization the build can use."""
-    for stage in plan.stages:
-        settings = getattr(recipe, stage)
-        if getattr(settings, "mixed_precision", "no") == "fp16" and not torch.cuda.is_available():
+    """Mixed precision the host supports, one per build; a teacher quantization it can use."""
+    precisions = {
+        stage: getattr(recipe, stage).mixed_precision
+        for stage in plan.stages
+        if hasattr(getattr(recipe, stage), "mixed_precision")
+    }
+    for stage, precision in precisions.items():
+        if precision == "fp16" and not torch.cuda.is_available():
             raise EdgekdError(
                 f"{stage}.mixed_precision=fp16 needs a CUDA GPU and none is visible; "
                 "set it to bf16 or no"
             )
+    if len(set(precisions.values())) > 1:
+        # accelerate fixes the precision once per process.
+        given = ", ".join(f"{stage}.mixed_precision={p}" for stage, p in precisions.items())
+        raise EdgekdError(f"{given}: set the same value for every training stage of a build")
     load_in = recipe.teacher.load_in
     if load_in == "full":
         return

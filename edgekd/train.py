@@ -114,15 +114,13 @@ def _accelerator(settings: TrainSettings, name: str) -> Accelerator:
     )
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3
-    if settings.loss_chunk_tokens and (
-        accelerator.distributed_type == DistributedType.FSDP or zero3
-    ):
-        # Both gather a layer's weights only inside its forward; the chunked loss reads the
-        # student's LM head outside the model's forward.
+    if accelerator.distributed_type == DistributedType.FSDP or zero3:
+        # Both shard the weights outside each layer's forward, but the stages evaluate and save
+        # the whole student in the main process, and the chunked loss reads the LM head.
         raise EdgekdError(
-            f"{name}.loss_chunk_tokens={settings.loss_chunk_tokens} needs the whole LM head "
-            "outside the model's forward, which FSDP and ZeRO-3 shard: set "
-            f"{name}.loss_chunk_tokens=0, or use DDP or ZeRO-2"
+            f"{name}: accelerate is set up for FSDP or ZeRO-3, which shard the student's weights; "
+            "edgekd needs whole weights on each process: launch with "
+            "configs/accelerate/ddp.yaml or deepspeed_zero2.yaml (see docs/scale.md)"
         )
     return accelerator
 

@@ -15,7 +15,7 @@ from edgekd.config import TeacherSettings, TrainSettings
 GB = 1024**3
 STRATEGIES = ("DDP", "ZeRO-2", "FSDP / ZeRO-3")
 # These shard the weights outside each layer's forward, where the chunked loss reads the LM head:
-# they train with the plain full-logit loss (loss_chunk_tokens=0).
+# a projection with the plain full-logit loss (edgekd's stages do not run under them yet).
 SHARDS_WEIGHTS = ("FSDP / ZeRO-3",)
 # Bytes per teacher parameter as it is held: NF4 adds a scale per 64 weights (~0.5 bit).
 _TEACHER_BYTES = {"4bit": 0.56, "8bit": 1.0, "float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
@@ -133,6 +133,6 @@ def estimate_lines(
         f"AdamW {one.optimizer / GB:.1f}, teacher {one.teacher / GB:.1f}, activations "
         f"{one.activations / GB:.1f}, logits {one.logits / GB:.1f} GB "
         f"{chunk or 'naive (loss_chunk_tokens=0)'}; naive full logits would be {naive / GB:.1f} GB"
-        " (FSDP / ZeRO-3 need them: the chunked loss runs under DDP and ZeRO-2)"
+        " (the FSDP / ZeRO-3 row assumes them; edgekd runs DDP and ZeRO-2, see docs/scale.md)"
     )
     return lines
