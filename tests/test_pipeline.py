@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from edgekd import pipeline
@@ -77,6 +78,29 @@ def test_different_build_is_refused_without_force(
         _build(other, chat_jsonl, run)
     assert (run / "01-distill" / "model" / "model.safetensors").read_bytes() == before
     assert _build(other, chat_jsonl, run, force=True) == {"distill": "ran"}
+
+
+@pytest.mark.slow
+def test_distill_at_scale_settings_on_cpu(tiny_teacher_dir, chat_jsonl, tmp_path, tokenizer):
+    """bf16 autocast, gradient checkpointing and a 4-bit NF4 teacher, on this CPU."""
+    from tests.conftest import save_tiny_llama
+
+    student = save_tiny_llama(tmp_path / "student", tokenizer, num_layers=2, seed=3)
+    extra = [
+        f"student.source={student}",
+        "teacher.load_in=4bit",
+        "teacher.dtype=bfloat16",
+        "distill.mixed_precision=bf16",
+        "distill.gradient_checkpointing=true",
+        "distill.loss_chunk_tokens=16",
+    ]
+    run = tmp_path / "run"
+    assert _build(tiny_teacher_dir, chat_jsonl, run, extra) == {"distill": "ran"}
+    curve = [json.loads(line) for line in (run / "01-distill" / "loss_curve.jsonl").open()]
+    assert [row["step"] for row in curve] == [1, 2, 3, 4]
+    assert all(0 < row["loss"] < 100 for row in curve)
+    trained = AutoModelForCausalLM.from_pretrained(run / "01-distill" / "model")
+    assert trained.dtype == torch.float32  # bf16 autocast leaves fp32 weights
 
 
 def _cli(*args):
