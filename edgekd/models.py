@@ -189,14 +189,14 @@ def device_map(device: torch.device | None) -> dict:
     return {"": torch.device("cpu") if device.type == "cpu" else device}
 
 
-def bnb_config(load_in: str, dtype: torch.dtype) -> BitsAndBytesConfig:
-    """bitsandbytes settings for load_in '8bit' (LLM.int8) or '4bit' (NF4, double quant)."""
+def bnb_config(load_in: str, dtype: torch.dtype, double_quant: bool = True) -> BitsAndBytesConfig:
+    """bitsandbytes settings for load_in '8bit' (LLM.int8) or '4bit' (NF4, computing in dtype)."""
     if load_in == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=dtype,
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from edgekd import models
 from edgekd.config import QLoraSettings
@@ -18,12 +18,7 @@ from edgekd.train import save_curve, train_kd
 def _load_nf4(model_dir, settings: QLoraSettings, device):
     # Compute in bf16 where the GPU has it; on CPU bitsandbytes computes NF4 matmuls in fp32.
     compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=settings.double_quant,
-        bnb_4bit_compute_dtype=compute or torch.float32,
-    )
+    config = models.bnb_config("4bit", compute or torch.float32, settings.double_quant)
     return AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=config,
