@@ -80,29 +80,6 @@ def test_different_build_is_refused_without_force(
     assert _build(other, chat_jsonl, run, force=True) == {"distill": "ran"}
 
 
-@pytest.mark.slow
-def test_distill_at_scale_settings_on_cpu(tiny_teacher_dir, chat_jsonl, tmp_path, tokenizer):
-    """bf16 autocast, gradient checkpointing and a 4-bit NF4 teacher, on this CPU."""
-    from tests.conftest import save_tiny_llama
-
-    student = save_tiny_llama(tmp_path / "student", tokenizer, num_layers=2, seed=3)
-    extra = [
-        f"student.source={student}",
-        "teacher.load_in=4bit",
-        "teacher.dtype=bfloat16",
-        "distill.mixed_precision=bf16",
-        "distill.gradient_checkpointing=true",
-        "distill.loss_chunk_tokens=16",
-    ]
-    run = tmp_path / "run"
-    assert _build(tiny_teacher_dir, chat_jsonl, run, extra) == {"distill": "ran"}
-    curve = [json.loads(line) for line in (run / "01-distill" / "loss_curve.jsonl").open()]
-    assert [row["step"] for row in curve] == [1, 2, 3, 4]
-    assert all(0 < row["loss"] < 100 for row in curve)
-    trained = AutoModelForCausalLM.from_pretrained(run / "01-distill" / "model")
-    assert trained.dtype == torch.float32  # bf16 autocast leaves fp32 weights
-
-
 def _cli(*args):
     return [sys.executable, "-m", "edgekd.cli", "build", "--profile", "phone-1gb", *args]
 
@@ -130,6 +107,35 @@ def test_killed_build_resumes_from_checkpoint(tiny_teacher_dir, chat_jsonl, tmp_
     assert f"resuming from the checkpoint at step {step}" in out.stdout
     report = json.loads((run / "01-distill" / "report.json").read_text())
     assert report["training"]["tokens_this_run"] < 400 * 2 * 64
+
+
+@pytest.mark.slow
+def test_distill_at_scale_settings_on_cpu(tiny_teacher_dir, chat_jsonl, tmp_path, tokenizer):
+    """bf16 autocast, gradient checkpointing and a 4-bit NF4 teacher, on this CPU."""
+    from tests.conftest import save_tiny_llama
+
+    student = save_tiny_llama(tmp_path / "student", tokenizer, num_layers=2, seed=3)
+    run = tmp_path / "run"
+    args = ["--stages", "distill", "--teacher", str(tiny_teacher_dir), "--data", str(chat_jsonl)]
+    args += ["--out", str(run)]
+    for s in [
+        *FAST,
+        f"student.source={student}",
+        "teacher.load_in=4bit",
+        "teacher.dtype=bfloat16",
+        "distill.mixed_precision=bf16",
+        "distill.gradient_checkpointing=true",
+        "distill.loss_chunk_tokens=16",
+    ]:
+        args += ["--set", s]
+    # Its own process: accelerate fixes the mixed precision once per process.
+    out = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    curve = [json.loads(line) for line in (run / "01-distill" / "loss_curve.jsonl").open()]
+    assert [row["step"] for row in curve] == [1, 2, 3, 4]
+    assert all(0 < row["loss"] < 100 for row in curve)
+    trained = AutoModelForCausalLM.from_pretrained(run / "01-distill" / "model")
+    assert trained.dtype == torch.float32  # bf16 autocast leaves fp32 weights
 
 
 TRAINING_FAST = [
