@@ -46,17 +46,19 @@ def build(
 ) -> None:
     """Distill, recover, export and benchmark a student for a device profile."""
     from edgekd import pipeline
-    from edgekd.plan import make_plan
+    from edgekd.plan import fit_error, make_plan
 
     try:
         prof = load_profile(profile)
         trust = ["teacher.allow_pickle=true", "student.allow_pickle=true"] if allow_pickle else []
         rec = load_recipe(recipe, [*trust, *(set_ or [])], teacher=teacher, data=data)
         chosen = pipeline.select_stages(stages.split(",") if stages else None, prof, rec)
-        plan = make_plan(prof, rec, chosen, timing=dry_run)
+        plan = make_plan(prof, rec, chosen, timing=dry_run, strict=not dry_run)
         if dry_run:
             for line in plan.lines(prof):
                 console.print(line, highlight=False, soft_wrap=True)
+            if not plan.fits:
+                raise fit_error(plan, prof)
             return
         from edgekd.preflight import preflight
 

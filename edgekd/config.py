@@ -73,6 +73,13 @@ class TeacherSettings(Strict):
         "a hub id or a .gguf file",
     )
     allow_pickle: bool = Field(False, description="load pickle weights (they can run code)")
+    # How the frozen teacher is held in memory (scale: a 7B teacher beside a 1-3B student).
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights dtype (and compute dtype of 4-bit/8-bit layers)"
+    )
+    load_in: Literal["full", "8bit", "4bit"] = Field(
+        "full", description="bitsandbytes quantization of the teacher: 8bit (LLM.int8) or 4bit NF4"
+    )
 
 
 class StudentSettings(Strict):
@@ -110,7 +117,24 @@ class KDSettings(Strict):
     jsd_beta: float = Field(0.5, ge=0, le=1)
 
 
-class TrainSettings(KDSettings):
+class ScaleSettings(Strict):
+    """How a training step uses memory and devices; none of these change what is learned."""
+
+    loss_chunk_tokens: int = Field(
+        256,
+        ge=0,
+        description="labelled positions whose logits exist at once in the KD loss (computed from "
+        "hidden states and LM heads, chunk by chunk); 0: the plain full-logit loss",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="accelerate autocast: bf16 on CPU or GPU, fp16 on CUDA only"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the student's layer activations in backward to save memory"
+    )
+
+
+class TrainSettings(KDSettings, ScaleSettings):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)

@@ -67,14 +67,24 @@ class Context:
     def teacher_source(self) -> models.ModelSource:
         return models.resolve_source(self.recipe.teacher.source, role="teacher")
 
+    @property
+    def teacher_key(self) -> str:
+        return models.teacher_key(self.recipe.teacher, self.teacher_source)
+
     @cached_property
     def tokenizer(self):
         return models.load_tokenizer(self.teacher_source)
 
     @cached_property
     def teacher(self) -> torch.nn.Module:
+        settings = self.recipe.teacher
         model = models.load_model(
-            self.teacher_source, allow_pickle=self.recipe.teacher.allow_pickle
+            self.teacher_source,
+            dtype=getattr(torch, settings.dtype),
+            allow_pickle=settings.allow_pickle,
+            role="teacher",
+            load_in=settings.load_in,
+            device=self.state.device,
         )
         model.requires_grad_(False)
         return model
@@ -87,7 +97,7 @@ class Context:
             return data.load_corpus(settings.source)
         prompts = data.default_prompts()[: settings.num_prompts]
         key = settings_hash(
-            self.teacher_source.describe(),
+            self.teacher_key,
             data.fingerprint(prompts),
             settings.model_dump(include={"gen_max_tokens", "gen_temperature", "gen_seed"}),
         )
@@ -141,9 +151,7 @@ class Context:
     @cached_property
     def reference(self) -> list[torch.Tensor]:
         """The teacher's held-out log-probs at temperature 1, computed once per corpus."""
-        key = settings_hash(
-            self.teacher_source.describe(), data.fingerprint(self._split[1]), self.recipe.data
-        )
+        key = settings_hash(self.teacher_key, data.fingerprint(self._split[1]), self.recipe.data)
         path = self.cache_path(f"reference-{key[:16]}.safetensors")
         with self.state.main_process_first():
             if not path.exists() and self.is_main:

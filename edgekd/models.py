@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gguf import GGUFReader
 from huggingface_hub import snapshot_download
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from edgekd.errors import EdgekdError
 
@@ -61,6 +61,12 @@ class ModelSource:
         if self.kind == "hf_folder":
             return f"folder {self.path}"
         return f"hub model {self.ref}"
+
+
+def teacher_key(settings, source: ModelSource) -> str:
+    """What the teacher's outputs depend on (TeacherSettings + source): the weights and how they
+    are held in memory."""
+    return f"{source.describe()} {settings.dtype} {settings.load_in}"
 
 
 def resolve_source(spec: str, *, role: str) -> ModelSource:
@@ -237,10 +243,54 @@ def check_weights(src: ModelSource, *, allow_pickle: bool, role: str) -> bool:
     return has_safetensors
 
 
+def device_map(device: torch.device | None) -> dict:
+    """A from_pretrained device_map that puts the whole model on `device` (default: CPU)."""
+    device = torch.device(device or "cpu")
+    # Under several processes accelerate names the CPU cpu:0, and transformers reads the index of
+    # any device it is given as an accelerator's.
+    return {"": torch.device("cpu") if device.type == "cpu" else device}
+
+
+def bnb_config(load_in: str, dtype: torch.dtype, double_quant: bool = True) -> BitsAndBytesConfig:
+    """bitsandbytes settings for load_in '8bit' (LLM.int8) or '4bit' (NF4, computing in dtype)."""
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
 def load_model(
-    src: ModelSource, *, dtype=torch.float32, allow_pickle: bool = False, role: str = "model"
+    src: ModelSource,
+    *,
+    dtype=torch.float32,
+    allow_pickle: bool = False,
+    role: str = "model",
+    load_in: str = "full",
+    device: torch.device | None = None,
 ):
-    """An AutoModelForCausalLM in eval mode; GGUF weights are dequantized to `dtype`."""
+    """An AutoModelForCausalLM in eval mode; GGUF weights are dequantized to `dtype`.
+
+    load_in '8bit' or '4bit' quantizes the linear layers with bitsandbytes onto `device`."""
+    if load_in != "full":
+        if src.kind == "gguf":
+            raise EdgekdError(
+                f"{role} {src.describe()}: load_in={load_in} needs a Hugging Face model folder "
+                "or hub id, not a GGUF file; set load_in=full"
+            )
+        folder = _local_folder(src)
+        check_weights(ModelSource("hf_folder", src.ref, folder), allow_pickle=False, role=role)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            quantization_config=bnb_config(load_in, dtype),
+            device_map=device_map(device),
+            use_safetensors=True,
+        )
+        return model.eval()
     if src.kind == "gguf":
         with _readable(f"GGUF file {src.path}"):
             model = AutoModelForCausalLM.from_pretrained(

@@ -188,8 +188,10 @@ def build_identity(profile: Profile, recipe: Recipe) -> dict:
 def stage_keys(
     profile: Profile, recipe: Recipe, chain: list[str], teacher: models.ModelSource
 ) -> dict[str, str]:
-    """Each stage's key: a hash of its settings, the build, the data and its inputs' keys."""
-    base = settings_hash(build_identity(profile, recipe), recipe.data, teacher.describe())
+    """Each stage's key: a hash of its settings, the build, the data, the teacher and its inputs'
+    keys."""
+    teacher_key = models.teacher_key(recipe.teacher, teacher)
+    base = settings_hash(build_identity(profile, recipe), recipe.data, teacher_key)
     keys: dict[str, str] = {}
     for stage in chain:
         upstream = [keys[s] for s in inputs_of(stage, chain)]
@@ -237,11 +239,13 @@ def build(
     """Run `stages` in order, after checking that the stages they read from are built;
     returns each stage's outcome ('ran' or 'up to date')."""
     ctx = Context(run_dir=run_dir, profile=profile, recipe=recipe)
-    check_run_dir(run_dir, build_identity(profile, recipe), force, ctx.is_main)
-    if ctx.is_main:
-        for folder in (run_dir, run_dir / "cache"):
-            atomic.remove_temporaries(folder)
-    ctx.barrier()
+    # The other processes look only once the main one has written build.json (atomically, through
+    # a temporary file they would otherwise take for a foreign one).
+    with ctx.state.main_process_first():
+        check_run_dir(run_dir, build_identity(profile, recipe), force, ctx.is_main)
+        if ctx.is_main:
+            for folder in (run_dir, run_dir / "cache"):
+                atomic.remove_temporaries(folder)
     chain = build_chain(profile, recipe, stages)
     needed = {dep for s in stages for dep in inputs_of(s, chain)}
     keys = stage_keys(profile, recipe, chain, ctx.teacher_source)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgekd import models
+from edgekd import models, train_memory
 from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError
 
@@ -33,6 +33,7 @@ class Plan:
     estimates: dict[str, float] = field(default_factory=dict)  # seconds, labelled as estimates
     host_gflops: float = 0.0
     disk_bytes: dict[str, int] = field(default_factory=dict)  # per stage, an estimate
+    memory: list[str] = field(default_factory=list)  # the training step's per-GPU estimate
 
     @property
     def fits(self) -> bool:
@@ -57,6 +58,7 @@ class Plan:
                 f"disk      ~{sum(self.disk_bytes.values()) / GB:.1f} GB for the run folder "
                 "(estimate: weights, checkpoints, exports, teacher log-probs)"
             )
+        lines += self.memory
         for stage, n in self.tokens.items():
             eta = self.estimates.get(stage)
             when = f", estimated {_duration(eta)} on this host" if eta is not None else ""
@@ -125,8 +127,28 @@ def student_layer_count(teacher_config, recipe: Recipe, profile: Profile) -> tup
     return wanted, f"student.layer_fraction={s.layer_fraction:.2f} of the teacher"
 
 
-def make_plan(profile: Profile, recipe: Recipe, stages: list[str], *, timing: bool = True) -> Plan:
-    """Shapes and sizes from configs; raises EdgekdError if the student cannot fit the budget."""
+def fit_error(plan: Plan, profile: Profile) -> EdgekdError:
+    """What to say when the student does not fit the profile's budget."""
+    s = plan.student_config
+    fix = "lower student.num_layers" if plan.student_source is None else "pick a smaller student"
+    return EdgekdError(
+        f"the student ({s.num_hidden_layers} layers, {plan.student_layers_note}) needs about "
+        f"{(plan.student_q_bytes + plan.kv_bytes) / MB:.0f} MB ({profile.gguf_quant} weights "
+        f"+ KV cache at {profile.context_length} tokens) but {profile.name} allows "
+        f"{profile.memory_budget_mb} MB; {fix} or pick a larger profile"
+    )
+
+
+def make_plan(
+    profile: Profile,
+    recipe: Recipe,
+    stages: list[str],
+    *,
+    timing: bool = True,
+    strict: bool = True,
+) -> Plan:
+    """Shapes and sizes from configs; raises EdgekdError if the student cannot fit the budget
+    (unless not `strict`: a dry run shows the whole plan, then says so)."""
     teacher = models.resolve_source(recipe.teacher.source, role="teacher")
     teacher_config = models.load_config(teacher)
     student_source = None
@@ -155,12 +177,16 @@ def make_plan(profile: Profile, recipe: Recipe, stages: list[str], *, timing: bo
         kv_bytes=models.kv_cache_bytes(student_config, profile.context_length),
         budget_bytes=budget,
     )
-    if not plan.fits:
-        raise EdgekdError(
-            f"the student ({student_config.num_hidden_layers} layers, {note}) needs about "
-            f"{(plan.student_q_bytes + plan.kv_bytes) / MB:.0f} MB ({profile.gguf_quant} weights "
-            f"+ KV cache at {profile.context_length} tokens) but {profile.name} allows "
-            f"{profile.memory_budget_mb} MB; lower student.num_layers or pick a larger profile"
+    if strict and not plan.fits:
+        raise fit_error(plan, profile)
+    if "distill" in stages:
+        plan.memory = train_memory.estimate_lines(
+            "distill",
+            student_config,
+            teacher_config,
+            recipe.teacher,
+            recipe.distill,
+            recipe.data.max_seq_len,
         )
     plan.disk_bytes = disk_estimate(
         student_config,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from edgekd import data, models, pipeline
 from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError
@@ -34,6 +36,38 @@ def check_data(recipe: Recipe) -> None:
         raise EdgekdError(
             f"data {recipe.data.source}: {len(train)} training examples cannot fill one batch of "
             f"distill.batch_size={recipe.distill.batch_size}; add examples or lower it"
+        )
+
+
+def check_scale(recipe: Recipe, plan: Plan) -> None:
+    """Mixed precision the host supports, one per build; a teacher quantization it can use."""
+    precisions = {
+        stage: getattr(recipe, stage).mixed_precision
+        for stage in plan.stages
+        if hasattr(getattr(recipe, stage), "mixed_precision")
+    }
+    for stage, precision in precisions.items():
+        if precision == "fp16" and not torch.cuda.is_available():
+            raise EdgekdError(
+                f"{stage}.mixed_precision=fp16 needs a CUDA GPU and none is visible; "
+                "set it to bf16 or no"
+            )
+    if len(set(precisions.values())) > 1:
+        # accelerate fixes the precision once per process.
+        given = ", ".join(f"{stage}.mixed_precision={p}" for stage, p in precisions.items())
+        raise EdgekdError(f"{given}: set the same value for every training stage of a build")
+    load_in = recipe.teacher.load_in
+    if load_in == "full":
+        return
+    if plan.teacher.kind == "gguf":
+        raise EdgekdError(
+            f"teacher.load_in={load_in} needs a Hugging Face model folder or hub id, but the "
+            f"teacher is {plan.teacher.describe()}; set teacher.load_in=full"
+        )
+    if "distill" in plan.stages and plan.student_source is None:
+        raise EdgekdError(
+            f"teacher.load_in={load_in}: a student pruned from a quantized teacher would be "
+            "quantized too; set student.source to a model, or teacher.load_in=full"
         )
 
 
@@ -63,6 +97,7 @@ def check_chat_template(tokenizer, recipe: Recipe) -> None:
 
 def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> None:
     """Every check that can fail before the build starts, in the order they cost."""
+    check_scale(recipe, plan)
     models.check_weights(plan.teacher, allow_pickle=recipe.teacher.allow_pickle, role="teacher")
     pending = pipeline.pending_stages(profile, recipe, run_dir, plan.stages, plan.teacher)
     check_disk(run_dir, sum(plan.disk_bytes.get(s, 0) for s in pending), pending)

@@ -16,17 +16,22 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_cosine_schedule_with_warmup
 
 from edgekd import atomic
+from edgekd.chunked_kd import chunked_kd_loss, head_logits
 from edgekd.config import TrainSettings
 from edgekd.context import Context, on_gpu
 from edgekd.data import collate
-from edgekd.losses import kd_loss, shift_for_next_token
+from edgekd.errors import EdgekdError
+from edgekd.losses import IGNORE_INDEX, KDLossOutput, kd_loss, shift_for_next_token
 
 CHECKPOINT = "checkpoint"
+# Passed as logits_to_keep: the student's forward computes no logits, the chunked loss does.
+_NO_LOGITS = torch.empty(0, dtype=torch.long)
+_KD_ARGS = {"temperature", "alpha", "divergence", "skew_alpha", "jsd_beta"}
 
 
 def batch_indices(
@@ -57,6 +62,69 @@ def _progress(name: str, enabled: bool) -> Progress:
     )
 
 
+def kd_step_loss(
+    student: torch.nn.Module,
+    student_head: torch.nn.Module,
+    teacher: torch.nn.Module,
+    batch: dict,
+    settings: TrainSettings,
+) -> KDLossOutput:
+    """One micro-batch's KD loss: on full logits (loss_chunk_tokens=0) or chunked from the final
+    hidden states and LM heads (`student` may be wrapped, e.g. by DDP; its head is given apart)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    kd_args = settings.model_dump(include=_KD_ARGS)
+    if settings.loss_chunk_tokens == 0:
+        t_logits = None
+        if settings.alpha > 0:  # alpha=0 trains on hard labels alone
+            with torch.no_grad():
+                t_logits = teacher(**inputs).logits
+            t_logits, _ = shift_for_next_token(t_logits, batch["labels"])
+        s_logits = student(**inputs).logits
+        s_logits, labels = shift_for_next_token(s_logits, batch["labels"])
+        return kd_loss(s_logits, t_logits, labels, **kd_args)
+    t_logits = None
+    if settings.alpha > 0:
+        with torch.no_grad():
+            t_hidden = teacher.get_decoder()(**inputs).last_hidden_state
+        t_hidden, labels = shift_for_next_token(t_hidden, batch["labels"])
+        t_head = teacher.get_output_embeddings()
+        t_logits = head_logits(t_hidden[labels != IGNORE_INDEX], t_head.weight, t_head.bias)
+    out = student(**inputs, output_hidden_states=True, logits_to_keep=_NO_LOGITS)
+    s_hidden, labels = shift_for_next_token(out.hidden_states[-1], batch["labels"])
+    return chunked_kd_loss(
+        s_hidden,
+        student_head.weight,
+        student_head.bias,
+        labels,
+        t_logits,
+        chunk_tokens=settings.loss_chunk_tokens,
+        **kd_args,
+    )
+
+
+def _accelerator(settings: TrainSettings, name: str) -> Accelerator:
+    if settings.mixed_precision == "fp16" and not on_gpu():
+        raise EdgekdError(
+            f"{name}.mixed_precision=fp16 needs a CUDA GPU and none is visible; use bf16 or no"
+        )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=settings.grad_accum,
+        cpu=not on_gpu(),
+        mixed_precision=settings.mixed_precision,
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    zero3 = plugin is not None and plugin.zero_stage == 3
+    if accelerator.distributed_type == DistributedType.FSDP or zero3:
+        # Both shard the weights outside each layer's forward, but the stages evaluate and save
+        # the whole student in the main process, and the chunked loss reads the LM head.
+        raise EdgekdError(
+            f"{name}: accelerate is set up for FSDP or ZeRO-3, which shard the student's weights; "
+            "edgekd needs whole weights on each process: launch with "
+            "configs/accelerate/ddp.yaml or deepspeed_zero2.yaml (see docs/scale.md)"
+        )
+    return accelerator
+
+
 def train_kd(
     ctx: Context,
     student: torch.nn.Module,
@@ -70,11 +138,18 @@ def train_kd(
     Returns the loss curve and a summary. The caller chooses what trains (requires_grad);
     `on_step(step, model)` runs in every process after each optimizer step."""
     set_seed(settings.seed)
-    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not on_gpu())
+    accelerator = _accelerator(settings, name)
     examples = ctx.train_examples
     pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
-    teacher = ctx.teacher.to(accelerator.device)
+    teacher = ctx.teacher
+    if not getattr(teacher, "is_quantized", False):  # bitsandbytes loaded it on its device
+        teacher = teacher.to(accelerator.device)
+    if settings.gradient_checkpointing:
+        student.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     student.train()
+    student_head = student.get_output_embeddings()
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad],
         lr=settings.lr,
@@ -114,24 +189,8 @@ def train_kd(
                     for k, v in collate([examples[i] for i in idx], pad_id).items()
                 }
                 with accelerator.accumulate(student):
-                    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-                    t_logits = None
-                    if settings.alpha > 0:  # alpha=0 trains on hard labels alone
-                        with torch.no_grad():
-                            t_logits = teacher(**inputs).logits
-                        t_logits, _ = shift_for_next_token(t_logits, batch["labels"])
-                    s_logits = student(**inputs).logits
-                    s_logits, labels = shift_for_next_token(s_logits, batch["labels"])
-                    out = kd_loss(
-                        s_logits,
-                        t_logits,
-                        labels,
-                        temperature=settings.temperature,
-                        alpha=settings.alpha,
-                        divergence=settings.divergence,
-                        skew_alpha=settings.skew_alpha,
-                        jsd_beta=settings.jsd_beta,
-                    )
+                    with accelerator.autocast():
+                        out = kd_step_loss(student, student_head, teacher, batch, settings)
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(student.parameters(), settings.max_grad_norm)

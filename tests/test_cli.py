@@ -122,11 +122,27 @@ def test_example_recipes_plan_from_configs_alone():
     mid = _dry_run("qwen2.5-7b-to-1.5b.yaml", "phone-4gb", "qwen2.5-1.5b-instruct")
     assert mid.exit_code == 0, mid.output
     assert "1543.7M params" in mid.output
+    # The per-GPU training memory estimate, for 1, 2 and 8 GPUs, labelled as one.
+    assert "distill per GPU, estimated" in mid.output
+    assert "1 GPU    2 GPUs    8 GPUs" in mid.output
+    for strategy in ("DDP", "ZeRO-2", "FSDP / ZeRO-3"):
+        assert f"\n          {strategy} " in mid.output
+    assert "logits 2.9 GB chunked (1024 tokens); naive full logits would be 23.2 GB" in mid.output
 
 
 def test_student_that_cannot_fit_is_refused():
-    line = _error_line(_dry_run("qwen2.5-7b-to-1.5b.yaml", "phone-1gb", "qwen2.5-1.5b-instruct"))
-    assert "phone-1gb allows 480 MB" in line
+    # The dry run shows the whole plan, then the verdict; a build stops at the verdict.
+    dry = _dry_run("qwen2.5-7b-to-1.5b.yaml", "phone-1gb", "qwen2.5-1.5b-instruct")
+    assert dry.exit_code == 2
+    assert "DOES NOT FIT" in dry.output and "distill per GPU, estimated" in dry.output
+    assert dry.output.strip().splitlines()[-1].startswith("error:")
+    line = _error_line(
+        _run("build", "--profile", "phone-1gb", "--recipe",
+             str(RECIPES / "qwen2.5-7b-to-1.5b.yaml"), "--teacher",
+             str(CONFIGS / "qwen2.5-7b-instruct"), "--set",
+             f"student.source={CONFIGS / 'qwen2.5-1.5b-instruct'}")
+    )  # fmt: skip
+    assert "phone-1gb allows 480 MB" in line and "pick a smaller student" in line
 
 
 @pytest.mark.slow

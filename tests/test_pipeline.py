@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from edgekd import pipeline
@@ -109,20 +110,64 @@ def test_killed_build_resumes_from_checkpoint(tiny_teacher_dir, chat_jsonl, tmp_
 
 
 @pytest.mark.slow
+def test_distill_at_scale_settings_on_cpu(tiny_teacher_dir, chat_jsonl, tmp_path, tokenizer):
+    """bf16 autocast, gradient checkpointing and a 4-bit NF4 teacher, on this CPU."""
+    from tests.conftest import save_tiny_llama
+
+    student = save_tiny_llama(tmp_path / "student", tokenizer, num_layers=2, seed=3)
+    run = tmp_path / "run"
+    args = ["--stages", "distill", "--teacher", str(tiny_teacher_dir), "--data", str(chat_jsonl)]
+    args += ["--out", str(run)]
+    for s in [
+        *FAST,
+        f"student.source={student}",
+        "teacher.load_in=4bit",
+        "teacher.dtype=bfloat16",
+        "distill.mixed_precision=bf16",
+        "distill.gradient_checkpointing=true",
+        "distill.loss_chunk_tokens=16",
+    ]:
+        args += ["--set", s]
+    # Its own process: accelerate fixes the mixed precision once per process.
+    out = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    curve = [json.loads(line) for line in (run / "01-distill" / "loss_curve.jsonl").open()]
+    assert [row["step"] for row in curve] == [1, 2, 3, 4]
+    assert all(0 < row["loss"] < 100 for row in curve)
+    trained = AutoModelForCausalLM.from_pretrained(run / "01-distill" / "model")
+    assert trained.dtype == torch.float32  # bf16 autocast leaves fp32 weights
+
+
+TRAINING_FAST = [
+    "qlora.max_steps=3",
+    "qlora.batch_size=2",
+    "qlora.rank=4",
+    "qat_kd.max_steps=4",
+    "qat_kd.batch_size=2",
+    "qat_kd.eval_every=2",
+]
+
+
+@pytest.mark.slow
 def test_two_process_accelerate_launch(tiny_teacher_dir, chat_jsonl, tmp_path):
+    """The three training stages under DDP: 2 CPU processes, gloo, the chunked KD loss."""
     run = tmp_path / "run"
     cmd = [
         # accelerate 1.15's --cpu launcher starts one process unless given an MPI hostfile;
         # --multi_gpu starts them with torch's launcher, and edgekd picks gloo without CUDA.
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "-m", "edgekd.cli", "build", "--profile", "phone-1gb", "--stages", "distill",
+        "-m", "edgekd.cli", "build", "--profile", "phone-1gb", "--stages", "distill,qlora,qat_kd",
         "--teacher", str(tiny_teacher_dir), "--data", str(chat_jsonl), "--out", str(run),
     ]  # fmt: skip
-    for s in FAST:
+    for s in [*FAST, *TRAINING_FAST]:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    report = json.loads((run / "01-distill" / "report.json").read_text())
-    assert report["training"]["processes"] == 2
-    assert Path(run / "01-distill" / "model" / "model.safetensors").exists()
+    for stage, steps in (("01-distill", 4), ("02-qlora", 3), ("03-qat-kd", 4)):
+        report = json.loads((run / stage / "report.json").read_text())
+        assert report["training"]["processes"] == 2, stage
+        curve = (run / stage / "loss_curve.jsonl").read_text().splitlines()
+        assert json.loads(curve[-1])["step"] == steps, stage
+        assert Path(run / stage / "model" / "model.safetensors").exists(), stage
+    assert (run / "02-qlora" / "adapter" / "adapter_config.json").exists()

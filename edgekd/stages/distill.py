@@ -51,7 +51,9 @@ def _load_student(ctx: Context) -> tuple[torch.nn.Module, dict]:
         student = models.load_model(src, allow_pickle=spec.allow_pickle, role="student")
         return student, {"source": src.describe()}
     keep, report = _choose_layers(ctx, ctx.teacher)
-    return models.prune_layers(ctx.teacher, keep), {"source": "pruned teacher", **report}
+    # The student trains in float32 whatever dtype the teacher is held in.
+    student = models.prune_layers(ctx.teacher, keep).float()
+    return student, {"source": "pruned teacher", **report}
 
 
 def run(ctx: Context, settings: DistillSettings) -> StageResult:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from bitsandbytes.nn import Linear4bit
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from edgekd import models
 from edgekd.config import QLoraSettings
@@ -23,16 +23,11 @@ def load_nf4(model_dir, settings: QLoraSettings, device):
     # CPU fp16 matmuls fall back to PyTorch's reference GEMM (one qlora step took minutes).
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     compute = torch.bfloat16 if bf16 else torch.float32
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=settings.double_quant,
-        bnb_4bit_compute_dtype=compute,
-    )
+    config = models.bnb_config("4bit", compute, settings.double_quant)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=config,
-        device_map={"": device},
+        device_map=models.device_map(device),
         dtype=compute,
         use_safetensors=True,
     )

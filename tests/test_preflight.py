@@ -1,0 +1,47 @@
+"""Scale settings the host or the build cannot honour are refused before any work, in one line."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgekd.config import load_profile, load_recipe
+from edgekd.errors import EdgekdError
+from edgekd.plan import make_plan
+from edgekd.preflight import check_scale
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+QWEN = [f"teacher.source={CONFIGS / 'qwen2.5-7b-instruct'}"]
+STUDENT = [f"student.source={CONFIGS / 'qwen2.5-1.5b-instruct'}"]
+STAGES = ["distill", "qlora", "qat_kd"]
+
+
+def _check(sets, stages=STAGES):
+    recipe = load_recipe(None, sets)
+    check_scale(recipe, make_plan(load_profile("phone-4gb"), recipe, stages, timing=False))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed where CUDA is")
+def test_fp16_needs_cuda():
+    with pytest.raises(EdgekdError, match=r"distill.mixed_precision=fp16 needs a CUDA GPU"):
+        _check([*QWEN, *STUDENT, *(f"{s}.mixed_precision=fp16" for s in STAGES)])
+
+
+def test_one_precision_per_build():
+    with pytest.raises(EdgekdError, match="distill.mixed_precision=bf16, qlora.mixed_precision=no"):
+        _check([*QWEN, *STUDENT, "distill.mixed_precision=bf16"])
+    _check([*QWEN, *STUDENT, *(f"{s}.mixed_precision=bf16" for s in STAGES)])
+    _check([*QWEN, *STUDENT, "distill.mixed_precision=bf16"], stages=["distill"])
+
+
+def test_quantized_teacher_needs_a_given_student():
+    with pytest.raises(EdgekdError, match="pruned from a quantized teacher"):
+        _check([*QWEN, "teacher.load_in=4bit"])
+    _check([*QWEN, *STUDENT, "teacher.load_in=8bit"])
+
+
+@pytest.mark.slow
+def test_quantized_teacher_cannot_be_a_gguf():
+    with pytest.raises(EdgekdError, match="teacher.load_in=4bit needs a Hugging Face model"):
+        recipe = load_recipe(None, ["teacher.load_in=4bit"])  # the embedded GGUF teacher
+        check_scale(recipe, make_plan(load_profile("phone-1gb"), recipe, STAGES, timing=False))
