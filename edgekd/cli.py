@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +15,13 @@ from rich.table import Table
 
 from edgekd.config import known_profiles, load_profile, load_recipe
 from edgekd.errors import EdgekdError
+
+# bitsandbytes offers, at import on AVX512-BF16 CPUs, a kernel it would download from the hub;
+# its own kernel serves, and nothing is downloaded at run time.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+if not sys.stderr.isatty():
+    # transformers' GGUF loader draws a tqdm bar that fills a log file with carriage returns.
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles.")
