@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_cosine_schedule_with_warmup
 
-from edgekd import atomic
+from edgekd import atomic, on_policy
 from edgekd.config import TrainSettings
 from edgekd.context import Context, on_gpu
 from edgekd.data import collate
@@ -73,7 +73,8 @@ def train_kd(
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not on_gpu())
     examples = ctx.train_examples
     pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
-    teacher = ctx.teacher.to(accelerator.device)
+    teacher = on_policy.training_teacher(lambda: ctx.teacher, student, settings)
+    teacher = teacher.to(accelerator.device)
     student.train()
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad],
@@ -109,16 +110,25 @@ def train_kd(
                     accelerator.process_index,
                     accelerator.num_processes,
                 )
-                batch = {
-                    k: v.to(accelerator.device)
-                    for k, v in collate([examples[i] for i in idx], pad_id).items()
-                }
+                chosen, sampled = on_policy.training_examples(
+                    [examples[i] for i in idx],
+                    settings,
+                    student=accelerator.unwrap_model(student),
+                    teacher=teacher,
+                    micro_step=step * settings.grad_accum + micro,
+                    max_len=ctx.recipe.data.max_seq_len,
+                    pad_id=pad_id,
+                )
+                # Sampled answers are scored by the divergence alone (see edgekd.on_policy).
+                alpha = 1.0 if sampled else settings.alpha
+                batch = {k: v.to(accelerator.device) for k, v in collate(chosen, pad_id).items()}
                 with accelerator.accumulate(student):
                     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
                     t_logits = None
-                    if settings.alpha > 0:  # alpha=0 trains on hard labels alone
+                    if alpha > 0:  # alpha=0 trains on hard labels alone
                         with torch.no_grad():
                             t_logits = teacher(**inputs).logits
+                        t_logits = on_policy.teacher_targets(t_logits, settings)
                         t_logits, _ = shift_for_next_token(t_logits, batch["labels"])
                     s_logits = student(**inputs).logits
                     s_logits, labels = shift_for_next_token(s_logits, batch["labels"])
@@ -127,7 +137,7 @@ def train_kd(
                         t_logits,
                         labels,
                         temperature=settings.temperature,
-                        alpha=settings.alpha,
+                        alpha=alpha,
                         divergence=settings.divergence,
                         skew_alpha=settings.skew_alpha,
                         jsd_beta=settings.jsd_beta,
