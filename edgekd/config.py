@@ -136,6 +136,16 @@ class SelfDistillSettings(Strict):
     )
 
 
+class SpeculativeSettings(Strict):
+    """The bench's speculative-decoding check: the student drafts, the teacher verifies (torch)."""
+
+    spec_draft_len: int = Field(4, gt=0, description="tokens the student drafts per teacher pass")
+    spec_prompts: int = Field(
+        8, ge=0, description="held-out prompts decoded speculatively; 0: skip the check"
+    )
+    spec_max_tokens: int = Field(32, gt=0, description="tokens generated per prompt")
+
+
 # --- end of the issue #6 (second half) block ---
 
 
@@ -221,7 +231,7 @@ class ExportOnnxSettings(Strict):
         return self
 
 
-class BenchSettings(Strict):
+class BenchSettings(SpeculativeSettings):
     """How the bench stage measures each artifact (kept small: the host is usually shared)."""
 
     runs: int = Field(5, gt=0, description="timed runs per artifact; reported as median and range")

@@ -95,7 +95,7 @@ def train_kd(
         step, curve = progress["step"], progress["curve"]
         accelerator.print(f"{name}: resuming from the checkpoint at step {step}")
 
-    tokens_done, start = 0, time.perf_counter()
+    tokens_done, sampled_batches, start = 0, 0, time.perf_counter()
     window_loss = window_kd = window_ce = 0.0
     window_n = 0
     with _progress(name, accelerator.is_main_process) as bar:
@@ -121,6 +121,7 @@ def train_kd(
                 )
                 # Sampled answers are scored by the divergence alone (see edgekd.on_policy).
                 alpha = 1.0 if sampled else settings.alpha
+                sampled_batches += sampled
                 batch = {k: v.to(accelerator.device) for k, v in collate(chosen, pad_id).items()}
                 with accelerator.accumulate(student):
                     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
@@ -187,6 +188,7 @@ def train_kd(
         "seconds_this_run": round(seconds, 1),
         "tokens_per_s": round(tokens_done / seconds, 1) if seconds else None,
         "train_examples": len(examples),
+        "sampled_batches_this_run": sampled_batches,
     }
     return curve, summary
 
