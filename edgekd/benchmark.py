@@ -810,6 +810,7 @@ def _answers(job: Job, runner) -> list[str]:
         seed=0,
         temperature=0.0,
         batch_size=8,
+        num_beams=1,
     )
     return [r["messages"][-1]["content"] for r in rows]
 

@@ -92,7 +92,87 @@ class StudentSettings(Strict):
     allow_pickle: bool = Field(False, description="load pickle weights (they can run code)")
 
 
-class DataSettings(Strict):
+# --- Generation strategies, CoT, on-policy KD and self-distillation (issue #6, second half) ---
+
+
+class TeacherGenerationSettings(Strict):
+    """How the teacher writes the training answers (sequence-level KD and CoT distillation)."""
+
+    gen_strategy: Literal["greedy", "sample", "beam"] = Field(
+        "greedy",
+        description="teacher decoding: greedy, sample (at gen_temperature) or beam (gen_beams, "
+        "through transformers: llama.cpp has no beam search)",
+    )
+    gen_temperature: float = Field(
+        0.0, ge=0, description="0: not sampled; above 0 with gen_strategy=sample"
+    )
+    gen_beams: int = Field(4, ge=2, description="beams for gen_strategy=beam")
+    regenerate: bool = Field(
+        False,
+        description="with data.source: replace the corpus's assistant answers by the teacher's "
+        "(shipped prompts are always answered by the teacher)",
+    )
+    cot: bool = Field(
+        False, description="the teacher answers with step-by-step reasoning (cot_instruction)"
+    )
+    cot_instruction: str = Field(
+        "Think step by step and show your reasoning, then give the final answer on the last line.",
+        description="appended to each prompt for the teacher; the student sees the bare prompt",
+    )
+    cot_filter: bool = Field(
+        True, description="drop traces whose final answer is wrong, where a row has an 'answer'"
+    )
+
+    @model_validator(mode="after")
+    def _strategy_and_temperature(self) -> TeacherGenerationSettings:
+        if self.gen_strategy == "sample" and self.gen_temperature == 0:
+            raise ValueError("gen_strategy 'sample' needs gen_temperature > 0")
+        if self.gen_strategy != "sample" and self.gen_temperature > 0:
+            raise ValueError(
+                f"gen_temperature={self.gen_temperature} samples: set gen_strategy to 'sample' too"
+            )
+        return self
+
+
+class OnPolicySettings(Strict):
+    """On-policy KD (GKD, Agarwal et al.): some batches are the student's own samples."""
+
+    on_policy_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of batches replaced by the student's own samples"
+    )
+    on_policy_temperature: float = Field(1.0, gt=0, description="student sampling temperature")
+    on_policy_max_tokens: int = Field(64, gt=0, description="tokens sampled per prompt")
+
+
+class SelfDistillSettings(Strict):
+    """Self-distillation: the teacher is a frozen copy of the starting student; training batches
+    are its samples at a high temperature, scored by it at a low one."""
+
+    self_distill: bool = Field(
+        False, description="teacher = frozen copy of the starting student (not teacher.source)"
+    )
+    self_distill_sample_temperature: float = Field(
+        1.5, gt=0, description="temperature of the frozen copy's training samples"
+    )
+    self_distill_target_temperature: float = Field(
+        0.7, gt=0, description="the frozen copy's logits are divided by this (sharper if < 1)"
+    )
+
+
+class SpeculativeSettings(Strict):
+    """The bench's speculative-decoding check: the student drafts, the teacher verifies (torch)."""
+
+    spec_draft_len: int = Field(4, gt=0, description="tokens the student drafts per teacher pass")
+    spec_prompts: int = Field(
+        8, ge=0, description="held-out prompts decoded speculatively; 0: skip the check"
+    )
+    spec_max_tokens: int = Field(32, gt=0, description="tokens generated per prompt")
+
+
+# --- end of the issue #6 (second half) block ---
+
+
+class DataSettings(TeacherGenerationSettings):
     source: str | None = Field(
         None, description="jsonl, text file or folder, HF dataset; unset: shipped prompts"
     )
@@ -101,7 +181,6 @@ class DataSettings(Strict):
     max_heldout: int = Field(24, gt=0)
     num_prompts: int | None = Field(None, gt=0, description="use only the first N shipped prompts")
     gen_max_tokens: int = Field(128, gt=0, description="teacher answer length for shipped prompts")
-    gen_temperature: float = Field(0.0, ge=0, description="0: greedy answers")
     gen_seed: int = 0
     gen_parallel: int = Field(16, gt=0, description="prompts a GGUF teacher decodes at once")
     pack: bool = False
@@ -134,7 +213,7 @@ class ScaleSettings(Strict):
     )
 
 
-class TrainSettings(KDSettings, ScaleSettings):
+class TrainSettings(KDSettings, ScaleSettings, OnPolicySettings):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -147,7 +226,7 @@ class TrainSettings(KDSettings, ScaleSettings):
     log_every: int = Field(5, gt=0)
 
 
-class DistillSettings(TrainSettings):
+class DistillSettings(TrainSettings, SelfDistillSettings):
     pass
 
 
@@ -195,7 +274,7 @@ class ExportOnnxSettings(Strict):
         return self
 
 
-class BenchSettings(Strict):
+class BenchSettings(SpeculativeSettings):
     """How the bench stage measures each artifact (kept small: the host is usually shared)."""
 
     runs: int = Field(5, gt=0, description="timed runs per artifact; reported as median and range")

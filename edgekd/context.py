@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from edgekd import data, models
+from edgekd import data, models, teacher_data
 from edgekd.config import Profile, Recipe, settings_hash
 from edgekd.evaluate import HeldOut, load_reference, save_reference, torch_logprobs
 
@@ -91,44 +91,25 @@ class Context:
 
     @cached_property
     def rows(self) -> list[dict]:
-        """The corpus: the user's data, or the shipped prompts answered by the teacher."""
+        """The corpus: the user's data, or prompts (shipped, or the user's with data.regenerate)
+        answered by the teacher."""
         settings = self.recipe.data
-        if settings.source is not None:
+        if settings.source is not None and not settings.regenerate:
             return data.load_corpus(settings.source)
-        prompts = data.default_prompts()[: settings.num_prompts]
+        if settings.source is not None:
+            prompts = teacher_data.prompt_rows(data.load_corpus(settings.source), settings.source)
+        else:
+            prompts = data.default_prompts()[: settings.num_prompts]
         key = settings_hash(
             self.teacher_key,
             data.fingerprint(prompts),
-            settings.model_dump(include={"gen_max_tokens", "gen_temperature", "gen_seed"}),
+            teacher_data.generation_key(settings),
         )
         path = self.cache_path(f"corpus-{key[:16]}.jsonl")
         with self.state.main_process_first():
             if not path.exists() and self.is_main:
-                rows = self._generate(prompts)
-                data.write_jsonl_atomic(path, rows)
+                data.write_jsonl_atomic(path, teacher_data.teacher_rows(self, prompts))
         return data.read_jsonl(path)
-
-    def _generate(self, prompts: list[dict]) -> list[dict]:
-        settings = self.recipe.data
-        if self.teacher_source.kind == "gguf":
-            return data.generate_with_llama_cpp(
-                self.teacher_source.path,
-                prompts,
-                max_tokens=settings.gen_max_tokens,
-                seed=settings.gen_seed,
-                n_threads=self.threads,
-                temperature=settings.gen_temperature,
-                parallel=settings.gen_parallel,
-            )
-        return data.generate_with_transformers(
-            self.teacher,
-            self.tokenizer,
-            prompts,
-            max_tokens=settings.gen_max_tokens,
-            seed=settings.gen_seed,
-            temperature=settings.gen_temperature,
-            batch_size=8,
-        )
 
     @cached_property
     def _split(self) -> tuple[list[dict], list[dict]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from jinja2.exceptions import SecurityError, TemplateError
-from rich.progress import Progress, track
+from rich.progress import Progress
 
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
@@ -394,6 +394,53 @@ def _require_chat_template(tokenizer) -> None:
         )
 
 
+def decoding_options(*, temperature: float, num_beams: int) -> dict:
+    """transformers generate() options: sampling at temperature > 0, else greedy (num_beams 1)
+    or beam search. Knobs left out are set to None, which overrides any that a model's
+    generation_config sets (top-k/top-p would change what sampling draws from)."""
+    if temperature > 0 and num_beams > 1:
+        raise ValueError("sampling and beam search do not mix; pass temperature 0 with beams")
+    off = {"temperature": None, "top_p": None, "top_k": None}
+    if temperature > 0:
+        return {**off, "do_sample": True, "temperature": temperature}
+    return {**off, "do_sample": False, "num_beams": num_beams}
+
+
+def generate_token_ids(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_tokens: int,
+    pad_id: int,
+    decoding: dict,
+    batch_size: int,
+) -> list[list[int]]:
+    """The new token ids per prompt, from left-padded batched generate(); an answer that ended
+    early is followed by pad_id up to its batch's longest."""
+    # Batches of similar length waste less compute on padding.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        with torch.inference_mode():
+            gen = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=max_tokens,
+                pad_token_id=pad_id,
+                **decoding,
+            )
+        for i, new in zip(batch, gen[:, width:].tolist(), strict=True):
+            out[i] = new
+    return out
+
+
 def generate_with_transformers(
     model,
     tokenizer,
@@ -403,8 +450,10 @@ def generate_with_transformers(
     seed: int,
     temperature: float,
     batch_size: int,
+    num_beams: int,
 ) -> list[dict]:
-    """Teacher answers from a transformers model: chat template, left-padded batched generate."""
+    """Teacher answers from a transformers model: chat template, left-padded batched generate;
+    greedy (temperature 0, num_beams 1), sampling (temperature > 0) or beam search."""
     _require_chat_template(tokenizer)
     texts = [
         render_chat(
@@ -416,33 +465,19 @@ def generate_with_transformers(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature}
-    else:  # None overrides sampling knobs a model's generation_config may set
-        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    # Batches of similar length waste less compute on padding.
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    answers: dict[int, str] = {}
     torch.manual_seed(seed)
-    for batch in track(batches, description="Teacher answers (transformers)"):
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]) :] = 1
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                max_new_tokens=max_tokens,
-                pad_token_id=pad_id,
-                **sampling,
-            )
-        for i, new in zip(batch, out[:, width:], strict=True):
-            answers[i] = tokenizer.decode(new, skip_special_tokens=True)
-    return [_answered(p, answers[i]) for i, p in enumerate(prompts)]
+    answers = generate_token_ids(
+        model,
+        encoded,
+        max_tokens=max_tokens,
+        pad_id=pad_id,
+        decoding=decoding_options(temperature=temperature, num_beams=num_beams),
+        batch_size=batch_size,
+    )
+    return [
+        _answered(p, tokenizer.decode(a, skip_special_tokens=True))
+        for p, a in zip(prompts, answers, strict=True)
+    ]
 
 
 def _canonical(row: dict) -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd import data, models, pipeline
+from edgekd import data, models, pipeline, teacher_data
 from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError
 from edgekd.formats import gguf, onnx
@@ -26,6 +26,13 @@ def check_data(recipe: Recipe) -> None:
     if recipe.data.source is None:
         return
     rows = data.load_corpus(recipe.data.source)
+    if recipe.data.cot and not recipe.data.regenerate:
+        raise EdgekdError(
+            f"data.cot=true with data.source {recipe.data.source}: the teacher must write the "
+            "answers; set data.regenerate=true too"
+        )
+    if recipe.data.regenerate:
+        teacher_data.prompt_rows(rows, recipe.data.source)
     train, heldout = data.split_heldout(rows, recipe.data.heldout_fraction, recipe.data.max_heldout)
     if not heldout:
         raise EdgekdError(

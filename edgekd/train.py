@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_cosine_schedule_with_warmup
 
-from edgekd import atomic
+from edgekd import atomic, on_policy
 from edgekd.chunked_kd import chunked_kd_loss, head_logits
 from edgekd.config import TrainSettings
 from edgekd.context import Context, on_gpu
@@ -68,27 +68,34 @@ def kd_step_loss(
     teacher: torch.nn.Module,
     batch: dict,
     settings: TrainSettings,
+    *,
+    alpha: float,
 ) -> KDLossOutput:
-    """One micro-batch's KD loss: on full logits (loss_chunk_tokens=0) or chunked from the final
-    hidden states and LM heads (`student` may be wrapped, e.g. by DDP; its head is given apart)."""
+    """One micro-batch's KD loss with weight `alpha` on the divergence: on full logits
+    (loss_chunk_tokens=0) or chunked from the final hidden states and LM heads (`student` may be
+    wrapped, e.g. by DDP; its head is given apart)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    kd_args = settings.model_dump(include=_KD_ARGS)
+    kd_args = settings.model_dump(include=_KD_ARGS) | {"alpha": alpha}
     if settings.loss_chunk_tokens == 0:
         t_logits = None
-        if settings.alpha > 0:  # alpha=0 trains on hard labels alone
+        if alpha > 0:  # alpha=0 trains on hard labels alone
             with torch.no_grad():
-                t_logits = teacher(**inputs).logits
+                t_logits = on_policy.teacher_targets(teacher(**inputs).logits, settings)
             t_logits, _ = shift_for_next_token(t_logits, batch["labels"])
         s_logits = student(**inputs).logits
         s_logits, labels = shift_for_next_token(s_logits, batch["labels"])
         return kd_loss(s_logits, t_logits, labels, **kd_args)
     t_logits = None
-    if settings.alpha > 0:
+    if alpha > 0:
         with torch.no_grad():
             t_hidden = teacher.get_decoder()(**inputs).last_hidden_state
         t_hidden, labels = shift_for_next_token(t_hidden, batch["labels"])
         t_head = teacher.get_output_embeddings()
-        t_logits = head_logits(t_hidden[labels != IGNORE_INDEX], t_head.weight, t_head.bias)
+        chunks = head_logits(t_hidden[labels != IGNORE_INDEX], t_head.weight, t_head.bias)
+
+        def t_logits(start: int, stop: int) -> torch.Tensor:
+            return on_policy.teacher_targets(chunks(start, stop), settings)
+
     out = student(**inputs, output_hidden_states=True, logits_to_keep=_NO_LOGITS)
     s_hidden, labels = shift_for_next_token(out.hidden_states[-1], batch["labels"])
     return chunked_kd_loss(
@@ -141,7 +148,7 @@ def train_kd(
     accelerator = _accelerator(settings, name)
     examples = ctx.train_examples
     pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
-    teacher = ctx.teacher
+    teacher = on_policy.training_teacher(lambda: ctx.teacher, student, settings)
     if not getattr(teacher, "is_quantized", False):  # bitsandbytes loaded it on its device
         teacher = teacher.to(accelerator.device)
     if settings.gradient_checkpointing:
@@ -169,7 +176,7 @@ def train_kd(
         step, curve = progress["step"], progress["curve"]
         accelerator.print(f"{name}: resuming from the checkpoint at step {step}")
 
-    tokens_done, start = 0, time.perf_counter()
+    tokens_done, sampled_batches, start = 0, 0, time.perf_counter()
     window_loss = window_kd = window_ce = 0.0
     window_n = 0
     with _progress(name, accelerator.is_main_process) as bar:
@@ -184,13 +191,24 @@ def train_kd(
                     accelerator.process_index,
                     accelerator.num_processes,
                 )
-                batch = {
-                    k: v.to(accelerator.device)
-                    for k, v in collate([examples[i] for i in idx], pad_id).items()
-                }
+                chosen, sampled = on_policy.training_examples(
+                    [examples[i] for i in idx],
+                    settings,
+                    student=accelerator.unwrap_model(student),
+                    teacher=teacher,
+                    micro_step=step * settings.grad_accum + micro,
+                    max_len=ctx.recipe.data.max_seq_len,
+                    pad_id=pad_id,
+                )
+                # Sampled answers are scored by the divergence alone (see edgekd.on_policy).
+                alpha = 1.0 if sampled else settings.alpha
+                sampled_batches += sampled
+                batch = {k: v.to(accelerator.device) for k, v in collate(chosen, pad_id).items()}
                 with accelerator.accumulate(student):
                     with accelerator.autocast():
-                        out = kd_step_loss(student, student_head, teacher, batch, settings)
+                        out = kd_step_loss(
+                            student, student_head, teacher, batch, settings, alpha=alpha
+                        )
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
@@ -244,6 +262,7 @@ def train_kd(
         "seconds_this_run": round(seconds, 1),
         "tokens_per_s": round(tokens_done / seconds, 1) if seconds else None,
         "train_examples": len(examples),
+        "sampled_batches_this_run": sampled_batches,
     }
     return curve, summary
 

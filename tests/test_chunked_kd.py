@@ -131,7 +131,9 @@ def test_training_step_matches_plain_path_on_tiny_llama(models_and_batch, diverg
         settings = TrainSettings(
             loss_chunk_tokens=chunk, alpha=alpha, divergence=divergence, temperature=2.0, **ARGS
         )
-        out = kd_step_loss(student, student.get_output_embeddings(), teacher, batch, settings)
+        out = kd_step_loss(
+            student, student.get_output_embeddings(), teacher, batch, settings, alpha=settings.alpha
+        )
         results.append((out, _grads(out.loss, params)))
     (plain, plain_grads), (chunked, chunked_grads) = results
     assert torch.allclose(chunked.loss, plain.loss, atol=1e-5, rtol=1e-5)

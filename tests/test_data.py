@@ -305,7 +305,7 @@ def test_generate_with_transformers_batches_like_single(tokenizer):
         {"prompt": "What is the capital of France?", "category": "factual", "answer": "Paris"},
         {"prompt": "List three colors.", "category": "list"},
     ]
-    kw = {"max_tokens": 4, "seed": 0, "temperature": 0.0}
+    kw = {"max_tokens": 4, "seed": 0, "temperature": 0.0, "num_beams": 1}
     batched = generate_with_transformers(model, tokenizer, prompts, batch_size=3, **kw)
     assert generate_with_transformers(model, tokenizer, prompts, batch_size=1, **kw) == batched
     assert batched[1]["answer"] == "Paris" and batched[1]["category"] == "factual"

@@ -1,5 +1,6 @@
-"""Scale settings the host or the build cannot honour are refused before any work, in one line."""
+"""Settings the host, the build or the data cannot honour are refused before work, in one line."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from edgekd.config import load_profile, load_recipe
 from edgekd.errors import EdgekdError
 from edgekd.plan import make_plan
-from edgekd.preflight import check_scale
+from edgekd.preflight import check_data, check_scale
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 QWEN = [f"teacher.source={CONFIGS / 'qwen2.5-7b-instruct'}"]
@@ -45,3 +46,14 @@ def test_quantized_teacher_cannot_be_a_gguf():
     with pytest.raises(EdgekdError, match="teacher.load_in=4bit needs a Hugging Face model"):
         recipe = load_recipe(None, ["teacher.load_in=4bit"])  # the embedded GGUF teacher
         check_scale(recipe, make_plan(load_profile("phone-1gb"), recipe, STAGES, timing=False))
+
+
+def test_cot_and_regenerate_on_user_data(chat_jsonl):
+    with pytest.raises(EdgekdError, match="data.cot=true .* set data.regenerate=true"):
+        check_data(load_recipe(None, ["data.cot=true"], data=str(chat_jsonl)))
+    check_data(load_recipe(None, ["data.cot=true", "data.regenerate=true"], data=str(chat_jsonl)))
+    rows = chat_jsonl.read_text().splitlines()
+    rows[3] = json.dumps({"text": "plain text"})
+    chat_jsonl.write_text("\n".join(rows) + "\n")
+    with pytest.raises(EdgekdError, match="row 4 is not one user turn"):
+        check_data(load_recipe(None, ["data.regenerate=true"], data=str(chat_jsonl)))

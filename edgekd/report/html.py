@@ -11,7 +11,7 @@ import math
 from html import escape
 
 from edgekd.benchmark import MIB
-from edgekd.report.summary import mb, spread_text, verdict_line
+from edgekd.report.summary import mb, speculative_line, spread_text, verdict_line
 
 _PALETTE = ("#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#be123c", "#854d0e")
 _MEASURED, _LIMIT, _PROJECTION = "#2563eb", "#94a3b8", "#f59e0b"
@@ -437,6 +437,15 @@ def _cards(bench: dict) -> str:
             em = r["exact_match"]
             if em["total"]:
                 cards.append((f"{em['correct']}/{em['total']}", f"{r['name']}: exact-match"))
+    spec = bench.get("speculative")
+    if spec:
+        cards.append(
+            (
+                f"{spec['mean_accepted_length']:.2f} / {spec['draft_len']}",
+                f"speculative decoding: draft tokens the teacher accepts per pass "
+                f"({100 * spec['acceptance_rate']:.0f}% of drafted)",
+            )
+        )
     host = bench["host"]
     cards.append(
         (
@@ -640,6 +649,13 @@ def render(report: dict) -> str:
             _profiles_table(report["profile_verdicts"]),
             _answers(bench),
         ]
+        if bench.get("speculative"):
+            parts += [
+                '<h2>The student as a draft model</h2><p id="speculative">',
+                _e(speculative_line(bench["speculative"])),
+                ". Measured by running both models: the student drafts greedily, one teacher "
+                "forward verifies the draft, the longest matching prefix is accepted.</p>",
+            ]
         host = bench["host"]
         parts.append(
             f'<p class="note">Host: {_e(host["cpu"])}, {host["cores"]} cores, '

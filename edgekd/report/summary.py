@@ -156,6 +156,18 @@ def verdict_line(row: dict) -> str:
     )
 
 
+def speculative_line(spec: dict) -> str:
+    """One sentence on the student as a speculative-decoding draft model for the teacher."""
+    k = spec["draft_len"]
+    return (
+        f"speculative decoding, student drafting {k} tokens for the teacher (greedy, "
+        f"{spec['prompts']} held-out prompts, {spec['rounds']} teacher passes, {spec['note']}): "
+        f"{100 * spec['acceptance_rate']:.0f}% of drafted tokens accepted, mean accepted length "
+        f"{spec['mean_accepted_length']:.2f} of {k}, {spec['tokens_per_target_forward']:.2f} "
+        "tokens per teacher pass"
+    )
+
+
 def _table(title: str, cols: list[str], rows: list[list[str]]) -> Table:
     table = Table(title=title)
     for i, col in enumerate(cols):
@@ -218,6 +230,8 @@ def print_bench(bench: dict, console: Console) -> None:
         console.print("no device artifact (GGUF/ONNX in the profile's formats) was judged")
     for table in bench_tables(bench):
         console.print(table)
+    if bench.get("speculative"):
+        console.print(speculative_line(bench["speculative"]), highlight=False)
     host = bench["host"]
     console.print(
         f"host: {host['cpu']}, {host['cores']} cores, {host['threads']} threads, memory "

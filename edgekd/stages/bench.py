@@ -8,7 +8,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from edgekd import benchmark, data
+import torch
+
+from edgekd import benchmark, data, models, speculative
 from edgekd.benchmark import Artifact
 from edgekd.config import BenchSettings
 from edgekd.context import Context
@@ -74,6 +76,31 @@ def _questions(ctx: Context, n: int) -> tuple[list[dict], dict]:
     return picked, note
 
 
+def _speculative(ctx: Context, settings: BenchSettings, threads: int) -> dict:
+    """Greedy speculative decoding of held-out prompts, the student drafting for the teacher."""
+    console.print(
+        f"  bench: speculative decoding, student drafts {settings.spec_draft_len} tokens "
+        f"(torch, {threads} threads)"
+    )
+    student = models.load_model(models.resolve_source(str(ctx.latest_model()), role="student"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        measured = speculative.greedy_acceptance(
+            student,
+            ctx.teacher,
+            speculative.heldout_prompts(ctx.heldout, settings.spec_prompts),
+            draft_len=settings.spec_draft_len,
+            max_new_tokens=settings.spec_max_tokens,
+        )
+    finally:
+        torch.set_num_threads(before)
+    note = "both models in torch"
+    if ctx.teacher_source.kind == "gguf":
+        note += ", the GGUF teacher dequantized"
+    return {**measured, "note": note}
+
+
 def run(ctx: Context, settings: BenchSettings) -> StageResult:
     if not ctx.is_main:
         return StageResult(artifacts=[])
@@ -115,5 +142,7 @@ def run(ctx: Context, settings: BenchSettings) -> StageResult:
         for stage, folder in ctx.stage_dirs.items()
         if folder != ctx.work_dir and read_done(folder)
     }
+    if settings.spec_prompts:
+        report["speculative"] = _speculative(ctx, settings, threads)
     quality = {f"{r['name']} ({r['runtime']})": r["quality"] for r in rows}
     return StageResult(artifacts=[], report=report, quality=quality)

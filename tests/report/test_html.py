@@ -8,6 +8,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from edgekd import benchmark
 from edgekd.benchmark import Artifact, TokenCost
@@ -293,3 +294,28 @@ def test_chromium_renders_verdict_and_plots(tmp_path):
     assert _has_colour(rows, (0x16, 0xA3, 0x4A), 0, 200) > 50
     assert _has_colour(rows, (0x25, 0x63, 0xEB)) > 200
     assert _has_colour(rows, (0xDC, 0x26, 0x26)) > 10
+
+
+def test_speculative_acceptance_in_the_page_and_the_terminal():
+    report = _report()
+    assert "speculative" not in _parse(html.render(report)).ids
+    report["bench"]["speculative"] = {
+        "draft_len": 4,
+        "prompts": 8,
+        "max_new_tokens": 32,
+        "rounds": 100,
+        "drafted": 400,
+        "accepted": 250,
+        "acceptance_rate": 0.625,
+        "mean_accepted_length": 2.5,
+        "tokens_per_target_forward": 3.5,
+        "note": "both models in torch",
+    }
+    els = _parse(html.render(report))
+    text = " ".join(" ".join(els.text).split())
+    assert "speculative" in els.ids
+    assert "2.50 / 4" in text and "62% of drafted tokens accepted" in text
+    assert "3.50 tokens per teacher pass" in text
+    console = Console(record=True, width=300)
+    summary.print_bench(report["bench"], console)
+    assert "mean accepted length 2.50 of 4" in console.export_text()

@@ -27,6 +27,8 @@ SMALL = [
     "bench.answer_max_tokens=4",
     "bench.threads=1",
     "bench.bandwidth_mib=16",
+    "bench.spec_prompts=2",
+    "bench.spec_max_tokens=6",
 ]
 
 
@@ -72,6 +74,10 @@ def test_bench_measures_every_artifact(built):
         assert r["budget"]["context_length"] == load_profile("phone-1gb").context_length
         assert r["threads"] == 1
         assert r["size_bytes"] >= r["weights_bytes"] > 0
+    spec = report["speculative"]
+    assert spec["draft_len"] == 4 and spec["prompts"] == 2 and spec["rounds"] >= 2
+    assert 0 <= spec["acceptance_rate"] <= 1
+    assert spec["mean_accepted_length"] == pytest.approx(4 * spec["acceptance_rate"])
     # The teacher against its own reference; the full-precision student in torch and in its
     # exact exports agree with each other.
     assert rows["teacher"]["quality"]["kld"] < 1e-3

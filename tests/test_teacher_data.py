@@ -1,0 +1,95 @@
+"""Teacher-written answers: the corpus cache key, prompts from user rows, the CoT instruction
+and answer filter, and beam search through transformers."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from edgekd.config import DataSettings
+from edgekd.data import decoding_options, generate_with_transformers
+from edgekd.errors import EdgekdError
+from edgekd.teacher_data import generation_key, keep_correct, prompt_rows, with_instruction
+from tests.conftest import tiny_llama_config
+
+
+def _chat(user, reply=None, **extra):
+    msgs = [{"role": "user", "content": user}]
+    if reply is not None:
+        msgs.append({"role": "assistant", "content": reply})
+    return {"messages": msgs, **extra}
+
+
+def test_generation_key_keeps_the_old_default_and_names_every_change():
+    default = generation_key(DataSettings())
+    assert default == {"gen_max_tokens": 128, "gen_temperature": 0.0, "gen_seed": 0}
+    keys = [
+        generation_key(DataSettings(**kw))
+        for kw in (
+            {},
+            {"gen_strategy": "sample", "gen_temperature": 0.8},
+            {"gen_strategy": "beam"},
+            {"gen_strategy": "beam", "gen_beams": 2},
+            {"cot": True},
+            {"cot": True, "cot_filter": False},
+            {"cot": True, "cot_instruction": "Reason first."},
+        )
+    ]
+    assert len({repr(k) for k in keys}) == len(keys)
+    # Settings that do not change what the teacher writes leave the key alone.
+    assert generation_key(DataSettings(max_seq_len=64, gen_parallel=4)) == default
+
+
+def test_strategy_and_temperature_must_agree():
+    with pytest.raises(ValueError, match="set gen_strategy to 'sample'"):
+        DataSettings(gen_temperature=0.7)
+    with pytest.raises(ValueError, match="needs gen_temperature > 0"):
+        DataSettings(gen_strategy="sample")
+    with pytest.raises(ValueError, match="do not mix"):
+        decoding_options(temperature=0.5, num_beams=2)
+    assert decoding_options(temperature=0.0, num_beams=3)["num_beams"] == 3
+
+
+def test_prompt_rows_from_user_chat_rows():
+    rows = [_chat("What is 2 plus 2?", "5", answer="4"), _chat("Tell a story.")]
+    assert prompt_rows(rows, "d.jsonl") == [
+        {"prompt": "What is 2 plus 2?", "answer": "4"},
+        {"prompt": "Tell a story."},
+    ]
+    with pytest.raises(EdgekdError, match=r"d.jsonl: row 2 .*data.regenerate=false"):
+        prompt_rows([rows[0], {"text": "plain"}], "d.jsonl")
+    system = {"messages": [{"role": "system", "content": "x"}, *rows[1]["messages"]]}
+    with pytest.raises(EdgekdError, match="row 1"):
+        prompt_rows([system], "d.jsonl")
+
+
+def test_cot_instruction_and_answer_filter():
+    assert with_instruction([{"prompt": "2+2?", "answer": "4"}], "Think.") == [
+        {"prompt": "2+2?\n\nThink.", "answer": "4"}
+    ]
+    rows = [
+        _chat("What is 12 plus 30?", "12 + 30 = 42. The answer is 42.", answer=42),
+        _chat("What is 7 times 6?", "7 times 6 is 42, so 43.", answer="42"),
+        _chat("Who is the tallest?", "First, Mei is taller than Ravi. So Mei.", answer="Mei"),
+        _chat("Tell a story.", "Once upon a time."),
+    ]
+    kept, counts = keep_correct(rows)
+    assert kept == [rows[0], rows[2], rows[3]]
+    assert counts == {"checkable": 3, "right": 2, "dropped": 1}
+
+
+def test_beam_search_matches_generate(tokenizer):
+    torch.manual_seed(0)
+    config = tiny_llama_config(tokenizer)
+    config.tie_word_embeddings = False
+    model = LlamaForCausalLM(config).eval()
+    prompts = [{"prompt": "Hi"}, {"prompt": "What is the capital of France?"}]
+    kw = {"max_tokens": 5, "seed": 0, "temperature": 0.0, "batch_size": 1}
+    beam = generate_with_transformers(model, tokenizer, prompts, num_beams=3, **kw)
+    for p, row in zip(prompts, beam, strict=True):
+        user = [{"role": "user", "content": p["prompt"]}]
+        ids = tokenizer.apply_chat_template(user, add_generation_prompt=True, return_tensors="pt")
+        out = model.generate(
+            ids, max_new_tokens=5, do_sample=False, num_beams=3, pad_token_id=0, top_k=None
+        )
+        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        assert row["messages"][1]["content"] == reply
