@@ -20,10 +20,11 @@ from accelerate.utils import set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_cosine_schedule_with_warmup
 
-from edgekd import atomic
+from edgekd import atomic, models
 from edgekd.config import TrainSettings
 from edgekd.context import Context, on_gpu
 from edgekd.data import collate
+from edgekd.feature_kd import MethodLosses
 from edgekd.losses import kd_loss, shift_for_next_token
 
 CHECKPOINT = "checkpoint"
@@ -73,10 +74,14 @@ def train_kd(
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not on_gpu())
     examples = ctx.train_examples
     pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
-    teacher = ctx.teacher.to(accelerator.device)
+    methods = MethodLosses(settings, student.config, models.load_config(ctx.teacher_source))
+    live = settings.alpha > 0 and settings.teacher_logits == "live"
+    cache = ctx.logit_cache if settings.alpha > 0 and settings.teacher_logits == "cache" else None
+    # With the cache and no feature, attention or relation term the teacher is never loaded here.
+    teacher = ctx.teacher.to(accelerator.device) if live or methods.active else None
     student.train()
     optimizer = torch.optim.AdamW(
-        [p for p in student.parameters() if p.requires_grad],
+        [p for p in student.parameters() if p.requires_grad] + list(methods.parameters()),
         lr=settings.lr,
         weight_decay=settings.weight_decay,
     )
@@ -84,6 +89,8 @@ def train_kd(
         optimizer, math.ceil(settings.warmup_ratio * settings.max_steps), settings.max_steps
     )
     student, optimizer = accelerator.prepare(student, optimizer)
+    extra_loss = accelerator.prepare(methods) if any(methods.parameters()) else methods
+    methods.attach(accelerator.unwrap_model(student), teacher)
     accelerator.register_for_checkpointing(scheduler)
 
     ckpt = ctx.work_dir / CHECKPOINT
@@ -96,7 +103,7 @@ def train_kd(
 
     tokens_done, start = 0, time.perf_counter()
     window_loss = window_kd = window_ce = 0.0
-    window_n = 0
+    window_n, window_terms = 0, {}
     with _progress(name, accelerator.is_main_process) as bar:
         task = bar.add_task(name, total=settings.max_steps, completed=step, loss=0.0, tps=0.0)
         while step < settings.max_steps:
@@ -115,13 +122,17 @@ def train_kd(
                 }
                 with accelerator.accumulate(student):
                     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-                    t_logits = None
-                    if settings.alpha > 0:  # alpha=0 trains on hard labels alone
+                    t_out = t_logits = None  # alpha=0 trains on hard labels alone
+                    if teacher is not None:
                         with torch.no_grad():
-                            t_logits = teacher(**inputs).logits
-                        t_logits, _ = shift_for_next_token(t_logits, batch["labels"])
-                    s_logits = student(**inputs).logits
-                    s_logits, labels = shift_for_next_token(s_logits, batch["labels"])
+                            t_out = teacher(**inputs, **methods.model_kwargs)
+                    if live:
+                        t_logits, _ = shift_for_next_token(t_out.logits, batch["labels"])
+                    if cache is not None:
+                        width = batch["input_ids"].shape[1]
+                        t_logits = cache.teacher_logits(idx, width, accelerator.device)
+                    s_out = student(**inputs, **methods.model_kwargs)
+                    s_logits, labels = shift_for_next_token(s_out.logits, batch["labels"])
                     out = kd_loss(
                         s_logits,
                         t_logits,
@@ -132,12 +143,18 @@ def train_kd(
                         skew_alpha=settings.skew_alpha,
                         jsd_beta=settings.jsd_beta,
                     )
-                    accelerator.backward(out.loss)
+                    loss, terms = out.loss, {}
+                    if methods.active:
+                        extra, terms = extra_loss(s_out, t_out, batch["attention_mask"])
+                        loss = loss + extra
+                    accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
-                window_loss += out.loss.item()
+                window_loss += loss.item()
+                for k, v in terms.items():
+                    window_terms[k] = window_terms.get(k, 0.0) + v
                 window_kd += float(out.kd)
                 window_ce += float(out.ce)
                 window_n += 1
@@ -155,15 +172,17 @@ def train_kd(
                         "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": tps,
                     }
+                    | {k: v / window_n for k, v in window_terms.items()}
                 )
                 window_loss = window_kd = window_ce = 0.0
-                window_n = 0
+                window_n, window_terms = 0, {}
             bar.update(task, completed=step, loss=curve[-1]["loss"] if curve else 0.0, tps=tps)
             if on_step is not None:
                 on_step(step, accelerator.unwrap_model(student))
             if step % settings.checkpoint_every == 0 and step < settings.max_steps:
                 _save_checkpoint(accelerator, ckpt, step, curve)
     accelerator.wait_for_everyone()
+    methods.detach()
     seconds = time.perf_counter() - start
     unwrapped = accelerator.unwrap_model(student)
     unwrapped.eval()
