@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from edgekd.config import MethodSettings
 
 _LOG_FLOOR = torch.finfo(torch.float32).min
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def layer_pairs(
@@ -119,9 +120,10 @@ def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: T
     losses = []
     for s, t in zip(student, teacher, strict=True):
         g = math.gcd(s.shape[1], t.shape[1])
-        # The eager softmax puts exactly 0 on masked keys; log(0) = -inf is floored in _row_kl.
-        log_q = group_heads(s.float(), g).log()
-        log_p = group_heads(t.detach().float(), g).log()
+        # The eager softmax puts exactly 0 on masked keys. Flooring before the log keeps its
+        # gradient finite there (clamping -inf after it would give 0 * inf = NaN).
+        log_q = group_heads(s.float(), g).clamp(min=_TINY).log()
+        log_p = group_heads(t.detach().float(), g).clamp(min=_TINY).log()
         losses.append(_row_kl(log_p, log_q, mask))
     return torch.stack(losses).mean()
 

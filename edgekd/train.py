@@ -89,7 +89,7 @@ def train_kd(
         optimizer, math.ceil(settings.warmup_ratio * settings.max_steps), settings.max_steps
     )
     student, optimizer = accelerator.prepare(student, optimizer)
-    extra_loss = accelerator.prepare(methods) if any(methods.parameters()) else methods
+    extra_loss = accelerator.prepare(methods) if list(methods.parameters()) else methods
     methods.attach(accelerator.unwrap_model(student), teacher)
     accelerator.register_for_checkpointing(scheduler)
 

@@ -84,6 +84,10 @@ def test_attention_loss_handles_exact_zeros_of_masked_keys():
     want = (0.25 * math.log(0.5) + 0.75 * math.log(1.5)) / 2
     assert loss.item() == pytest.approx(want, rel=1e-5)
     assert attention_loss([p], [p], torch.ones(1, 2)).item() == pytest.approx(0, abs=1e-7)
+    # Exact zeros in the student's map leave finite gradients.
+    q = q.clone().requires_grad_(True)
+    attention_loss([q], [p], torch.ones(1, 2)).backward()
+    assert torch.isfinite(q.grad).all()
 
 
 def test_value_relation_matches_minilm_formula_with_padding():
