@@ -16,8 +16,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from edgekd.atomic import atomic_path
@@ -99,8 +98,7 @@ class LogitCache:
 
     @classmethod
     def load(cls, path: Path) -> LogitCache:
-        with safe_open(str(path), framework="pt") as f:
-            return cls({name: f.get_tensor(name) for name in f.keys()})
+        return cls(load_file(str(path)))
 
     @property
     def num_examples(self) -> int:

@@ -1,4 +1,4 @@
-"""Feature, attention and relation KD and the teacher logit cache, each through the distill stage."""
+"""Feature, attention and relation KD and the teacher logit cache, each through distill."""
 
 import json
 
