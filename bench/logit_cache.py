@@ -1,0 +1,151 @@
+"""The teacher logit cache against the live teacher: time and memory per training step, the cache's
+build time and size, and the held-out quality of students distilled from each.
+
+    python bench/logit_cache.py [--top-k 8 --top-k 64] [--steps 8] [--set k=v ...]
+
+Quality: the distill stage of the default build (embedded teacher, pruned student) on a small
+budget, once with distill.teacher_logits=live and once per top-k with =cache, all from one cached
+corpus (export/<profile>-logits*/). Step cost: the same KD step (student forward, backward, AdamW)
+in a fresh process per arm, fed by the live teacher or by the cache; peak RSS is the process's
+high-water mark (so it includes the teacher's weights when the arm loads them), time the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+SMALL = [
+    "data.num_prompts=96",
+    "data.gen_max_tokens=64",
+    "student.calibration_examples=4",
+    "distill.max_steps=24",
+    "distill.batch_size=4",
+    "distill.log_every=4",
+]
+
+
+def _step_cost(arm: str, student_dir: str, cache_path: str | None, examples, steps, queue) -> None:
+    """In a fresh process: median seconds per KD step and the peak RSS (MiB)."""
+    import torch
+
+    from edgekd import logit_cache, models
+    from edgekd.data import collate
+    from edgekd.losses import kd_loss, shift_for_next_token
+
+    student = models.load_model(models.resolve_source(student_dir, role="student"))
+    student.train()
+    teacher = cache = None
+    if cache_path is None:
+        teacher = models.load_model(models.resolve_source("embedded", role="teacher"))
+        teacher.requires_grad_(False)
+    else:
+        cache = logit_cache.LogitCache.load(Path(cache_path))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    times = []
+    for step in range(steps + 1):  # the first step warms up and is not timed
+        idx = [(4 * step + i) % len(examples) for i in range(4)]
+        batch = collate([examples[i] for i in idx], 0)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        start = time.perf_counter()
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits, _ = shift_for_next_token(teacher(**inputs).logits, batch["labels"])
+        else:
+            t_logits = cache.teacher_logits(idx, batch["input_ids"].shape[1], "cpu")
+        s_logits, labels = shift_for_next_token(student(**inputs).logits, batch["labels"])
+        loss = kd_loss(
+            s_logits,
+            t_logits,
+            labels,
+            temperature=2.0,
+            alpha=0.9,
+            divergence="forward_kl",
+            skew_alpha=0.1,
+            jsd_beta=0.5,
+        ).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step:
+            times.append(time.perf_counter() - start)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"arm": arm, "s_per_step": statistics.median(times), "peak_rss_mib": rss})
+
+
+def main() -> None:
+    from edgekd import pipeline
+    from edgekd.config import load_profile, load_recipe
+    from edgekd.context import Context
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="phone-1gb")
+    ap.add_argument("--top-k", dest="ks", type=int, action="append", default=[])
+    ap.add_argument("--steps", type=int, default=8, help="timed KD steps per arm")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    ks = args.ks or [8, 64]
+    profile = load_profile(args.profile)
+    base = Path("export") / f"{profile.name}-logits"
+    arms = [("live", ["distill.teacher_logits=live"])]
+    cache_on = "distill.teacher_logits=cache"
+    arms += [(f"cache k={k}", [cache_on, f"logit_cache.top_k={k}"]) for k in ks]
+    reports, builds, caches = {}, {}, {}
+    for name, extra in arms:
+        run = base.with_name(f"{base.name}-{name.replace(' ', '').replace('=', '')}")
+        if name != "live":
+            # Same corpus and teacher reference: copy them instead of generating them again.
+            shutil.copytree(base.with_name(f"{base.name}-live") / "cache", run / "cache",
+                            dirs_exist_ok=True)  # fmt: skip
+        recipe = load_recipe(None, [*SMALL, *args.overrides, *extra])
+        if name != "live":
+            ctx = Context(run_dir=run, profile=profile, recipe=recipe)
+            start = time.perf_counter()
+            cache = ctx.logit_cache
+            builds[name] = time.perf_counter() - start
+            caches[name] = (next((run / "cache").glob("logits-*.safetensors")), cache.nbytes())
+        pipeline.build(profile, recipe, run, ["distill"])
+        reports[name] = json.loads((run / "01-distill" / "report.json").read_text())
+
+    live = reports["live"]
+    positions = None
+    print(f"\nquality: held-out slice of {live['quality']['teacher']['tokens']} tokens, "
+          f"{SMALL[3]}, {SMALL[4]}")  # fmt: skip
+    print(f"{'arm':14}{'kld':>9}{'top1':>8}{'ppl':>10}{'train s':>9}")
+    for name, _ in arms:
+        q = reports[name]["quality"]["student after"]
+        sec = reports[name]["training"]["seconds_this_run"]
+        print(f"{name:14}{q['kld']:>9.4f}{q['top1']:>8.3f}{q['ppl']:>10.3f}{sec:>9.1f}")
+    for name, (path, nbytes) in caches.items():
+        from edgekd.logit_cache import LogitCache
+
+        positions = len(LogitCache.load(path).t["log_rest"])
+        print(f"{name}: built in {builds[name]:.1f} s, {nbytes / 2**20:.1f} MiB on disk for "
+              f"{positions} positions ({nbytes / positions:.0f} B each)")  # fmt: skip
+
+    student_dir = str(base.with_name(f"{base.name}-live") / "01-distill" / "model")
+    ctx = Context(run_dir=base.with_name(f"{base.name}-live"), profile=profile,
+                  recipe=load_recipe(None, [*SMALL, *args.overrides]))  # fmt: skip
+    examples = ctx.train_examples
+    spawn = mp.get_context("spawn")
+    print(f"\nstep cost: batch 4, {args.steps} timed steps, median; fresh process per arm")
+    print(f"{'arm':14}{'s/step':>9}{'peak RSS MiB':>14}")
+    for name, _ in arms:
+        queue = spawn.Queue()
+        cache_path = str(caches[name][0]) if name in caches else None
+        work = (name, student_dir, cache_path, examples, args.steps, queue)
+        proc = spawn.Process(target=_step_cost, args=work)
+        proc.start()
+        row = queue.get()
+        proc.join()
+        print(f"{name:14}{row['s_per_step']:>9.3f}{row['peak_rss_mib']:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
