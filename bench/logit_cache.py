@@ -1,13 +1,14 @@
 """The teacher logit cache against the live teacher: time and memory per training step, the cache's
 build time and size, and the held-out quality of students distilled from each.
 
-    python bench/logit_cache.py [--top-k 8 --top-k 64] [--steps 8] [--set k=v ...]
+    python bench/logit_cache.py [--top-k 64] [--temperature 2 --temperature 1] [--steps 8]
 
 Quality: the distill stage of the default build (embedded teacher, pruned student) on a small
-budget, once with distill.teacher_logits=live and once per top-k with =cache, all from one cached
-corpus (export/<profile>-logits*/). Step cost: the same KD step (student forward, backward, AdamW)
-in a fresh process per arm, fed by the live teacher or by the cache; peak RSS is the process's
-high-water mark (so it includes the teacher's weights when the arm loads them), time the median.
+budget, per temperature once with distill.teacher_logits=live and once per top-k with =cache, all
+from one cached corpus (export/<profile>-logits-*/). Step cost: the same KD step (student forward,
+backward, AdamW) in a fresh process per arm, fed by the live teacher or by the cache; peak RSS is
+the process's high-water mark (so it includes the teacher's weights when the arm loads them), time
+the median.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _step_cost(arm: str, student_dir: str, cache_path: str | None, examples, ste
             with torch.no_grad():
                 t_logits, _ = shift_for_next_token(teacher(**inputs).logits, batch["labels"])
         else:
-            t_logits = cache.teacher_logits(idx, batch["input_ids"].shape[1], "cpu")
+            t_logits = cache.teacher_logits(idx, batch["input_ids"].shape[1], "cpu", 2.0)
         s_logits, labels = shift_for_next_token(student(**inputs).logits, batch["labels"])
         loss = kd_loss(
             s_logits,
@@ -87,64 +88,84 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="phone-1gb")
     ap.add_argument("--top-k", dest="ks", type=int, action="append", default=[])
+    ap.add_argument("--temperature", dest="temps", type=float, action="append", default=[])
     ap.add_argument("--steps", type=int, default=8, help="timed KD steps per arm")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    ks = args.ks or [8, 64]
+    ks, temps = args.ks or [64], args.temps or [2.0, 1.0]
     profile = load_profile(args.profile)
     base = Path("export") / f"{profile.name}-logits"
-    arms = [("live", ["distill.teacher_logits=live"])]
-    cache_on = "distill.teacher_logits=cache"
-    arms += [(f"cache k={k}", [cache_on, f"logit_cache.top_k={k}"]) for k in ks]
-    reports, builds, caches = {}, {}, {}
+    arms = []
+    for t in temps:
+        arms.append((f"live T={t}", [f"distill.temperature={t}"]))
+        for k in ks:
+            on = ["distill.teacher_logits=cache", f"logit_cache.top_k={k}"]
+            arms.append((f"cache k={k} T={t}", [*on, f"distill.temperature={t}"]))
+    shared = base.with_name(f"{base.name}-cache")  # corpus, reference and logit caches, once
+    reports, caches = {}, {}
     for name, extra in arms:
         run = base.with_name(f"{base.name}-{name.replace(' ', '').replace('=', '')}")
-        if name != "live":
-            # Same corpus and teacher reference: copy them instead of generating them again.
-            shutil.copytree(base.with_name(f"{base.name}-live") / "cache", run / "cache",
-                            dirs_exist_ok=True)  # fmt: skip
+        if shared.exists():
+            shutil.copytree(shared, run / "cache", dirs_exist_ok=True)
         recipe = load_recipe(None, [*SMALL, *args.overrides, *extra])
-        if name != "live":
+        if "cache" in name:
+            k = recipe.logit_cache.top_k
             ctx = Context(run_dir=run, profile=profile, recipe=recipe)
             start = time.perf_counter()
             cache = ctx.logit_cache
-            builds[name] = time.perf_counter() - start
-            caches[name] = (next((run / "cache").glob("logits-*.safetensors")), cache.nbytes())
+            if k not in caches:
+                path = max(
+                    (run / "cache").glob("logits-*.safetensors"), key=lambda p: p.stat().st_mtime
+                )
+                caches[k] = (
+                    path,
+                    cache.nbytes(),
+                    time.perf_counter() - start,
+                    len(cache.t["log_rest"]),
+                )
         pipeline.build(profile, recipe, run, ["distill"])
+        shutil.copytree(run / "cache", shared, dirs_exist_ok=True)
         reports[name] = json.loads((run / "01-distill" / "report.json").read_text())
 
-    live = reports["live"]
-    positions = None
-    print(f"\nquality: held-out slice of {live['quality']['teacher']['tokens']} tokens, "
-          f"{SMALL[3]}, {SMALL[4]}")  # fmt: skip
-    print(f"{'arm':14}{'kld':>9}{'top1':>8}{'ppl':>10}{'train s':>9}")
+    first = reports[arms[0][0]]
+    print(f"\nquality: held-out slice of {first['quality']['teacher']['tokens']} tokens, "
+          f"{' '.join(SMALL)}")  # fmt: skip
+    before = first["quality"]["student before"]
+    print(f"{'arm':18}{'kld':>9}{'top1':>8}{'ppl':>10}{'train s':>9}")
+    print(
+        f"{'pruned, untrained':18}{before['kld']:>9.4f}{before['top1']:>8.3f}{before['ppl']:>10.3f}"
+    )
     for name, _ in arms:
         q = reports[name]["quality"]["student after"]
         sec = reports[name]["training"]["seconds_this_run"]
-        print(f"{name:14}{q['kld']:>9.4f}{q['top1']:>8.3f}{q['ppl']:>10.3f}{sec:>9.1f}")
-    for name, (path, nbytes) in caches.items():
-        from edgekd.logit_cache import LogitCache
+        print(f"{name:18}{q['kld']:>9.4f}{q['top1']:>8.3f}{q['ppl']:>10.3f}{sec:>9.1f}")
+    for k, (_, nbytes, seconds, positions) in caches.items():
+        size = (
+            f"{nbytes / 2**20:.2f} MiB for {positions} positions ({nbytes / positions:.0f} B each)"
+        )
+        print(
+            f"cache k={k}: built in {seconds:.1f} s (a teacher pass over the training set), {size}"
+        )
 
-        positions = len(LogitCache.load(path).t["log_rest"])
-        print(f"{name}: built in {builds[name]:.1f} s, {nbytes / 2**20:.1f} MiB on disk for "
-              f"{positions} positions ({nbytes / positions:.0f} B each)")  # fmt: skip
-
-    student_dir = str(base.with_name(f"{base.name}-live") / "01-distill" / "model")
-    ctx = Context(run_dir=base.with_name(f"{base.name}-live"), profile=profile,
-                  recipe=load_recipe(None, [*SMALL, *args.overrides]))  # fmt: skip
+    live_run = base.with_name(f"{base.name}-{arms[0][0].replace(' ', '').replace('=', '')}")
+    student_dir = str(live_run / "01-distill" / "model")
+    recipe = load_recipe(None, [*SMALL, *args.overrides])
+    ctx = Context(run_dir=live_run, profile=profile, recipe=recipe)
     examples = ctx.train_examples
     spawn = mp.get_context("spawn")
     print(f"\nstep cost: batch 4, {args.steps} timed steps, median; fresh process per arm")
-    print(f"{'arm':14}{'s/step':>9}{'peak RSS MiB':>14}")
-    for name, _ in arms:
+    print(f"{'arm':18}{'s/step':>9}{'peak RSS MiB':>14}")
+    for name, cache_path in [
+        ("live", None),
+        *((f"cache k={k}", str(c[0])) for k, c in caches.items()),
+    ]:
         queue = spawn.Queue()
-        cache_path = str(caches[name][0]) if name in caches else None
         work = (name, student_dir, cache_path, examples, args.steps, queue)
         proc = spawn.Process(target=_step_cost, args=work)
         proc.start()
         row = queue.get()
         proc.join()
-        print(f"{name:14}{row['s_per_step']:>9.3f}{row['peak_rss_mib']:>14.0f}")
+        print(f"{name:18}{row['s_per_step']:>9.3f}{row['peak_rss_mib']:>14.0f}")
 
 
 if __name__ == "__main__":

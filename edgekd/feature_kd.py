@@ -178,7 +178,7 @@ class MethodLosses(nn.Module):
     train (pass `parameters()` to the optimizer; they are not part of the saved student).
 
     Use: `attach(student, teacher)` once, call both models with `**model_kwargs`, then this
-    module on (student_out, teacher_out, attention_mask); `detach()` at the end. It is a module
+    module on their outputs (see forward); `detach()` at the end. It is a module
     called through forward so that accelerate can wrap it (DDP) when it has projections."""
 
     def __init__(self, settings: MethodSettings, student_config, teacher_config):
@@ -239,17 +239,25 @@ class MethodLosses(nn.Module):
             model.set_attn_implementation(impl)
         self._hooks, self._attn_impl = [], []
 
-    def forward(self, student_out, teacher_out, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """The weighted sum of the enabled terms, and each term's unweighted value."""
+    def forward(
+        self,
+        student_hidden: tuple[Tensor, ...] | None,
+        teacher_hidden: tuple[Tensor, ...] | None,
+        student_attn: tuple[Tensor, ...] | None,
+        teacher_attn: tuple[Tensor, ...] | None,
+        mask: Tensor,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The weighted sum of the enabled terms, and each term's unweighted value, from the
+        models' `hidden_states` and `attentions` (plain tuples, which DDP can take as inputs)."""
         s = self.settings
         terms: dict[str, tuple[float, Tensor]] = {}
         if self.feature_pairs:
-            hs = self.projections([student_out.hidden_states[i] for i, _ in self.feature_pairs])
-            ht = [teacher_out.hidden_states[j] for _, j in self.feature_pairs]
+            hs = self.projections([student_hidden[i] for i, _ in self.feature_pairs])
+            ht = [teacher_hidden[j] for _, j in self.feature_pairs]
             terms["feature"] = (s.feature.weight, feature_loss(hs, ht, mask, s.feature.loss))
         if s.attention.weight:
-            a_s = [student_out.attentions[i - 1] for i, _ in self.attention_pairs]
-            a_t = [teacher_out.attentions[j - 1] for _, j in self.attention_pairs]
+            a_s = [student_attn[i - 1] for i, _ in self.attention_pairs]
+            a_t = [teacher_attn[j - 1] for _, j in self.attention_pairs]
             terms["attention"] = (s.attention.weight, attention_loss(a_s, a_t, mask))
         if s.attention.value_weight:
             v_s = [self._values["student"][i] for i, _ in self.attention_pairs]
@@ -257,7 +265,7 @@ class MethodLosses(nn.Module):
             value = value_relation_loss(v_s, v_t, mask, self.relation_heads)
             terms["value"] = (s.attention.value_weight, value)
         if s.relation.weight:
-            rel = relation_loss(student_out.hidden_states[-1], teacher_out.hidden_states[-1], mask)
+            rel = relation_loss(student_hidden[-1], teacher_hidden[-1], mask)
             terms["relation"] = (s.relation.weight, rel)
         total = sum(w * v for w, v in terms.values())
         return total, {k: float(v.detach()) for k, (_, v) in terms.items()}

@@ -49,12 +49,24 @@ def top_k_entries(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return ids.to(torch.int32), top.clamp(min=fp16_min).to(torch.float16), rest
 
 
-def dense_logprobs(ids: Tensor, logprobs: Tensor, log_rest: Tensor, vocab: int) -> Tensor:
-    """Rebuild [P, V] teacher log-probs: the top k as stored, the rest mass spread evenly."""
+def dense_logprobs(
+    ids: Tensor, logprobs: Tensor, log_rest: Tensor, vocab: int, temperature: float
+) -> Tensor:
+    """[P, V] logits whose softmax at `temperature` is the rebuilt tempered teacher (T * log q_T).
+
+    q_T keeps the top k tempered exactly (p_i^(1/T), relative to each other). The tail's tempered
+    mass is unknown; it is taken as if the rest mass r sat on r / p_k tokens of the k-th largest
+    probability p_k (so r * p_k^(1/T - 1)), the least a tail bounded by p_k can have, and spread
+    evenly over the other V - k tokens. At T = 1 that is the top k plus r spread evenly. Spreading
+    r evenly before tempering instead would hand the flat tail most of the mass at T > 1."""
     k = ids.shape[-1]
-    spread = log_rest.float() - math.log(max(vocab - k, 1))
+    top = logprobs.float() / temperature
+    log_tail = log_rest.float() + (1 / temperature - 1) * logprobs.float().min(-1).values
+    norm = torch.logaddexp(top.logsumexp(-1), log_tail)
+    spread = log_tail - norm - math.log(max(vocab - k, 1))
     out = spread[:, None].expand(-1, vocab).clone()
-    return out.scatter_(-1, ids.long(), logprobs.float())
+    out.scatter_(-1, ids.long(), top - norm[:, None])
+    return out * temperature
 
 
 @torch.no_grad()
@@ -107,15 +119,15 @@ class LogitCache:
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.t.values())
 
-    def teacher_logits(self, idx: list[int], width: int, device) -> Tensor:
-        """[len(idx), width - 1, V] rebuilt teacher log-probs for collated examples `idx`,
-        aligned like shift_for_next_token's logits; untrained positions hold zeros (unused)."""
+    def teacher_logits(self, idx: list[int], width: int, device, temperature: float) -> Tensor:
+        """[len(idx), width - 1, V] stand-in teacher logits at `temperature` (dense_logprobs) for
+        collated examples `idx`, aligned like shift_for_next_token's logits; untrained positions
+        hold zeros (the loss never reads them)."""
         out = torch.zeros(len(idx), width - 1, self.vocab, device=device)
         offsets = self.t["offsets"]
         for row, i in enumerate(idx):
             a, b = int(offsets[i]), int(offsets[i + 1])
-            rebuilt = dense_logprobs(
-                self.t["ids"][a:b], self.t["logprobs"][a:b], self.t["log_rest"][a:b], self.vocab
-            )
+            t = {name: self.t[name][a:b] for name in ("ids", "logprobs", "log_rest")}
+            rebuilt = dense_logprobs(**t, vocab=self.vocab, temperature=temperature)
             out[row, self.t["positions"][a:b].long()] = rebuilt.to(device)
         return out

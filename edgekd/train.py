@@ -130,7 +130,9 @@ def train_kd(
                         t_logits, _ = shift_for_next_token(t_out.logits, batch["labels"])
                     if cache is not None:
                         width = batch["input_ids"].shape[1]
-                        t_logits = cache.teacher_logits(idx, width, accelerator.device)
+                        t_logits = cache.teacher_logits(
+                            idx, width, accelerator.device, settings.temperature
+                        )
                     s_out = student(**inputs, **methods.model_kwargs)
                     s_logits, labels = shift_for_next_token(s_out.logits, batch["labels"])
                     out = kd_loss(
@@ -145,7 +147,13 @@ def train_kd(
                     )
                     loss, terms = out.loss, {}
                     if methods.active:
-                        extra, terms = extra_loss(s_out, t_out, batch["attention_mask"])
+                        extra, terms = extra_loss(
+                            s_out.hidden_states,
+                            t_out.hidden_states,
+                            s_out.attentions,
+                            t_out.attentions,
+                            batch["attention_mask"],
+                        )
                         loss = loss + extra
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:

@@ -165,7 +165,13 @@ def test_method_losses_on_models_of_different_shapes(tokenizer):
     with torch.no_grad():
         t_out = teacher(**batch, **methods.model_kwargs)
     s_out = student(**batch, **methods.model_kwargs)
-    total, terms = methods(s_out, t_out, batch["attention_mask"])
+    total, terms = methods(
+        s_out.hidden_states,
+        t_out.hidden_states,
+        s_out.attentions,
+        t_out.attentions,
+        batch["attention_mask"],
+    )
     assert set(terms) == {"feature", "attention", "value", "relation"}
     assert all(v > 0 for v in terms.values())
     assert total.item() == pytest.approx(sum(terms.values()), rel=1e-5)

@@ -68,3 +68,11 @@ def test_logit_cache_replaces_the_teacher_in_distill(tmp_path, tiny_teacher_dir)
         assert str(f.get_slice("ids").get_dtype()) == "I32"
         assert str(f.get_slice("logprobs").get_dtype()) == "F16"
     assert curve[-1]["kd"] > 0 and "feature" not in curve[-1]
+    # qlora trains from the same file: same corpus, tokenization and top_k.
+    recipe = fast_recipe(
+        tiny_teacher_dir,
+        tmp_path / "chat.jsonl",
+        ["distill.teacher_logits=cache", "qlora.teacher_logits=cache", "logit_cache.top_k=16"],
+    )
+    assert pipeline.build(load_profile("phone-1gb"), recipe, run, ["qlora"]) == {"qlora": "ran"}
+    assert list((run / "cache").glob("logits-*.safetensors")) == [cache]
