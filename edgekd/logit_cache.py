@@ -3,9 +3,8 @@ per corpus and read by the training stages instead of running the teacher.
 
 Per position (a logit index t whose next label is not -100, exactly what the KD loss uses) it keeps
 the k largest log-probs at temperature 1 (fp16) with their token ids (int32) and the log of the
-mass outside them (fp32). The dense teacher distribution is rebuilt as the top k plus that mass
-spread evenly over the other V - k tokens, so every divergence in losses.py applies unchanged:
-softmax(rebuilt / T) is the tempered rebuilt distribution. On disk: one safetensors file.
+mass outside them (fp32). Training gets dense stand-in logits at its temperature T (see
+dense_logprobs), so every divergence in losses.py applies unchanged. On disk: one safetensors file.
 """
 
 from __future__ import annotations
