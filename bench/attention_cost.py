@@ -13,9 +13,18 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import statistics
 import time
+from pathlib import Path
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: a spawned child inherits its parent's
+    high-water mark through fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _arm(arm: str, batch: int, seq: int, steps: int, layers: int, queue) -> None:
@@ -44,7 +53,7 @@ def _arm(arm: str, batch: int, seq: int, steps: int, layers: int, queue) -> None
         opt.zero_grad()
         if step:
             times.append(time.perf_counter() - start)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = _peak_rss_mib()
     queue.put({"s_per_step": statistics.median(times), "peak_rss_mib": rss})
 
 

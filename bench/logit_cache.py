@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import shutil
 import statistics
 import time
@@ -30,6 +29,15 @@ SMALL = [
     "distill.batch_size=4",
     "distill.log_every=4",
 ]
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: a spawned child inherits its parent's
+    high-water mark through fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _step_cost(arm: str, student_dir: str, cache_path: str | None, examples, steps, queue) -> None:
@@ -76,7 +84,7 @@ def _step_cost(arm: str, student_dir: str, cache_path: str | None, examples, ste
         opt.zero_grad()
         if step:
             times.append(time.perf_counter() - start)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = _peak_rss_mib()
     queue.put({"arm": arm, "s_per_step": statistics.median(times), "peak_rss_mib": rss})
 
 
