@@ -213,7 +213,63 @@ class ScaleSettings(Strict):
     )
 
 
-class TrainSettings(KDSettings, ScaleSettings, OnPolicySettings):
+# --- Distillation methods beyond token-level KD (issue #6): feature, attention and relation KD,
+# and the teacher logit cache. Every stage that trains (TrainSettings) shares these keys.
+
+LayerMap = Literal["uniform", "last_k"] | dict[int, int]
+_LAYERS_HELP = (
+    "which student layer matches which teacher layer: 'uniform' (student layer i of n to teacher "
+    "layer round(i * N / n)), 'last_k' (the last last_k layers of each, in order) or an explicit "
+    "{student_layer: teacher_layer} map; layers count from 1 (the output of decoder block i)"
+)
+
+
+class FeatureKDSettings(Strict):
+    """Hidden-state matching between mapped layers, through learned projections if widths differ."""
+
+    weight: float = Field(0.0, ge=0, description="weight of the feature loss; 0: off")
+    layers: LayerMap = Field("uniform", description=_LAYERS_HELP)
+    last_k: int = Field(2, gt=0, description="layers matched when layers='last_k'")
+    loss: Literal["mse", "cosine"] = Field("mse", description="per-token MSE or 1 - cosine")
+
+
+class AttentionKDSettings(Strict):
+    """Attention distributions (TinyBERT) and value relations (MiniLM) between mapped layers."""
+
+    weight: float = Field(
+        0.0, ge=0, description="weight of the attention-distribution KL; 0: off (forces eager)"
+    )
+    value_weight: float = Field(0.0, ge=0, description="weight of the value-relation KL; 0: off")
+    layers: LayerMap = Field("last_k", description=_LAYERS_HELP)
+    last_k: int = Field(1, gt=0, description="layers matched when layers='last_k'")
+
+
+class RelationKDSettings(Strict):
+    """The batch's N x N cosine similarities of pooled hidden states, student against teacher."""
+
+    weight: float = Field(0.0, ge=0, description="weight of the relation loss; 0: off")
+
+
+class LogitCacheSettings(Strict):
+    """Teacher log-probs stored once per corpus: the top_k entries and the rest's total mass."""
+
+    top_k: int = Field(64, gt=0, description="teacher log-probs kept per position")
+    batch_size: int = Field(8, gt=0, description="examples per teacher pass when building it")
+
+
+class MethodSettings(Strict):
+    feature: FeatureKDSettings = FeatureKDSettings()
+    attention: AttentionKDSettings = AttentionKDSettings()
+    relation: RelationKDSettings = RelationKDSettings()
+    teacher_logits: Literal["live", "cache"] = Field(
+        "live", description="'live': run the teacher each step; 'cache': read <run>/cache/ top-k"
+    )
+
+
+# --- end of the issue #6 block.
+
+
+class TrainSettings(KDSettings, ScaleSettings, OnPolicySettings, MethodSettings):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -310,6 +366,7 @@ class Recipe(Strict):
     export_gguf: ExportGgufSettings = ExportGgufSettings()
     export_onnx: ExportOnnxSettings = ExportOnnxSettings()
     bench: BenchSettings = BenchSettings()
+    logit_cache: LogitCacheSettings = LogitCacheSettings()  # issue #6
 
 
 def settings_hash(*parts: BaseModel | dict | str | None) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from edgekd import data, models, teacher_data
+from edgekd import data, logit_cache, models, teacher_data
 from edgekd.config import Profile, Recipe, settings_hash
 from edgekd.evaluate import HeldOut, load_reference, save_reference, torch_logprobs
 
@@ -138,3 +138,26 @@ class Context:
             if not path.exists() and self.is_main:
                 save_reference(path, torch_logprobs(self.teacher, self.heldout))
         return load_reference(path)
+
+    @cached_property
+    def logit_cache(self) -> logit_cache.LogitCache:
+        """The teacher's top-k log-probs at the training positions, computed once per corpus."""
+        settings = self.recipe.logit_cache
+        key = settings_hash(
+            self.teacher_source.describe(),
+            logit_cache.examples_fingerprint(self.train_examples),
+            settings.top_k,
+        )
+        path = self.cache_path(f"logits-{key[:16]}.safetensors")
+        with self.state.main_process_first():
+            if not path.exists() and self.is_main:
+                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+                tensors = logit_cache.compute(
+                    self.teacher.to(self.state.device),
+                    self.train_examples,
+                    top_k=settings.top_k,
+                    batch_size=settings.batch_size,
+                    pad_id=pad,
+                )
+                logit_cache.save(path, tensors)
+        return logit_cache.LogitCache.load(path)

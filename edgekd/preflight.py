@@ -9,13 +9,15 @@ renders.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
 from edgekd import data, models, pipeline, teacher_data
 from edgekd.config import Profile, Recipe
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, EdgekdWarning
+from edgekd.feature_kd import layer_pairs
 from edgekd.formats import gguf, onnx
 from edgekd.plan import GB, Plan
 from edgekd.quant.gguf_k import q4_k_m_types
@@ -44,6 +46,76 @@ def check_data(recipe: Recipe) -> None:
             f"data {recipe.data.source}: {len(train)} training examples cannot fill one batch of "
             f"distill.batch_size={recipe.distill.batch_size}; add examples or lower it"
         )
+
+
+TRAINING_STAGES = ("distill", "qlora", "qat_kd")
+
+
+def check_layer_maps(recipe: Recipe, plan: Plan) -> None:
+    """Every feature/attention layer map fits the student's and the teacher's layer counts."""
+    n_s = plan.student_config.num_hidden_layers
+    n_t = plan.teacher_config.num_hidden_layers
+    for stage in (s for s in plan.stages if s in TRAINING_STAGES):
+        settings = getattr(recipe, stage)
+        for name, group, on in (
+            ("feature", settings.feature, settings.feature.weight),
+            ("attention", settings.attention, settings.attention.weight
+             or settings.attention.value_weight),
+        ):  # fmt: skip
+            if not on:
+                continue
+            try:
+                layer_pairs(n_s, n_t, group.layers, group.last_k)
+            except ValueError as e:
+                raise EdgekdError(
+                    f"{stage}.{name}.layers: {e}; fix {stage}.{name}.layers or .last_k"
+                ) from None
+
+
+def check_logit_cache(recipe: Recipe, plan: Plan) -> None:
+    """The logit cache holds the teacher's view of the corpus: it cannot score other text."""
+    for stage in (s for s in plan.stages if s in TRAINING_STAGES):
+        s = getattr(recipe, stage)
+        if s.teacher_logits != "cache":
+            continue
+        if s.on_policy_fraction > 0 or getattr(s, "self_distill", False):
+            raise EdgekdError(
+                f"{stage}.teacher_logits=cache: the cache scores the corpus only, not the samples "
+                f"that on-policy KD or self-distillation train on; set {stage}.teacher_logits=live"
+            )
+
+
+def guidance(recipe: Recipe, plan: Plan) -> list[str]:
+    """Warnings for training settings outside the ranges the literature found to work."""
+    out = []
+    ratio = models.param_count(plan.student_config) / models.param_count(plan.teacher_config)
+    for stage in (s for s in plan.stages if s in TRAINING_STAGES):
+        s = getattr(recipe, stage)
+        if s.alpha > 0 and not 1 <= s.temperature <= 20:
+            why = (
+                "below 1 it sharpens the teacher toward its top token and hides the small "
+                "probabilities that carry its 'dark knowledge'"
+                if s.temperature < 1
+                else "above 20 the teacher's distribution is nearly uniform and carries no signal"
+            )
+            out.append(
+                f"{stage}.temperature={s.temperature}: {why}; Hinton et al. 2015 (Distilling the "
+                "Knowledge in a Neural Network) and LLM practice use 1-20, 2-5 to start"
+            )
+        if "alpha" not in s.model_fields_set and not 0.5 <= s.alpha <= 0.9:
+            out.append(
+                f"{stage}.alpha={s.alpha} (a default, not your choice) is outside 0.5-0.9, the "
+                "usual weight of the soft targets against the hard labels (Hinton et al. 2015; "
+                "DistilBERT, Sanh et al. 2019); set it explicitly to silence this"
+            )
+        if s.feature.weight > 0 and not 0.1 <= ratio <= 0.3:
+            out.append(
+                f"{stage}.feature.weight={s.feature.weight} with a student of {ratio:.2f}x the "
+                "teacher's parameters: feature KD is reported to work best at 0.1x-0.3x (TinyBERT, "
+                "Jiao et al. 2020, at 0.13x; a larger gap hurts, Mirzadeh et al. 2020); a "
+                "student close to the teacher's size gains little from it over logit KD"
+            )
+    return out
 
 
 def check_scale(recipe: Recipe, plan: Plan) -> None:
@@ -103,8 +175,13 @@ def check_chat_template(tokenizer, recipe: Recipe) -> None:
 
 
 def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> None:
-    """Every check that can fail before the build starts, in the order they cost."""
+    """Every check that can fail before the build starts, in the order they cost; the
+    guidance on settings is printed as warnings."""
+    for message in guidance(recipe, plan):
+        warnings.warn(message, EdgekdWarning, stacklevel=2)
     check_scale(recipe, plan)
+    check_layer_maps(recipe, plan)
+    check_logit_cache(recipe, plan)
     models.check_weights(plan.teacher, allow_pickle=recipe.teacher.allow_pickle, role="teacher")
     pending = pipeline.pending_stages(profile, recipe, run_dir, plan.stages, plan.teacher)
     check_disk(run_dir, sum(plan.disk_bytes.get(s, 0) for s in pending), pending)

@@ -20,12 +20,13 @@ from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_cosine_schedule_with_warmup
 
-from edgekd import atomic, on_policy
+from edgekd import atomic, models, on_policy
 from edgekd.chunked_kd import chunked_kd_loss, head_logits
 from edgekd.config import TrainSettings
 from edgekd.context import Context, on_gpu
 from edgekd.data import collate
 from edgekd.errors import EdgekdError
+from edgekd.feature_kd import MethodLosses
 from edgekd.losses import IGNORE_INDEX, KDLossOutput, kd_loss, shift_for_next_token
 
 CHECKPOINT = "checkpoint"
@@ -65,48 +66,83 @@ def _progress(name: str, enabled: bool) -> Progress:
 def kd_step_loss(
     student: torch.nn.Module,
     student_head: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | None,
     batch: dict,
     settings: TrainSettings,
     *,
     alpha: float,
-) -> KDLossOutput:
-    """One micro-batch's KD loss with weight `alpha` on the divergence: on full logits
+    cached: torch.Tensor | None = None,
+    methods: MethodLosses | None = None,
+    extra_loss: torch.nn.Module | None = None,
+) -> tuple[KDLossOutput, dict[str, float]]:
+    """One micro-batch's loss: the KD loss with weight `alpha` on the divergence, on full logits
     (loss_chunk_tokens=0) or chunked from the final hidden states and LM heads (`student` may be
-    wrapped, e.g. by DDP; its head is given apart)."""
+    wrapped, e.g. by DDP; its head is given apart), plus the feature, attention and relation terms
+    of `methods` (computed by `extra_loss`, the same module, maybe DDP-wrapped) when active.
+
+    The teacher's logits come from `cached` ([B, L-1, V], aligned like shifted logits) when given,
+    else from `teacher`. Returns the KD output (its loss includes the extra terms) and each extra
+    term's value."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     kd_args = settings.model_dump(include=_KD_ARGS) | {"alpha": alpha}
-    if settings.loss_chunk_tokens == 0:
-        t_logits = None
-        if alpha > 0:  # alpha=0 trains on hard labels alone
-            with torch.no_grad():
-                t_logits = on_policy.teacher_targets(teacher(**inputs).logits, settings)
-            t_logits, _ = shift_for_next_token(t_logits, batch["labels"])
-        s_logits = student(**inputs).logits
-        s_logits, labels = shift_for_next_token(s_logits, batch["labels"])
-        return kd_loss(s_logits, t_logits, labels, **kd_args)
-    t_logits = None
-    if alpha > 0:
+    extra = methods is not None and methods.active
+    wanted = methods.model_kwargs if extra else {}
+    chunked = settings.loss_chunk_tokens > 0
+    live = alpha > 0 and cached is None
+    t_out = None
+    if live or extra:
         with torch.no_grad():
-            t_hidden = teacher.get_decoder()(**inputs).last_hidden_state
-        t_hidden, labels = shift_for_next_token(t_hidden, batch["labels"])
-        t_head = teacher.get_output_embeddings()
-        chunks = head_logits(t_hidden[labels != IGNORE_INDEX], t_head.weight, t_head.bias)
+            # The chunked loss needs only the teacher's hidden states: its head runs per chunk.
+            model = teacher.get_decoder() if chunked else teacher
+            t_out = model(**inputs, **wanted)
+    if chunked:
+        s_out = student(
+            **inputs, **(wanted | {"output_hidden_states": True}), logits_to_keep=_NO_LOGITS
+        )
+        s_hidden, labels = shift_for_next_token(s_out.hidden_states[-1], batch["labels"])
+        kept = labels != IGNORE_INDEX
+        t_logits = None
+        if live:
+            t_hidden, _ = shift_for_next_token(t_out.last_hidden_state, batch["labels"])
+            t_head = teacher.get_output_embeddings()
+            chunks = head_logits(t_hidden[kept], t_head.weight, t_head.bias)
 
-        def t_logits(start: int, stop: int) -> torch.Tensor:
-            return on_policy.teacher_targets(chunks(start, stop), settings)
+            def t_logits(start: int, stop: int) -> torch.Tensor:
+                return on_policy.teacher_targets(chunks(start, stop), settings)
 
-    out = student(**inputs, output_hidden_states=True, logits_to_keep=_NO_LOGITS)
-    s_hidden, labels = shift_for_next_token(out.hidden_states[-1], batch["labels"])
-    return chunked_kd_loss(
-        s_hidden,
-        student_head.weight,
-        student_head.bias,
-        labels,
-        t_logits,
-        chunk_tokens=settings.loss_chunk_tokens,
-        **kd_args,
+        elif alpha > 0:
+            rows = cached[kept]
+
+            def t_logits(start: int, stop: int) -> torch.Tensor:
+                return rows[start:stop]
+
+        out = chunked_kd_loss(
+            s_hidden,
+            student_head.weight,
+            student_head.bias,
+            labels,
+            t_logits,
+            chunk_tokens=settings.loss_chunk_tokens,
+            **kd_args,
+        )
+    else:
+        s_out = student(**inputs, **wanted)
+        s_logits, labels = shift_for_next_token(s_out.logits, batch["labels"])
+        t_logits = cached
+        if live:
+            t_logits = on_policy.teacher_targets(t_out.logits, settings)
+            t_logits, _ = shift_for_next_token(t_logits, batch["labels"])
+        out = kd_loss(s_logits, t_logits, labels, **kd_args)
+    if not extra:
+        return out, {}
+    term_sum, terms = extra_loss(
+        s_out.hidden_states,
+        t_out.hidden_states,
+        s_out.attentions,
+        t_out.attentions,
+        batch["attention_mask"],
     )
+    return out._replace(loss=out.loss + term_sum), terms
 
 
 def _accelerator(settings: TrainSettings, name: str) -> Accelerator:
@@ -148,9 +184,14 @@ def train_kd(
     accelerator = _accelerator(settings, name)
     examples = ctx.train_examples
     pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
-    teacher = on_policy.training_teacher(lambda: ctx.teacher, student, settings)
-    if not getattr(teacher, "is_quantized", False):  # bitsandbytes loaded it on its device
-        teacher = teacher.to(accelerator.device)
+    methods = MethodLosses(settings, student.config, models.load_config(ctx.teacher_source))
+    cache = ctx.logit_cache if settings.alpha > 0 and settings.teacher_logits == "cache" else None
+    teacher = None
+    # With the cache and no feature, attention or relation term the teacher is never loaded here.
+    if cache is None or methods.active:
+        teacher = on_policy.training_teacher(lambda: ctx.teacher, student, settings)
+        if not getattr(teacher, "is_quantized", False):  # bitsandbytes loaded it on its device
+            teacher = teacher.to(accelerator.device)
     if settings.gradient_checkpointing:
         student.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -158,7 +199,7 @@ def train_kd(
     student.train()
     student_head = student.get_output_embeddings()
     optimizer = torch.optim.AdamW(
-        [p for p in student.parameters() if p.requires_grad],
+        [p for p in student.parameters() if p.requires_grad] + list(methods.parameters()),
         lr=settings.lr,
         weight_decay=settings.weight_decay,
     )
@@ -166,6 +207,8 @@ def train_kd(
         optimizer, math.ceil(settings.warmup_ratio * settings.max_steps), settings.max_steps
     )
     student, optimizer = accelerator.prepare(student, optimizer)
+    extra_loss = accelerator.prepare(methods) if list(methods.parameters()) else methods
+    methods.attach(accelerator.unwrap_model(student), teacher)
     accelerator.register_for_checkpointing(scheduler)
 
     ckpt = ctx.work_dir / CHECKPOINT
@@ -178,7 +221,7 @@ def train_kd(
 
     tokens_done, sampled_batches, start = 0, 0, time.perf_counter()
     window_loss = window_kd = window_ce = 0.0
-    window_n = 0
+    window_n, window_terms = 0, {}
     with _progress(name, accelerator.is_main_process) as bar:
         task = bar.add_task(name, total=settings.max_steps, completed=step, loss=0.0, tps=0.0)
         while step < settings.max_steps:
@@ -205,9 +248,23 @@ def train_kd(
                 sampled_batches += sampled
                 batch = {k: v.to(accelerator.device) for k, v in collate(chosen, pad_id).items()}
                 with accelerator.accumulate(student):
+                    cached = None
+                    if cache is not None and alpha > 0:
+                        cached = cache.teacher_logits(
+                            idx, batch["input_ids"].shape[1], accelerator.device,
+                            settings.temperature,
+                        )  # fmt: skip
                     with accelerator.autocast():
-                        out = kd_step_loss(
-                            student, student_head, teacher, batch, settings, alpha=alpha
+                        out, terms = kd_step_loss(
+                            student,
+                            student_head,
+                            teacher,
+                            batch,
+                            settings,
+                            alpha=alpha,
+                            cached=cached,
+                            methods=methods,
+                            extra_loss=extra_loss,
                         )
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
@@ -215,6 +272,8 @@ def train_kd(
                     optimizer.step()
                     optimizer.zero_grad()
                 window_loss += out.loss.item()
+                for k, v in terms.items():
+                    window_terms[k] = window_terms.get(k, 0.0) + v
                 window_kd += float(out.kd)
                 window_ce += float(out.ce)
                 window_n += 1
@@ -232,9 +291,10 @@ def train_kd(
                         "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": tps,
                     }
+                    | {k: v / window_n for k, v in window_terms.items()}
                 )
                 window_loss = window_kd = window_ce = 0.0
-                window_n = 0
+                window_n, window_terms = 0, {}
                 if not bar.console.is_terminal and accelerator.is_main_process:
                     # No live bar in a log file or CI: one line per logging window instead.
                     last = curve[-1]
@@ -249,6 +309,7 @@ def train_kd(
             if step % settings.checkpoint_every == 0 and step < settings.max_steps:
                 _save_checkpoint(accelerator, ckpt, step, curve)
     accelerator.wait_for_everyone()
+    methods.detach()
     seconds = time.perf_counter() - start
     unwrapped = accelerator.unwrap_model(student)
     unwrapped.eval()
