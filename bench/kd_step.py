@@ -84,7 +84,7 @@ def child(variant: str, args) -> dict:
     for _ in range(args.steps + 1):
         start = time.perf_counter()
         with autocast:
-            out = kd_step_loss(student, head, teacher, batch, settings, alpha=settings.alpha)
+            out, _ = kd_step_loss(student, head, teacher, batch, settings, alpha=settings.alpha)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()

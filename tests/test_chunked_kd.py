@@ -6,6 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgekd.chunked_kd import chunked_kd_loss, head_logits
 from edgekd.config import TrainSettings
+from edgekd.feature_kd import MethodLosses
 from edgekd.losses import DIVERGENCES, kd_loss
 from edgekd.train import kd_step_loss
 
@@ -131,7 +132,7 @@ def test_training_step_matches_plain_path_on_tiny_llama(models_and_batch, diverg
         settings = TrainSettings(
             loss_chunk_tokens=chunk, alpha=alpha, divergence=divergence, temperature=2.0, **ARGS
         )
-        out = kd_step_loss(
+        out, _ = kd_step_loss(
             student, student.get_output_embeddings(), teacher, batch, settings, alpha=settings.alpha
         )
         results.append((out, _grads(out.loss, params)))
@@ -143,3 +144,36 @@ def test_training_step_matches_plain_path_on_tiny_llama(models_and_batch, diverg
     for name, g, want in zip(names, chunked_grads, plain_grads, strict=True):
         assert torch.allclose(g, want, atol=1e-5, rtol=1e-4), name
     assert max(g.abs().max() for g in plain_grads) > 1e-2
+
+
+def test_step_with_extra_terms_and_cached_logits_matches_plain_path(models_and_batch):
+    """The feature/relation terms and a precomputed teacher (the logit cache's form) give the
+    same loss on the chunked path as on the plain one."""
+    student, teacher, batch = models_and_batch
+    head = student.get_output_embeddings()
+    with torch.no_grad():
+        cached = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    cached = cached.logits[:, :-1]
+    losses = {}
+    for chunk in (0, 5):
+        settings = TrainSettings(
+            loss_chunk_tokens=chunk,
+            alpha=0.5,
+            feature={"weight": 1.0, "layers": "last_k", "last_k": 1},
+            relation={"weight": 1.0},
+            **ARGS,
+        )
+        torch.manual_seed(0)  # the same projections (widths 32 -> 48) for both paths
+        methods = MethodLosses(settings, student.config, teacher.config)
+        methods.attach(student, teacher)
+        out, terms = kd_step_loss(
+            student, head, teacher, batch, settings, alpha=0.5, methods=methods, extra_loss=methods
+        )
+        methods.detach()
+        assert set(terms) == {"feature", "relation"} and all(v > 0 for v in terms.values())
+        from_cache, _ = kd_step_loss(student, head, None, batch, settings, alpha=0.5, cached=cached)
+        losses[chunk] = (out.loss, out.loss - sum(terms.values()), from_cache.loss)
+    (plain, plain_kd, plain_cached), (chunked, chunked_kd, chunked_cached) = losses.values()
+    assert torch.allclose(chunked, plain, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(chunked_cached, plain_cached, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(plain_cached, plain_kd, atol=1e-5, rtol=1e-5)
