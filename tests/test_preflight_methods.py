@@ -5,7 +5,7 @@ import pytest
 from edgekd.config import DistillSettings, load_profile, load_recipe
 from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.plan import make_plan
-from edgekd.preflight import check_layer_maps, guidance, preflight
+from edgekd.preflight import check_layer_maps, check_logit_cache, guidance, preflight
 
 
 def _plan(teacher, overrides):
@@ -45,10 +45,10 @@ def test_feature_kd_warns_outside_0_1_to_0_3_of_the_teacher(tiny_teacher_dir):
     assert msg.startswith("distill.feature.weight=1.0") and "0.1x-0.3x" in msg
 
 
-def test_preflight_emits_the_warnings_and_checks_layer_maps(tiny_teacher_dir):
+def test_preflight_emits_the_warnings_and_checks_layer_maps(tiny_teacher_dir, tmp_path):
     recipe, plan = _plan(tiny_teacher_dir, ["distill.temperature=30"])
     with pytest.warns(EdgekdWarning, match="distill.temperature=30"):
-        preflight(load_profile("phone-1gb"), recipe, plan)
+        preflight(load_profile("phone-1gb"), recipe, plan, tmp_path / "run")
     recipe, plan = _plan(
         tiny_teacher_dir, ["distill.attention.value_weight=1", "distill.attention.layers={3: 4}"]
     )
@@ -58,3 +58,12 @@ def test_preflight_emits_the_warnings_and_checks_layer_maps(tiny_teacher_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_layer_maps(recipe, plan)  # attention is off: its map is not used
+
+
+def test_logit_cache_cannot_score_samples(tiny_teacher_dir):
+    for extra in ("distill.on_policy_fraction=0.5", "distill.self_distill=true"):
+        recipe, plan = _plan(tiny_teacher_dir, ["distill.teacher_logits=cache", extra])
+        with pytest.raises(EdgekdError, match="distill.teacher_logits=cache: the cache scores"):
+            check_logit_cache(recipe, plan)
+    recipe, plan = _plan(tiny_teacher_dir, ["distill.teacher_logits=cache"])
+    check_logit_cache(recipe, plan)
