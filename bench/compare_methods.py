@@ -38,7 +38,7 @@ METHODS: dict[str, list[str]] = {
     "feature": ["distill.feature.weight=1.0"],
     "attention": ["distill.attention.weight=1.0", "distill.attention.value_weight=1.0"],
     "relation": ["distill.relation.weight=1.0"],
-    "logit_cache": ["distill.teacher_logits=cache", "distill.logit_cache.top_k=20"],
+    "logit_cache": ["distill.teacher_logits=cache", "logit_cache.top_k=64"],
 }
 # Beam search runs the teacher in transformers over every prompt: minutes more on a CPU.
 OPTIONAL = {"seqkd_beam": ["distill.alpha=0", "data.gen_strategy=beam", "data.gen_beams=4"]}
