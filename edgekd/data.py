@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from jinja2.exceptions import SecurityError, TemplateError
-from rich.progress import Progress
+from rich.progress import Progress, track
 
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
@@ -414,13 +414,15 @@ def generate_token_ids(
     pad_id: int,
     decoding: dict,
     batch_size: int,
+    progress: str | None = None,
 ) -> list[list[int]]:
     """The new token ids per prompt, from left-padded batched generate(); an answer that ended
-    early is followed by pad_id up to its batch's longest."""
+    early is followed by pad_id up to its batch's longest. `progress`: a bar with that title."""
     # Batches of similar length waste less compute on padding.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in starts if progress is None else track(starts, description=progress):
         batch = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -473,6 +475,7 @@ def generate_with_transformers(
         pad_id=pad_id,
         decoding=decoding_options(temperature=temperature, num_beams=num_beams),
         batch_size=batch_size,
+        progress="Teacher answers (transformers)",
     )
     return [
         _answered(p, tokenizer.decode(a, skip_special_tokens=True))

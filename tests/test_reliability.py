@@ -124,8 +124,9 @@ def test_kill_during_teacher_generation_and_training_then_resume(tiny_teacher_di
         tiny_teacher_dir,
         "distill",
         [
-            "data.num_prompts=32",
-            "data.gen_max_tokens=32",
+            # Long enough that generation outlasts the progress bar's first refresh (0.1 s).
+            "data.num_prompts=64",
+            "data.gen_max_tokens=48",
             "distill.max_steps=30",
             "distill.checkpoint_every=3",
         ],
