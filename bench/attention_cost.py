@@ -15,16 +15,8 @@ import argparse
 import multiprocessing as mp
 import statistics
 import time
-from pathlib import Path
 
-
-def _peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: a spawned child inherits its parent's
-    high-water mark through fork and exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from edgekd.benchmark import rss_bytes
 
 
 def _arm(arm: str, batch: int, seq: int, steps: int, layers: int, queue) -> None:
@@ -53,7 +45,7 @@ def _arm(arm: str, batch: int, seq: int, steps: int, layers: int, queue) -> None
         opt.zero_grad()
         if step:
             times.append(time.perf_counter() - start)
-    rss = _peak_rss_mib()
+    rss = rss_bytes("VmHWM") / 2**20
     queue.put({"s_per_step": statistics.median(times), "peak_rss_mib": rss})
 
 

@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+from edgekd.benchmark import rss_bytes
+
 SMALL = [
     "data.num_prompts=96",
     "data.gen_max_tokens=64",
@@ -29,15 +31,6 @@ SMALL = [
     "distill.batch_size=4",
     "distill.log_every=4",
 ]
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: a spawned child inherits its parent's
-    high-water mark through fork and exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _step_cost(arm: str, student_dir: str, cache_path: str | None, examples, steps, queue) -> None:
@@ -84,7 +77,7 @@ def _step_cost(arm: str, student_dir: str, cache_path: str | None, examples, ste
         opt.zero_grad()
         if step:
             times.append(time.perf_counter() - start)
-    rss = _peak_rss_mib()
+    rss = rss_bytes("VmHWM") / 2**20
     queue.put({"arm": arm, "s_per_step": statistics.median(times), "peak_rss_mib": rss})
 
 

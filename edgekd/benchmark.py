@@ -563,7 +563,7 @@ def host_info(threads: int, bandwidth_bps: float, mib: int) -> dict:
 # The child process. Nothing above this line that it calls imports torch.
 
 
-def _rss_bytes(key: str) -> int:
+def rss_bytes(key: str) -> int:
     """VmRSS or VmHWM of this process. Not getrusage: Linux carries ru_maxrss over an exec, so
     a child started from a large parent would report the parent's peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -817,14 +817,14 @@ def _answers(job: Job, runner) -> list[str]:
 
 def _child(job: Job) -> dict:
     runner_class = _RUNNERS[job.runtime]
-    baseline = _rss_bytes("VmRSS")
+    baseline = rss_bytes("VmRSS")
     start = time.perf_counter()
     runner = runner_class(job.path, job.threads, job.n_ctx)
     load_s = time.perf_counter() - start
     ttft, decode = _timed_runs(runner, job)
     result = {
         "baseline_rss_bytes": baseline,
-        "peak_rss_bytes": _rss_bytes("VmHWM"),
+        "peak_rss_bytes": rss_bytes("VmHWM"),
         "load_s": load_s,
         "ttft_s": ttft,
         "decode_s": decode,

@@ -533,7 +533,8 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> lis
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading items a and b share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -561,8 +562,8 @@ def _chat_example(tokenizer, messages: list[dict]) -> TokenizedExample:
             continue
         prefix = _render(tokenizer, messages[:k], add_generation_prompt=True) if k else []
         upto = _render(tokenizer, messages[: k + 1], add_generation_prompt=False)
-        start = _common_prefix(prefix, ids)
-        end = _common_prefix(upto, ids)
+        start = common_prefix(prefix, ids)
+        end = common_prefix(upto, ids)
         # A one-token mismatch is a BPE merge across the prompt/reply boundary; anything more
         # means the template renders earlier turns differently, and the mask would be a guess.
         if start < len(prefix) - 1 or end < len(upto) - 1 or end <= start:

@@ -10,17 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from edgekd.data import common_prefix
 from edgekd.evaluate import HeldOut
-
-
-def accepted_prefix(draft: list[int], verified: list[int]) -> int:
-    """How many leading draft tokens equal the target's greedy tokens at the same positions."""
-    n = 0
-    for d, v in zip(draft, verified, strict=False):
-        if d != v:
-            break
-        n += 1
-    return n
 
 
 def heldout_prompts(heldout: HeldOut, n: int) -> list[list[int]]:
@@ -63,7 +54,7 @@ def speculative_decode(
         full = torch.tensor([context + draft], device=device)
         # Position len(context) - 1 + i predicts draft[i]; the last one follows the whole draft.
         verified = target_model(input_ids=full).logits[0, len(context) - 1 :].argmax(-1).tolist()
-        n = accepted_prefix(draft, verified)
+        n = common_prefix(draft, verified)
         accepted.append(n)
         new = [*draft[:n], verified[n]]
         ended = next((i for i, t in enumerate(new) if t in eos), None)

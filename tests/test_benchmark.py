@@ -181,7 +181,7 @@ def test_onnx_runner_steps_greedily_with_its_cache(tiny, tmp_path):
 
 
 def _rss(key: str) -> int:
-    return benchmark._rss_bytes(key)
+    return benchmark.rss_bytes(key)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from edgekd import pipeline
 from edgekd.config import load_profile, load_recipe
 from edgekd.errors import EdgekdError
+from tests.stages.conftest import FAST as STAGE_FAST
 
 FAST = [
     "student.num_layers=2",
@@ -138,14 +139,7 @@ def test_distill_at_scale_settings_on_cpu(tiny_teacher_dir, chat_jsonl, tmp_path
     assert trained.dtype == torch.float32  # bf16 autocast leaves fp32 weights
 
 
-TRAINING_FAST = [
-    "qlora.max_steps=3",
-    "qlora.batch_size=2",
-    "qlora.rank=4",
-    "qat_kd.max_steps=4",
-    "qat_kd.batch_size=2",
-    "qat_kd.eval_every=2",
-]
+TRAINING_FAST = [s for s in STAGE_FAST if s.startswith(("qlora.", "qat_kd."))]
 
 
 @pytest.mark.slow

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from edgekd.data import common_prefix
 from edgekd.evaluate import HeldOut
 from edgekd.speculative import (
-    accepted_prefix,
     greedy_acceptance,
     heldout_prompts,
     speculative_decode,
@@ -23,9 +23,9 @@ def _model(tokenizer, seed, layers=2):
 
 
 def test_accepted_prefix():
-    assert accepted_prefix([1, 2, 3, 4], [1, 2, 9, 4, 5]) == 2
-    assert accepted_prefix([1, 2, 3, 4], [1, 2, 3, 4, 5]) == 4
-    assert accepted_prefix([7, 2], [1, 2, 3]) == 0
+    assert common_prefix([1, 2, 3, 4], [1, 2, 9, 4, 5]) == 2
+    assert common_prefix([1, 2, 3, 4], [1, 2, 3, 4, 5]) == 4
+    assert common_prefix([7, 2], [1, 2, 3]) == 0
 
 
 def test_heldout_prompts_cut_before_the_first_scored_token():
