@@ -487,13 +487,32 @@ def _canonical(row: dict) -> bytes:
     return json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+# The held-out rule's name, part of every stage key: a run built under an earlier rule (which
+# hashed whole rows) is rebuilt rather than reused with a slice it may have trained on.
+HELDOUT_RULE = "sha256-of-prompt"
+
+
+def _split_key(row: dict) -> dict:
+    """What decides a row's side of the split: a chat row's non-assistant turns, else the row.
+
+    Teacher-written corpora (greedy, sampled, beam, CoT) answer the same prompts differently; keyed
+    on the prompt, each holds out the same prompts, so methods are compared on the same slice and
+    a prompt never trains one arm while another is scored on it.
+    """
+    if isinstance(row.get("messages"), list):
+        return {"messages": [m for m in row["messages"] if m.get("role") != "assistant"]}
+    return row
+
+
 def _hash_score(row: dict) -> float:
-    """A stable number in [0, 1) from the row's content."""
-    return int.from_bytes(hashlib.sha256(_canonical(row)).digest()[:8], "big") / 2**64
+    """A stable number in [0, 1) from the row's split key."""
+    digest = hashlib.sha256(_canonical(_split_key(row))).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def heldout_mask(rows: list[dict], fraction: float) -> list[bool]:
-    """True for rows in the held-out slice: sha256 of the row's canonical JSON below fraction.
+    """True for rows in the held-out slice: sha256 of the canonical JSON of the row's prompt (its
+    non-assistant turns; a text row whole) below fraction.
 
     Depends only on each row's content, never its position. If fraction > 0 and no row of a
     corpus with at least two rows qualifies, the row with the lowest hash is held out, so small

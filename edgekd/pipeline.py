@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edgekd import atomic, models
+from edgekd import atomic, data, models
 from edgekd.config import Profile, Recipe, settings_hash
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
@@ -191,7 +191,9 @@ def stage_keys(
     """Each stage's key: a hash of its settings, the build, the data, the teacher and its inputs'
     keys."""
     teacher_key = models.teacher_key(recipe.teacher, teacher)
-    base = settings_hash(build_identity(profile, recipe), recipe.data, teacher_key)
+    base = settings_hash(
+        build_identity(profile, recipe), recipe.data, data.HELDOUT_RULE, teacher_key
+    )
     keys: dict[str, str] = {}
     for stage in chain:
         upstream = [keys[s] for s in inputs_of(stage, chain)]

@@ -133,6 +133,20 @@ def test_heldout_split_is_stable_and_disjoint():
     assert held == [r for r, m in zip(rows, mask, strict=True) if m]
 
 
+def test_heldout_split_keys_on_the_prompt_not_the_answer():
+    # Teacher-written corpora answer the same prompts differently (sampled, CoT): each must hold
+    # out the same prompts, and a prompt's rows all land on one side.
+    prompts = [f"question {i}" for i in range(300)]
+    greedy = [chat(p, f"greedy answer to {p}") for p in prompts]
+    sampled = [chat(p, f"a sampled answer {i}") for i, p in enumerate(prompts)]
+    assert heldout_mask(greedy, 0.1) == heldout_mask(sampled, 0.1)
+    assert any(heldout_mask(greedy, 0.1))
+    train, held = split_heldout(greedy + sampled, 0.1, max_heldout=1000)
+    held_prompts = {r["messages"][0]["content"] for r in held}
+    assert len(held) == 2 * len(held_prompts)
+    assert not held_prompts & {r["messages"][0]["content"] for r in train}
+
+
 def test_heldout_cap_drops_extra_rows_from_both():
     rows = [{"text": f"example {i}"} for i in range(200)]
     train, held = split_heldout(rows, 0.3, max_heldout=5)
