@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -67,6 +66,7 @@ def child(variant: str, args) -> dict:
     """One variant's timings and peak RSS, measured in this process."""
     import torch
 
+    from edgekd.benchmark import rss_bytes
     from edgekd.config import TrainSettings
     from edgekd.train import kd_step_loss
 
@@ -78,7 +78,7 @@ def child(variant: str, args) -> dict:
     # What accelerate's mixed_precision=bf16 does around the loss (and the model's forward).
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "edgekd-bf16")
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    setup_rss = rss_bytes("VmHWM")
     head = student.get_output_embeddings()
     seconds = []
     for _ in range(args.steps + 1):
@@ -96,8 +96,8 @@ def child(variant: str, args) -> dict:
         "tokens": tokens,
         "labelled": int(out.tokens),
         "tokens_per_s": tokens / statistics.median(seconds[1:]),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "setup_rss_mb": setup_rss / 1024,
+        "peak_rss_mb": rss_bytes("VmHWM") / 2**20,
+        "setup_rss_mb": setup_rss / 2**20,
     }
 
 

@@ -200,7 +200,7 @@ class ScaleSettings(Strict):
     """How a training step uses memory and devices; none of these change what is learned."""
 
     loss_chunk_tokens: int = Field(
-        256,
+        64,
         ge=0,
         description="labelled positions whose logits exist at once in the KD loss (computed from "
         "hidden states and LM heads, chunk by chunk); 0: the plain full-logit loss",

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgekd.config import MethodSettings
+from edgekd.losses import LOG_FLOOR
 
-_LOG_FLOOR = torch.finfo(torch.float32).min
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -108,7 +108,7 @@ def group_heads(attn: Tensor, groups: int) -> Tensor:
 
 def _row_kl(log_p: Tensor, log_q: Tensor, mask: Tensor) -> Tensor:
     """KL(p || q) over the last dim of [B, G, L, L] log-probs, averaged over real query rows."""
-    log_p, log_q = log_p.clamp(min=_LOG_FLOOR), log_q.clamp(min=_LOG_FLOOR)
+    log_p, log_q = log_p.clamp(min=LOG_FLOOR), log_q.clamp(min=LOG_FLOOR)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, G, L]
     return _masked_mean(kl, mask[:, None, :])
 
@@ -135,7 +135,7 @@ def value_relation(values: Tensor, heads: int, mask: Tensor) -> Tensor:
     scores = v @ v.transpose(-1, -2) / math.sqrt(d // heads)
     causal = torch.ones(length, length, dtype=torch.bool, device=values.device).tril()
     allowed = causal & mask.bool()[:, None, None, :]
-    return scores.masked_fill(~allowed, _LOG_FLOOR).log_softmax(-1)
+    return scores.masked_fill(~allowed, LOG_FLOOR).log_softmax(-1)
 
 
 def value_relation_loss(

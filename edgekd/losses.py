@@ -21,7 +21,7 @@ IGNORE_INDEX = -100
 
 # Masked vocabulary entries have log-prob -inf, and 0 * (-inf - -inf) is NaN. Flooring log-probs at
 # the most negative float keeps every difference finite while exp(floor) is still exactly 0.
-_LOG_FLOOR = torch.finfo(torch.float32).min
+LOG_FLOOR = torch.finfo(torch.float32).min
 
 
 class KDLossOutput(NamedTuple):
@@ -61,7 +61,7 @@ def _check_shapes(student_logits: Tensor, teacher_logits: Tensor) -> None:
 
 
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:
-    return (logits.float() / temperature).log_softmax(-1).clamp(min=_LOG_FLOOR)
+    return (logits.float() / temperature).log_softmax(-1).clamp(min=LOG_FLOOR)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:

@@ -30,11 +30,14 @@ def _grads(loss, params):
     return torch.autograd.grad(loss, params)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_matches_plain_loss_and_gradients(divergence, alpha):
+def test_matches_plain_loss_and_gradients(divergence, alpha, temperature):
+    # forward_kl and reverse_kl take the closed-form gradient (which folds CE's softmax into the
+    # divergence's at T=1); the others autograd, chunk by chunk.
     hidden, weight, bias, t_hidden, t_weight, labels = _tensors()
-    kw = {"temperature": 2.0, "alpha": alpha, "divergence": divergence, **ARGS}
+    kw = {"temperature": temperature, "alpha": alpha, "divergence": divergence, **ARGS}
     plain = kd_loss(
         torch.nn.functional.linear(hidden, weight, bias), t_hidden @ t_weight.T, labels, **kw
     )
@@ -52,6 +55,28 @@ def test_matches_plain_loss_and_gradients(divergence, alpha):
             assert torch.allclose(g, want, atol=1e-5, rtol=1e-4)
             assert want.abs().max() > 1e-3  # the comparison is not between zeros
         assert got.loss.item() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_masked_vocabulary_matches_plain_and_stays_finite(divergence, temperature):
+    hidden, weight, bias, t_hidden, t_weight, labels = _tensors(seed=2)
+    mask = torch.zeros(VOCAB)
+    mask[:3] = float("-inf")  # a vocabulary slice both models mask (as a grammar would)
+    labels[labels != -100] = labels[labels != -100].clamp(min=3)
+    bias = (bias.detach() + mask).requires_grad_()
+    keep = labels != -100
+    t_rows = head_logits(t_hidden[keep], t_weight, mask)
+    kw = {"temperature": temperature, "alpha": 0.5, "divergence": divergence, **ARGS}
+    plain = kd_loss(torch.nn.functional.linear(hidden, weight, bias), t_hidden @ t_weight.T + mask,
+                    labels, **kw)  # fmt: skip
+    got = chunked_kd_loss(hidden, weight, bias, labels, t_rows, chunk_tokens=3, **kw)
+    assert torch.isfinite(got.loss) and torch.allclose(got.loss, plain.loss, atol=1e-5)
+    pairs = zip(
+        _grads(got.loss, [hidden, weight]), _grads(plain.loss, [hidden, weight]), strict=True
+    )
+    for g, want in pairs:
+        assert torch.isfinite(g).all() and torch.allclose(g, want, atol=1e-5, rtol=1e-4)
 
 
 def test_backward_scales_with_the_incoming_gradient_and_frozen_head_gets_none():
