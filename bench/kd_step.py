@@ -1,6 +1,7 @@
 """The naive full-logit KD step against edgekd's chunked step: same models, batch and length.
 
-    python bench/kd_step.py [--vocab 128256] [--batch 2] [--seq 256] [--steps 5] [--threads 2]
+    python bench/kd_step.py [--vocab 128256] [--batch 4] [--seq 256] [--steps 5] [--threads 2]
+                            [--chunk 64] [--divergence forward_kl]
 
 Each variant runs in its own child process (so peak RSS is its own): a random Llama student and a
 larger teacher sharing a large vocabulary, one AdamW step per iteration on a chat-like batch (the
@@ -74,7 +75,7 @@ def child(variant: str, args) -> dict:
     student, teacher = _models(args.vocab)
     batch = _batch(args.vocab, args.batch, args.seq)
     chunk = 0 if variant == "naive" else args.chunk
-    settings = TrainSettings(loss_chunk_tokens=chunk)
+    settings = TrainSettings(loss_chunk_tokens=chunk, divergence=args.divergence)
     # What accelerate's mixed_precision=bf16 does around the loss (and the model's forward).
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "edgekd-bf16")
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -109,6 +110,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=None, help="default: TrainSettings' default")
+    ap.add_argument(
+        "--divergence",
+        default="forward_kl",
+        help="forward_kl/reverse_kl take the closed-form gradient, the others autograd per chunk",
+    )
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.chunk is None:
@@ -121,7 +127,7 @@ def main() -> None:
     results = {}
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant]
-        for key in ("vocab", "batch", "seq", "steps", "threads", "chunk"):
+        for key in ("vocab", "batch", "seq", "steps", "threads", "chunk", "divergence"):
             cmd += [f"--{key}", str(getattr(args, key))]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[variant] = json.loads(out.stdout.splitlines()[-1])
@@ -129,7 +135,7 @@ def main() -> None:
     print(
         f"vocab {args.vocab}, batch {args.batch} x {args.seq} ({n['tokens']} tokens, "
         f"{n['labelled']} labelled), {args.threads} threads, chunk {args.chunk}, "
-        f"median of {args.steps} steps"
+        f"{args.divergence}, median of {args.steps} steps"
     )
     head = f"{'':12}{'tok/s':>8}{'peak RSS MB':>13}{'setup RSS MB':>14}{'loss':>9}"
     print(f"{head}{'tok/s':>8}{'peak':>7}")

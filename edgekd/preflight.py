@@ -8,8 +8,10 @@ renders.
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from edgekd.feature_kd import layer_pairs
 from edgekd.formats import gguf, onnx
 from edgekd.plan import GB, Plan
 from edgekd.quant.gguf_k import q4_k_m_types
+from edgekd.train import check_strategy
 
 
 def check_data(recipe: Recipe) -> None:
@@ -150,6 +153,21 @@ def check_scale(recipe: Recipe, plan: Plan) -> None:
         )
 
 
+def check_launch(recipe: Recipe, plan: Plan, environ: Mapping[str, str]) -> None:
+    """The training stages can run under the `accelerate launch` setup in `environ`."""
+    fsdp = environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    deepspeed = environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    for stage in (s for s in plan.stages if s in TRAINING_STAGES):
+        check_strategy(
+            stage,
+            getattr(recipe, stage),
+            fsdp_version=int(environ.get("FSDP_VERSION", "1")) if fsdp else None,
+            zero_stage=int(environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+            if deepspeed
+            else None,
+        )
+
+
 def check_disk(run_dir: Path, need_bytes: int, stages: list[str]) -> None:
     """The file system that will hold `run_dir` has room for the estimated size of the run."""
     where = Path(run_dir).absolute()
@@ -182,6 +200,7 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
     check_scale(recipe, plan)
     check_layer_maps(recipe, plan)
     check_logit_cache(recipe, plan)
+    check_launch(recipe, plan, os.environ)
     models.check_weights(plan.teacher, allow_pickle=recipe.teacher.allow_pickle, role="teacher")
     pending = pipeline.pending_stages(profile, recipe, run_dir, plan.stages, plan.teacher)
     check_disk(run_dir, sum(plan.disk_bytes.get(s, 0) for s in pending), pending)

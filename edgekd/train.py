@@ -8,6 +8,7 @@ resumed run see the same batches it would have seen without the kill.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -18,6 +19,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import get_cosine_schedule_with_warmup
 
 from edgekd import atomic, models, on_policy
@@ -145,6 +148,69 @@ def kd_step_loss(
     return out._replace(loss=out.loss + term_sum), terms
 
 
+def shards_weights(accelerator: Accelerator) -> bool:
+    """Whether the prepared student's weights are sharded across processes (FSDP)."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of `model`'s state dict with whole tensors, also when FSDP shards them
+    (then every process must call it: gathering a shard is collective)."""
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+        for k, v in model.state_dict().items()
+    }
+
+
+def check_strategy(
+    name: str, settings: TrainSettings, *, fsdp_version: int | None, zero_stage: int | None
+) -> None:
+    """Refuse a launch setup stage `name` cannot train under (FSDP `fsdp_version`, DeepSpeed
+    `zero_stage`; None when not in use), with what to launch instead."""
+    if zero_stage == 3:
+        # ZeRO-3 partitions the weights outside each module's forward and gathers them through
+        # DeepSpeed's own context managers, which the stages do not call.
+        raise EdgekdError(
+            f"{name}: accelerate is set up for DeepSpeed ZeRO-3; edgekd shards the student's "
+            "weights with FSDP2 instead: launch with configs/accelerate/fsdp.yaml (or ZeRO-2, "
+            "deepspeed_zero2.yaml; see docs/scale.md)"
+        )
+    if fsdp_version is None:
+        return
+    if fsdp_version != 2:
+        raise EdgekdError(
+            f"{name}: accelerate is set up for FSDP version {fsdp_version}; edgekd needs "
+            "fsdp_version: 2 (as in configs/accelerate/fsdp.yaml)"
+        )
+    if settings.on_policy_fraction > 0:
+        # Each process samples a different number of tokens, but every forward of a sharded
+        # model is collective: the processes would wait on each other forever.
+        raise EdgekdError(
+            f"{name}.on_policy_fraction={settings.on_policy_fraction}: on-policy KD samples "
+            "from the student, which FSDP cannot do with different prompts per process; set "
+            f"{name}.on_policy_fraction=0 or launch with DDP (configs/accelerate/ddp.yaml)"
+        )
+
+
+def _shard_tied_embeddings(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Put a tied embedding and LM head in one FSDP unit before accelerate shards the rest.
+
+    accelerate groups them only when both modules' `.weight` is the same tensor; qat_kd's fake
+    quantization makes `.weight` a new tensor at each read, so it would shard the one parameter
+    they share in two units, which torch refuses. Kept whole after the forward, as accelerate
+    keeps the LM head's unit, for the chunked loss."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or not {id(p) for p in embed.parameters()} & {id(p) for p in head.parameters()}:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    fully_shard(
+        [embed, head],
+        reshard_after_forward=False,
+        mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        offload_policy=plugin.cpu_offload,
+    )
+
+
 def _accelerator(settings: TrainSettings, name: str) -> Accelerator:
     if settings.mixed_precision == "fp16" and not on_gpu():
         raise EdgekdError(
@@ -156,15 +222,14 @@ def _accelerator(settings: TrainSettings, name: str) -> Accelerator:
         mixed_precision=settings.mixed_precision,
     )
     plugin = accelerator.state.deepspeed_plugin
-    zero3 = plugin is not None and plugin.zero_stage == 3
-    if accelerator.distributed_type == DistributedType.FSDP or zero3:
-        # Both shard the weights outside each layer's forward, but the stages evaluate and save
-        # the whole student in the main process, and the chunked loss reads the LM head.
-        raise EdgekdError(
-            f"{name}: accelerate is set up for FSDP or ZeRO-3, which shard the student's weights; "
-            "edgekd needs whole weights on each process: launch with "
-            "configs/accelerate/ddp.yaml or deepspeed_zero2.yaml (see docs/scale.md)"
-        )
+    check_strategy(
+        name,
+        settings,
+        fsdp_version=accelerator.state.fsdp_plugin.fsdp_version
+        if shards_weights(accelerator)
+        else None,
+        zero_stage=plugin.zero_stage if plugin is not None else None,
+    )
     return accelerator
 
 
@@ -192,11 +257,19 @@ def train_kd(
         teacher = on_policy.training_teacher(lambda: ctx.teacher, student, settings)
         if not getattr(teacher, "is_quantized", False):  # bitsandbytes loaded it on its device
             teacher = teacher.to(accelerator.device)
+    plain = student
+    if shards_weights(accelerator):
+        # FSDP turns the module it prepares into a sharded one in place; the caller's student
+        # stays whole and gets the trained weights at the end.
+        student = copy.deepcopy(student)
+        _shard_tied_embeddings(accelerator, student)
     if settings.gradient_checkpointing:
         student.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     student.train()
+    # kd_step_loss reads its weight after the forward: under FSDP that is when the root module
+    # (which holds the head) has its whole weights registered.
     student_head = student.get_output_embeddings()
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad] + list(methods.parameters()),
@@ -311,13 +384,21 @@ def train_kd(
     accelerator.wait_for_everyone()
     methods.detach()
     seconds = time.perf_counter() - start
-    unwrapped = accelerator.unwrap_model(student)
-    unwrapped.eval()
+    if shards_weights(accelerator):
+        gathered = full_state_dict(accelerator.unwrap_model(student))  # every process gathers
+        # Only what trained comes back: a frozen 4-bit base (qlora) stays as it was loaded.
+        names = [n for n, p in plain.named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            for name in names:
+                plain.get_parameter(name).copy_(gathered[name])
+        del gathered
+    plain.eval()
     if accelerator.is_main_process:
         atomic.remove(ckpt)
     summary = {
         "steps": settings.max_steps,
         "processes": accelerator.num_processes,
+        "distributed": accelerator.distributed_type.value,
         "device": str(accelerator.device),
         "tokens_this_run": tokens_done,
         "seconds_this_run": round(seconds, 1),

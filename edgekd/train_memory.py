@@ -13,10 +13,7 @@ from edgekd import models
 from edgekd.config import TeacherSettings, TrainSettings
 
 GB = 1024**3
-STRATEGIES = ("DDP", "ZeRO-2", "FSDP / ZeRO-3")
-# These shard the weights outside each layer's forward, where the chunked loss reads the LM head:
-# a projection with the plain full-logit loss (edgekd's stages do not run under them yet).
-SHARDS_WEIGHTS = ("FSDP / ZeRO-3",)
+STRATEGIES = ("DDP", "ZeRO-2", "FSDP2")
 # Bytes per teacher parameter as it is held: NF4 adds a scale per 64 weights (~0.5 bit).
 _TEACHER_BYTES = {"4bit": 0.56, "8bit": 1.0, "float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 # Activations kept for backward per token and layer, in units of hidden-size 16-bit values
@@ -67,16 +64,22 @@ def step_memory(
     """Per-GPU bytes of one training step of `settings` with `gpus` GPUs under `strategy`.
 
     The student is held in fp32 (master weights) with fp32 gradients and AdamW's two fp32 states;
-    ZeRO-2 shards gradients and states, FSDP and ZeRO-3 also the weights (and need the plain
-    loss, so their logits are the full ones); the frozen teacher is replicated on every GPU;
-    activations and logits are per micro-batch.
+    ZeRO-2 shards gradients and states, FSDP2 also the weights, of which it holds whole one
+    decoder layer at a time and the embedding and LM head through the step (the chunked loss reads
+    the head); the frozen teacher is replicated on every GPU; activations and logits are per
+    micro-batch.
     """
     params = models.param_count(student_config)
-    shard = {"DDP": (1, 1, 1), "ZeRO-2": (1, gpus, gpus), "FSDP / ZeRO-3": (gpus, gpus, gpus)}
+    shard = {"DDP": (1, 1, 1), "ZeRO-2": (1, gpus, gpus), "FSDP2": (gpus, gpus, gpus)}
     w_div, g_div, o_div = shard[strategy]
+    hidden, layers = student_config.hidden_size, student_config.num_hidden_layers
+    embeddings = student_config.vocab_size * hidden
+    embeddings *= 1 if student_config.tie_word_embeddings else 2
+    gathered = 0.0
+    if strategy == "FSDP2" and gpus > 1:
+        gathered = 4 * (embeddings + (params - embeddings) / layers) * (1 - 1 / gpus)
     held = teacher.load_in if teacher.load_in != "full" else teacher.dtype
     tokens = settings.batch_size * seq_len
-    hidden, layers = student_config.hidden_size, student_config.num_hidden_layers
     act = 2 if settings.mixed_precision != "no" else 4
     per_layer = tokens * hidden * act * _ACTIVATION_UNITS / 2
     if settings.gradient_checkpointing:
@@ -84,11 +87,9 @@ def step_memory(
         activations = tokens * hidden * act * layers + per_layer
     else:
         activations = per_layer * layers
-    rows = tokens
-    if settings.loss_chunk_tokens and strategy not in SHARDS_WEIGHTS:
-        rows = min(tokens, settings.loss_chunk_tokens)
+    rows = min(tokens, settings.loss_chunk_tokens) if settings.loss_chunk_tokens else tokens
     return StepMemory(
-        weights=4 * params / w_div,
+        weights=4 * params / w_div + gathered,
         grads=4 * params / g_div,
         optimizer=8 * params / o_div,
         teacher=_TEACHER_BYTES[held] * models.param_count(teacher_config),
@@ -133,6 +134,5 @@ def estimate_lines(
         f"AdamW {one.optimizer / GB:.1f}, teacher {one.teacher / GB:.1f}, activations "
         f"{one.activations / GB:.1f}, logits {one.logits / GB:.1f} GB "
         f"{chunk or 'naive (loss_chunk_tokens=0)'}; naive full logits would be {naive / GB:.1f} GB"
-        " (the FSDP / ZeRO-3 row assumes them; edgekd runs DDP and ZeRO-2, see docs/scale.md)"
     )
     return lines

@@ -125,7 +125,7 @@ def test_example_recipes_plan_from_configs_alone():
     # The per-GPU training memory estimate, for 1, 2 and 8 GPUs, labelled as one.
     assert "distill per GPU, estimated" in mid.output
     assert "1 GPU    2 GPUs    8 GPUs" in mid.output
-    for strategy in ("DDP", "ZeRO-2", "FSDP / ZeRO-3"):
+    for strategy in ("DDP", "ZeRO-2", "FSDP2"):
         assert f"\n          {strategy} " in mid.output
     assert "logits 2.9 GB chunked (1024 tokens); naive full logits would be 23.2 GB" in mid.output
 

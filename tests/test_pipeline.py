@@ -165,3 +165,37 @@ def test_two_process_accelerate_launch(tiny_teacher_dir, chat_jsonl, tmp_path):
         assert json.loads(curve[-1])["step"] == steps, stage
         assert Path(run / stage / "model" / "model.safetensors").exists(), stage
     assert (run / "02-qlora" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_two_process_fsdp(tiny_teacher_dir, chat_jsonl, tmp_path):
+    """The three training stages with the student sharded by FSDP2 over 2 CPU processes (gloo),
+    launched with the repo's configs/accelerate/fsdp.yaml; the trained weights are gathered and
+    saved."""
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2",
+        "-m", "tests.fsdp_on_cpu", "build", "--profile", "phone-1gb",
+        "--stages", "distill,qlora,qat_kd", "--teacher", str(tiny_teacher_dir),
+        "--data", str(chat_jsonl), "--out", str(run),
+    ]  # fmt: skip
+    for s in [*FAST, *TRAINING_FAST, "distill.checkpoint_every=2"]:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).parent.parent
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for stage, steps in (("01-distill", 4), ("02-qlora", 3), ("03-qat-kd", 4)):
+        report = json.loads((run / stage / "report.json").read_text())
+        assert report["training"]["processes"] == 2, stage
+        assert report["training"]["distributed"] == "FSDP", stage
+        curve = (run / stage / "loss_curve.jsonl").read_text().splitlines()
+        assert json.loads(curve[-1])["step"] == steps, stage
+    # What each stage saved is what it trained, gathered from the shards: not its input.
+    start = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).state_dict()
+    for stage in ("01-distill", "02-qlora", "03-qat-kd"):
+        saved = AutoModelForCausalLM.from_pretrained(run / stage / "model").state_dict()
+        moved = [k for k, v in saved.items() if not torch.equal(v, start[k])]
+        assert len(moved) > len(saved) // 2, stage
+        start = saved

@@ -9,7 +9,7 @@ import torch
 from edgekd.config import load_profile, load_recipe
 from edgekd.errors import EdgekdError
 from edgekd.plan import make_plan
-from edgekd.preflight import check_data, check_scale
+from edgekd.preflight import check_data, check_launch, check_scale
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 QWEN = [f"teacher.source={CONFIGS / 'qwen2.5-7b-instruct'}"]
@@ -46,6 +46,25 @@ def test_quantized_teacher_cannot_be_a_gguf():
     with pytest.raises(EdgekdError, match="teacher.load_in=4bit needs a Hugging Face model"):
         recipe = load_recipe(None, ["teacher.load_in=4bit"])  # the embedded GGUF teacher
         check_scale(recipe, make_plan(load_profile("phone-1gb"), recipe, STAGES, timing=False))
+
+
+def test_launch_setups_edgekd_cannot_train_under():
+    """What `accelerate launch` puts in the environment for FSDP and DeepSpeed configs."""
+    sets = [*QWEN, *STUDENT]
+    recipe = load_recipe(None, sets)
+    plan = make_plan(load_profile("phone-4gb"), recipe, STAGES, timing=False)
+    fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    zero = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    for ok in ({}, fsdp2, zero):
+        check_launch(recipe, plan, ok)
+    with pytest.raises(EdgekdError, match="distill: .*ZeRO-3; .*configs/accelerate/fsdp.yaml"):
+        check_launch(recipe, plan, zero | {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    with pytest.raises(EdgekdError, match="FSDP version 1; edgekd needs fsdp_version: 2"):
+        check_launch(recipe, plan, fsdp2 | {"FSDP_VERSION": "1"})
+    on_policy = load_recipe(None, [*sets, "qlora.on_policy_fraction=0.5"])
+    with pytest.raises(EdgekdError, match="qlora.on_policy_fraction=0.5: .* launch with DDP"):
+        check_launch(on_policy, plan, fsdp2)
+    check_launch(on_policy, plan, {})
 
 
 def test_cot_and_regenerate_on_user_data(chat_jsonl):

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -19,7 +20,7 @@ from edgekd.evaluate import at_positions, evaluate_torch, quality
 from edgekd.formats import gguf
 from edgekd.pipeline import StageResult
 from edgekd.quant.gguf_k import fake_quantize, q4_k_m_types
-from edgekd.train import save_curve, train_kd
+from edgekd.train import full_state_dict, save_curve, train_kd
 
 
 class FakeQuant(nn.Module):
@@ -80,10 +81,10 @@ def run(ctx: Context, settings: QatKdSettings) -> StageResult:
     def keep_best(step: int, model: nn.Module) -> None:
         if step % settings.eval_every and step != settings.max_steps:
             return
-        kld = evaluate_torch(model, ctx.heldout, reference).kld
+        # Every process takes main's decision: under FSDP gathering the weights is collective.
+        kld = broadcast_object_list([evaluate_torch(model, ctx.heldout, reference).kld])[0]
         if kld < best["kld"]:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best.update(kld=kld, step=step, state=state)
+            best.update(kld=kld, step=step, state=full_state_dict(model))
 
     curve, train_report = train_kd(ctx, student, settings, name="qat_kd", on_step=keep_best)
     if best["state"] is not None:
