@@ -41,8 +41,10 @@ def test_qat_kd_measures_recovery_in_llama_cpp(run_copy, tiny_teacher_dir):
         "student after",
     ]
     rec = report["recovery"]
-    assert rec["gap_before"] > 0  # 4-bit export of a random model does lose something
-    assert rec["recovered"] == pytest.approx(1 - rec["gap_after"] / rec["gap_before"])
+    if rec["gap_before"] > 0:
+        assert rec["recovered"] == pytest.approx(1 - rec["gap_after"] / rec["gap_before"])
+    else:  # hidden 64 exports as Q5_0/Q8_0, whose loss can be below measurement: none to recover
+        assert rec["recovered"] is None and abs(rec["gap_before"]) < 1e-3
     assert rec["gap_after"] == pytest.approx(rec["kld_q4_k_m_after"] - rec["kld_full_precision"])
     own = rec["kld_q4_k_m_after"] - report["quality"]["student after"]["kld"]
     assert rec["gap_after_own_weights"] == pytest.approx(own)
