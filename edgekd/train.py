@@ -279,6 +279,11 @@ def train_kd(
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(settings.warmup_ratio * settings.max_steps), settings.max_steps
     )
+    if (ds := accelerator.state.deepspeed_plugin) is not None:
+        # accelerate sizes DeepSpeed's batch from a dataloader, and edgekd batches itself; the
+        # recipe's clipping wins over the config's, as its precision does.
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = settings.batch_size
+        ds.deepspeed_config["gradient_clipping"] = settings.max_grad_norm
     student, optimizer = accelerator.prepare(student, optimizer)
     extra_loss = accelerator.prepare(methods) if list(methods.parameters()) else methods
     methods.attach(accelerator.unwrap_model(student), teacher)
