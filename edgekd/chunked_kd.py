@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edgekd.losses import IGNORE_INDEX, LOG_FLOOR, KDLossOutput, _check_args, token_divergence
+from edgekd.losses import IGNORE_INDEX, LOG_FLOOR, KDLossOutput, check_kd_args, token_divergence
 
 # Teacher logits for rows [start, stop) of the kept positions (batch-major order, as labels[keep]):
 # from the teacher's hidden states and head (`head_logits`), or from a precomputed cache.
@@ -190,9 +190,9 @@ def chunked_kd_loss(
     of kept rows [start, stop) in the order of labels[labels != -100]; it may be None at alpha=0.
     At most `chunk_tokens` rows of logits exist at a time.
     """
-    _check_args(divergence, temperature, skew_alpha, jsd_beta)
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    check_kd_args(
+        divergence, temperature, skew_alpha, jsd_beta, alpha=alpha, has_teacher=teacher is not None
+    )
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
     if labels.shape != hidden.shape[:-1]:
@@ -200,8 +200,6 @@ def chunked_kd_loss(
             f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}; "
             "labels need the hidden states' shape minus the last dim"
         )
-    if teacher is None and alpha > 0:
-        raise ValueError(f"teacher is None but alpha={alpha}; pass it or set alpha=0")
     keep = labels != IGNORE_INDEX
     kd_args = {
         "divergence": divergence,

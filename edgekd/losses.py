@@ -52,6 +52,24 @@ def _check_args(divergence: str, temperature: float, skew_alpha: float, jsd_beta
         raise ValueError(f"jsd_beta={jsd_beta} makes jsd identically 0; use a value in (0, 1)")
 
 
+def check_kd_args(
+    divergence: str,
+    temperature: float,
+    skew_alpha: float,
+    jsd_beta: float,
+    *,
+    alpha: float,
+    has_teacher: bool,
+) -> None:
+    """The arguments of a KD loss (plain or chunked): a known divergence, valid knobs, and a
+    teacher wherever alpha gives the divergence weight."""
+    _check_args(divergence, temperature, skew_alpha, jsd_beta)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    if not has_teacher and alpha > 0:
+        raise ValueError(f"the teacher is None but alpha={alpha}; pass it or set alpha=0")
+
+
 def _check_shapes(student_logits: Tensor, teacher_logits: Tensor) -> None:
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -134,16 +152,19 @@ def kd_loss(
     -100 are left out of both terms and of the means. teacher_logits may be None when alpha == 0.
     With no labelled position the loss is 0 and still backpropagates (zero gradients).
     """
-    _check_args(divergence, temperature, skew_alpha, jsd_beta)
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    check_kd_args(
+        divergence,
+        temperature,
+        skew_alpha,
+        jsd_beta,
+        alpha=alpha,
+        has_teacher=teacher_logits is not None,
+    )
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(
             f"labels {tuple(labels.shape)} do not match student_logits "
             f"{tuple(student_logits.shape)}; labels need the logits' shape minus the vocab dim"
         )
-    if teacher_logits is None and alpha > 0:
-        raise ValueError(f"teacher_logits is None but alpha={alpha}; pass them or set alpha=0")
 
     keep = labels != IGNORE_INDEX
     tokens = keep.sum()

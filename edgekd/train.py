@@ -1,9 +1,10 @@
 """The KD training loop shared by the training stages, on Hugging Face accelerate.
 
 It runs unchanged in one process, or under `accelerate launch` in several (DDP, FSDP2 with the
-student sharded, DeepSpeed ZeRO-2), and checkpoints every `checkpoint_every` optimizer steps into the stage's work folder, so a killed build resumes
-from its last checkpoint. The batch order is a pure function of (seed, step), which is what makes a
-resumed run see the same batches it would have seen without the kill.
+student sharded, DeepSpeed ZeRO-2), and checkpoints every `checkpoint_every` optimizer steps into
+the stage's work folder, so a killed build resumes from its last checkpoint. The batch order is a
+pure function of (seed, step), which is what makes a resumed run see the same batches it would
+have seen without the kill.
 """
 
 from __future__ import annotations
