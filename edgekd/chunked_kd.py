@@ -138,12 +138,12 @@ class _ChunkedKD(torch.autograd.Function):
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         kd_sum = hidden.new_zeros((), dtype=torch.float32)
         scale = alpha * kd_args["temperature"] ** 2
+        step = _closed_form if kd_args["divergence"] in CLOSED_FORM else _autograd
         for start in range(0, labels.numel(), chunk_tokens):
             stop = min(start + chunk_tokens, labels.numel())
             h = h_all[start:stop]
             logits = F.linear(h, w, b)
             t_logits = teacher(start, stop) if alpha > 0 else None
-            step = _closed_form if kd_args["divergence"] in CLOSED_FORM else _autograd
             kd, ce, d_logits = step(logits, t_logits, labels[start:stop], alpha, kd_args, want_grad)
             ce_sum += ce
             kd_sum += kd

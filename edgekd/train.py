@@ -154,12 +154,16 @@ def shards_weights(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached copy of `model`'s state dict with whole tensors, also when FSDP shards them
-    (then every process must call it: gathering a shard is collective)."""
+def full_state_dict(
+    model: torch.nn.Module, names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """A detached copy of `model`'s state dict (only `names` if given) with whole tensors, also
+    when FSDP shards them (then every process must call it: gathering a shard is collective)."""
+    state = model.state_dict()
     return {
         k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-        for k, v in model.state_dict().items()
+        for k, v in state.items()
+        if names is None or k in names
     }
 
 
@@ -391,9 +395,9 @@ def train_kd(
     methods.detach()
     seconds = time.perf_counter() - start
     if shards_weights(accelerator):
-        gathered = full_state_dict(accelerator.unwrap_model(student))  # every process gathers
         # Only what trained comes back: a frozen 4-bit base (qlora) stays as it was loaded.
         names = [n for n, p in plain.named_parameters() if p.requires_grad]
+        gathered = full_state_dict(accelerator.unwrap_model(student), names)  # every process
         with torch.no_grad():
             for name in names:
                 plain.get_parameter(name).copy_(gathered[name])
