@@ -24,19 +24,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the tiny-model helpers live in tests/
-
-from tests.test_reliability import FAST as TEST_FAST  # noqa: E402  (needs ROOT on the path)
-from tests.test_reliability import (  # noqa: E402
+from edgekd.testing import (
+    FAST_BUILD,
     Build,
-    _assert_killed_stage_not_done,
-    _marker,
-    _no_leftovers,
-    _partial_holds_file,
+    assert_killed_stage_not_done,
+    assert_no_leftovers,
+    marker,
+    partial_holds_file,
+    save_embedded_tokenizer,
+    save_tiny_llama,
+    set_args,
+    write_chat_jsonl,
 )
 
-FAST = [*TEST_FAST, "distill.max_steps=2"]
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [*FAST_BUILD, "distill.max_steps=2"]
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Workspace:
 
     def build(self, *args: str, teacher: Path | None = None, out: Path | None = None) -> list[str]:
         """`build` arguments for this workspace; `args` come last and may override."""
-        sets = _sets(FAST)
+        sets = set_args(FAST)
         return [
             "build", "--profile", "phone-1gb", "--teacher", str(teacher or self.teacher),
             "--data", str(self.data), "--out", str(out or self.run), "--stages", "distill",
@@ -69,10 +71,6 @@ class Case:
     exit_code: int = 2
     fast: bool = True  # in the test's subset
     intact: Callable[[Workspace], str] | None = None  # an extra "nothing lost" check
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [a for item in items for a in ("--set", item)]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -164,8 +162,6 @@ def _broken_config_teacher(ws: Workspace) -> list[str]:
 
 def _other_tokenizer_student(ws: Workspace) -> list[str]:
     from transformers import AutoTokenizer
-
-    from tests.conftest import save_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(ws.teacher)
     tok.add_tokens(["<edgekd-extra>"])
@@ -460,18 +456,10 @@ def snapshot(folder: Path) -> dict[str, str]:
 def make_workspace(root: Path, cli=None, teacher: Path | None = None) -> Workspace:
     """The tiny teacher (real SmolLM2 tokenizer, random 4-layer Llama) unless given, a chat corpus
     and a finished distill run built through the command line."""
-    from tests.conftest import write_chat_jsonl
-
     if teacher is None:
         from transformers import AutoTokenizer
 
-        from edgekd.models import load_tokenizer, resolve_source
-        from tests.conftest import save_tiny_llama
-
-        tok_dir = root / "tokenizer"
-        load_tokenizer(resolve_source("embedded", role="teacher")).save_pretrained(tok_dir)
-        (tok_dir / "tokenizer.model").unlink(missing_ok=True)
-        tok = AutoTokenizer.from_pretrained(tok_dir)
+        tok = AutoTokenizer.from_pretrained(save_embedded_tokenizer(root / "tokenizer"))
         teacher = save_tiny_llama(root / "teacher", tok, num_layers=4)
     ws = Workspace(root, teacher, write_chat_jsonl(root / "chat.jsonl"), root / "run")
     rc, out = (cli or run_cli)(ws.build())
@@ -548,7 +536,7 @@ def _resumed(fault: str, run: Path, out: str, expect: str, kept: str) -> Row:
     """The row of a kill case, after its rerun finished: nothing cut short survived."""
     from edgekd.verify import verify
 
-    _no_leftovers(run)
+    assert_no_leftovers(run)
     checked, findings = verify(run)
     assert not findings, findings
     intact = f"{kept}; rerun exit 0, `edgekd verify`: all {checked} artifacts match"
@@ -557,7 +545,7 @@ def _resumed(fault: str, run: Path, out: str, expect: str, kept: str) -> Row:
 
 
 def _kill_args(ws: Workspace, stages: str, extra: list[str], data: bool = True) -> list[str]:
-    args = ["--teacher", str(ws.teacher), "--stages", stages, *_sets([*FAST, *extra])]
+    args = ["--teacher", str(ws.teacher), "--stages", stages, *set_args([*FAST, *extra])]
     return [*args, "--data", str(ws.data)] if data else args
 
 
@@ -569,7 +557,7 @@ def kill_generation(ws: Workspace) -> Row:
         lambda: (run / ".01-distill.partial").is_dir() and "Teacher answers" in build.output
     )
     assert not list((run / "cache").glob("corpus-*")), "a cut-short corpus looks complete"
-    _assert_killed_stage_not_done(run, "distill")
+    assert_killed_stage_not_done(run, "distill")
     out = Build(run, args).finish()
     kept = "no corpus file and no distill marker after the kill; the rerun answered every prompt"
     return _resumed("SIGKILL during teacher generation", run, out, "Teacher answers", kept)
@@ -580,7 +568,7 @@ def kill_training(ws: Workspace) -> Row:
     args = _kill_args(ws, "distill", ["distill.max_steps=30", "distill.checkpoint_every=3"])
     build = Build(run, args)
     build.kill_when((run / ".01-distill.partial" / "checkpoint" / "progress.json").exists)
-    _assert_killed_stage_not_done(run, "distill")
+    assert_killed_stage_not_done(run, "distill")
     out = Build(run, args).finish()
     kept = "distill not marked done after the kill; the rerun resumed from its last checkpoint"
     return _resumed(
@@ -592,12 +580,12 @@ def kill_export(ws: Workspace, stage: str, seen: str, expect: str) -> Row:
     run = ws.path(f"kill-{stage}")
     shutil.copytree(ws.run, run)
     args = _kill_args(ws, "export_gguf,export_onnx", [])
-    distill = _marker(run, "distill")
+    distill = marker(run, "distill")
     build = Build(run, args)
-    build.kill_when(_partial_holds_file(run, stage, seen))
-    _assert_killed_stage_not_done(run, stage)
+    build.kill_when(partial_holds_file(run, stage, seen))
+    assert_killed_stage_not_done(run, stage)
     out = Build(run, args).finish()
-    assert _marker(run, "distill") == distill
+    assert marker(run, "distill") == distill
     kept = f"{stage} neither marked done nor in manifest.json after the kill; distill reused"
     return _resumed(f"SIGKILL during {stage} (`{seen}` being written)", run, out, expect, kept)
 

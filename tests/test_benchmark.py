@@ -16,7 +16,7 @@ from edgekd.config import BenchSettings, load_profile
 from edgekd.errors import EdgekdError
 from edgekd.formats.gguf import llama_cpp_logprobs, write_gguf
 from edgekd.models import kv_cache_bytes, param_count
-from tests.conftest import save_tiny_llama, tiny_llama_config
+from edgekd.testing import save_tiny_llama, tiny_llama_config
 
 SEQ = [1, 504, 3458, 314, 253, 1345, 30, 378, 1812, 28, 2516, 4442, 13]
 

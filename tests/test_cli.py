@@ -93,7 +93,7 @@ def test_typo_in_set_and_unknown_stage(tiny_teacher_dir):
 def test_student_with_other_tokenizer_is_refused(tmp_path, tiny_teacher_dir, chat_jsonl):
     from transformers import AutoTokenizer
 
-    from tests.conftest import save_tiny_llama
+    from edgekd.testing import save_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     tok.add_tokens(["<extra_a>", "<extra_b>"])

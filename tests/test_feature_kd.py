@@ -17,7 +17,7 @@ from edgekd.feature_kd import (
     value_relation,
     value_relation_loss,
 )
-from tests.conftest import tiny_llama_config
+from edgekd.testing import tiny_llama_config
 
 
 def test_layer_pairs_uniform_last_k_and_explicit():

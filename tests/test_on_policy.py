@@ -14,7 +14,7 @@ from edgekd.on_policy import (
     training_examples,
     training_teacher,
 )
-from tests.conftest import tiny_llama_config
+from edgekd.testing import tiny_llama_config
 
 
 def _model(tokenizer, seed=0):

@@ -69,7 +69,7 @@ def test_rerun_skips_and_changed_setting_reruns(tiny_teacher_dir, chat_jsonl, tm
 def test_different_build_is_refused_without_force(
     tiny_teacher_dir, chat_jsonl, tmp_path, tokenizer
 ):
-    from tests.conftest import save_tiny_llama
+    from edgekd.testing import save_tiny_llama
 
     run = tmp_path / "run"
     _build(tiny_teacher_dir, chat_jsonl, run)
@@ -113,7 +113,7 @@ def test_killed_build_resumes_from_checkpoint(tiny_teacher_dir, chat_jsonl, tmp_
 @pytest.mark.slow
 def test_distill_at_scale_settings_on_cpu(tiny_teacher_dir, chat_jsonl, tmp_path, tokenizer):
     """bf16 autocast, gradient checkpointing and a 4-bit NF4 teacher, on this CPU."""
-    from tests.conftest import save_tiny_llama
+    from edgekd.testing import save_tiny_llama
 
     student = save_tiny_llama(tmp_path / "student", tokenizer, num_layers=2, seed=3)
     run = tmp_path / "run"

@@ -12,7 +12,7 @@ from edgekd.speculative import (
     heldout_prompts,
     speculative_decode,
 )
-from tests.conftest import tiny_llama_config
+from edgekd.testing import tiny_llama_config
 
 
 def _model(tokenizer, seed, layers=2):

@@ -9,7 +9,7 @@ from edgekd.config import DataSettings
 from edgekd.data import decoding_options, generate_with_transformers
 from edgekd.errors import EdgekdError
 from edgekd.teacher_data import generation_key, keep_correct, prompt_rows, with_instruction
-from tests.conftest import tiny_llama_config
+from edgekd.testing import tiny_llama_config
 
 
 def _chat(user, reply=None, **extra):

@@ -6,7 +6,7 @@ import pytest
 
 from edgekd import pipeline
 from edgekd.config import load_profile, load_recipe
-from tests.conftest import write_chat_jsonl
+from edgekd.testing import write_chat_jsonl
 
 FAST = [
     "student.num_layers=2",

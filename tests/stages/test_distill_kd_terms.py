@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 from edgekd import pipeline
 from edgekd.config import load_profile
-from tests.conftest import save_tiny_llama, write_chat_jsonl
+from edgekd.testing import save_tiny_llama, write_chat_jsonl
 from tests.stages.conftest import fast_recipe
 
 

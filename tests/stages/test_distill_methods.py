@@ -12,7 +12,7 @@ from edgekd import pipeline
 from edgekd.config import load_profile
 from edgekd.data import read_jsonl
 from edgekd.on_policy import is_on_policy
-from tests.conftest import tiny_llama_config, write_chat_jsonl
+from edgekd.testing import tiny_llama_config, write_chat_jsonl
 from tests.stages.conftest import fast_recipe
 
 

@@ -1,0 +1,189 @@
+"""Real inputs for edgekd's tests and for scripts/reliability_table.py: tiny random Llamas with the
+embedded teacher's own tokenizer, a small chat corpus, `edgekd build` in a child process, and checks
+of what a run folder holds. Nothing here stands in for a runtime: the tests run the real ones.
+
+Kept in the package (like `torch.testing`) so the tests and the reliability script share one copy
+without either reaching into the other's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edgekd import pipeline
+
+# Settings that make a whole `edgekd build --stages distill` of a tiny teacher take seconds.
+FAST_BUILD = [
+    "student.num_layers=2",
+    "student.calibration_examples=4",
+    "distill.batch_size=2",
+    "distill.log_every=1",
+    "data.max_seq_len=64",
+    "qlora.enabled=false",
+    "qat_kd.enabled=false",
+    "eval.sample_max_tokens=4",
+    "export_onnx.genai=false",
+]
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def save_embedded_tokenizer(folder: Path) -> Path:
+    """The embedded teacher's tokenizer saved as tokenizer.json alone: the `tokenizer.model` that
+    save_pretrained writes for a tokenizer loaded from a GGUF is not valid SentencePiece, and
+    converters that see it fail."""
+    from edgekd.models import load_tokenizer, resolve_source
+
+    load_tokenizer(resolve_source("embedded", role="teacher")).save_pretrained(folder)
+    (folder / "tokenizer.model").unlink(missing_ok=True)
+    return folder
+
+
+def tiny_llama_config(tokenizer, num_layers: int = 2, hidden: int = 64):
+    """A Llama config small enough for a test: 4 query heads over 2 KV heads, tied embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def save_tiny_llama(path: Path, tokenizer, num_layers: int = 2, hidden: int = 64, seed: int = 0):
+    """A random tiny Llama with the real tokenizer, saved in HF layout (safetensors)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, num_layers, hidden))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "tokenizer.model").unlink(missing_ok=True)
+    return path
+
+
+def write_chat_jsonl(path: Path, n: int = 40) -> Path:
+    """A small chat corpus in JSONL, enough for a held-out split and a few training steps."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i + 1}?"},
+                {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."},
+            ]
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def set_args(items: list[str]) -> list[str]:
+    """`--set` options for each `key=value`."""
+    return [a for item in items for a in ("--set", item)]
+
+
+class Build:
+    """`edgekd build` in a child process, its output collected by a thread as it comes."""
+
+    def __init__(self, run: Path, args: list[str], live: bool = False):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}  # no wrapped lines
+        if live:  # rich then draws progress bars as they move, not once at the end
+            env.update(TTY_INTERACTIVE="1", TTY_COMPATIBLE="1")
+        cmd = [sys.executable, "-m", "edgekd.cli", "build", "--profile", "phone-1gb"]
+        self.proc = subprocess.Popen(
+            [*cmd, "--out", str(run), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while chunk := self.proc.stdout.read1(4096):
+            self.chunks.append(chunk)
+
+    @property
+    def output(self) -> str:
+        return _ANSI.sub("", b"".join(self.chunks).decode(errors="replace"))
+
+    def kill_when(self, seen: Callable[[], bool], timeout: float = 120) -> None:
+        """SIGKILL the build as soon as `seen()` is true; fail if it ended first."""
+        deadline = time.time() + timeout
+        while not seen():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"build ended before the kill point:\n{self.output}")
+            if time.time() > deadline:
+                raise AssertionError(f"kill point not reached:\n{self.output}")
+            time.sleep(0.02)
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.reader.join()
+        if self.proc.returncode != -signal.SIGKILL:
+            raise AssertionError(f"build exited {self.proc.returncode} before the kill")
+
+    def finish(self) -> str:
+        """Wait for the build; its output, or AssertionError if it failed."""
+        self.proc.wait(timeout=600)
+        self.reader.join()
+        if self.proc.returncode != 0:
+            raise AssertionError(self.output[-4000:])
+        return self.output
+
+
+def stage_folder(run: Path, stage: str) -> Path:
+    return run / pipeline.stage_dirname(stage)
+
+
+def partial_folder(run: Path, stage: str) -> Path:
+    return run / f".{pipeline.stage_dirname(stage)}.partial"
+
+
+def manifest_stages(run: Path) -> set[str]:
+    path = run / "manifest.json"
+    return set(json.loads(path.read_text())["stages"]) if path.exists() else set()
+
+
+def marker(run: Path, stage: str) -> tuple[int, int]:
+    """Identity of a stage's .done marker (inode, mtime): unchanged means the stage was reused."""
+    st = (stage_folder(run, stage) / ".done").stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def assert_no_leftovers(run: Path) -> None:
+    left = [p for p in run.rglob("*") if ".tmp-" in p.name or p.name.endswith(".partial")]
+    if left:
+        raise AssertionError(f"left behind: {left}")
+
+
+def partial_holds_file(run: Path, stage: str, suffix: str) -> Callable[[], bool]:
+    """A kill point: the stage's partial folder holds a file whose name contains `suffix`."""
+    partial = partial_folder(run, stage)
+    return lambda: any(p.name != ".key" and suffix in p.name for p in partial.glob("*"))
+
+
+def assert_killed_stage_not_done(run: Path, stage: str) -> None:
+    """A stage cut short is neither marked done nor in the manifest; its partial folder stays."""
+    if (stage_folder(run, stage) / ".done").exists():
+        raise AssertionError(f"{stage} was killed but is marked done")
+    if stage in manifest_stages(run):
+        raise AssertionError(f"{stage} was killed but is in manifest.json")
+    if not partial_folder(run, stage).is_dir():
+        raise AssertionError(f"{stage} was killed but left no partial folder")
