@@ -202,7 +202,9 @@ class HfTorch(Runtime):
 
         with torch.inference_mode():
             out = self._model(
-                input_ids=torch.tensor([ids]), past_key_values=self._past, use_cache=True
+                input_ids=torch.tensor([ids], device=self._model.device),
+                past_key_values=self._past,
+                use_cache=True,
             )
         self._past = out.past_key_values
         return int(out.logits[0, -1].argmax())
