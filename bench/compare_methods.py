@@ -25,6 +25,7 @@ from edgekd import benchmark, data, evaluate, models, pipeline
 from edgekd.config import load_profile, load_recipe
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
+from edgekd.formats.hf_torch import HfTorch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv", "mse")
 METHODS: dict[str, list[str]] = {
@@ -70,19 +71,11 @@ def _trained_prompts(ctx: Context) -> set[str]:
 
 
 def _accuracy(model, tokenizer, questions: list[dict], max_tokens: int) -> float:
-    rows = data.generate_with_transformers(
-        model,
-        tokenizer,
-        questions,
-        max_tokens=max_tokens,
-        seed=0,
-        temperature=0.0,
-        batch_size=8,
-        num_beams=1,
+    replies = HfTorch.from_model(model, tokenizer).chat(
+        [[{"role": "user", "content": q["prompt"]}] for q in questions], max_tokens=max_tokens
     )
     right = [
-        benchmark.exact_match(r["messages"][-1]["content"], str(q["answer"]))
-        for r, q in zip(rows, questions, strict=True)
+        benchmark.exact_match(r, str(q["answer"])) for r, q in zip(replies, questions, strict=True)
     ]
     return sum(right) / len(right)
 

@@ -26,6 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from edgekd.config import ExportOnnxSettings
 from edgekd.evaluate import quality
 from edgekd.formats import gguf, onnx
+from edgekd.formats.llama_cpp import LlamaCpp
+from edgekd.formats.ort import Ort
 from edgekd.models import embedded_teacher_gguf, load_tokenizer, resolve_source
 
 PROSE = [
@@ -135,29 +137,28 @@ def main() -> None:
     seqs = [tokenizer(t)["input_ids"] for t in PROSE + CODE[:2] + [texts(tokenizer)[-7]]]
     with torch.no_grad():
         reference = [torch.log_softmax(model(torch.tensor([s])).logits[0], -1) for s in seqs]
-    n_ctx = max(map(len, seqs))
 
     print("GGUF")
     t = time.perf_counter()
     f16 = gguf.write_gguf(hf, tmp / "model-F16.gguf")
     print(f"  write F16      {time.perf_counter() - t:.1f} s, {size_mb(f16):.1f} MB")
     items = texts(tokenizer)
-    bad = mismatches(gguf.llama_cpp_tokenize(f16, items), tokenizer, items)
+    bad = mismatches(LlamaCpp(f16, threads=args.threads).tokenize(items), tokenizer, items)
     print(f"  tokenization   {len(bad)} of {len(items)} texts differ (HF vs written GGUF)")
-    drift = mismatches(gguf.llama_cpp_tokenize(teacher, items), tokenizer, items)
+    drift = mismatches(LlamaCpp(teacher, threads=args.threads).tokenize(items), tokenizer, items)
     print(
         f"  tokenization   {len(drift)} of {len(items)} texts differ (HF from GGUF vs the "
         f"original GGUF in llama.cpp): {[d[:30] for d in drift]}"
     )
     measure(
         "F16",
-        gguf.llama_cpp_logprobs(f16, seqs, threads=args.threads, n_ctx=n_ctx),
+        LlamaCpp(f16, threads=args.threads).logprobs(seqs),
         reference,
         seqs,
     )
     measure(
         "original Q4_1",
-        gguf.llama_cpp_logprobs(teacher, seqs, threads=args.threads, n_ctx=n_ctx),
+        LlamaCpp(teacher, threads=args.threads).logprobs(seqs),
         reference,
         seqs,
     )
@@ -172,21 +173,21 @@ def main() -> None:
     print("  Q4_K_M types  ", ", ".join(f"{n} {k} x{c}" for (n, k), c in sorted(types.items())))
     measure(
         "Q4_K_M",
-        gguf.llama_cpp_logprobs(q4, seqs, threads=args.threads, n_ctx=n_ctx),
+        LlamaCpp(q4, threads=args.threads).logprobs(seqs),
         reference,
         seqs,
     )
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     print(
         "  Q4_K_M says   ",
-        repr(gguf.llama_cpp_generate(q4, chat, max_tokens=24, threads=args.threads, n_ctx=256)),
+        repr(LlamaCpp(q4, threads=args.threads, n_ctx=256).chat([chat], max_tokens=24)[0]),
     )
 
     print("ONNX")
     t = time.perf_counter()
     fp32 = onnx.export_onnx(hf, tmp / "onnx")
     print(f"  export fp32    {time.perf_counter() - t:.1f} s, {size_mb(fp32):.1f} MB")
-    measure("fp32", onnx.onnx_logprobs(fp32, seqs, threads=args.threads), reference, seqs)
+    measure("fp32", Ort(fp32, threads=args.threads).logprobs(seqs), reference, seqs)
     for kind in ("int4", "int8"):
         t = time.perf_counter()
         settings = ExportOnnxSettings()
@@ -198,10 +199,12 @@ def main() -> None:
             accuracy_level=settings.accuracy_level,
         )
         print(f"  {kind:<14} {time.perf_counter() - t:.1f} s, {size_mb(out):.1f} MB")
-        measure(kind, onnx.onnx_logprobs(out, seqs, threads=args.threads), reference, seqs)
+        measure(kind, Ort(out, threads=args.threads).logprobs(seqs), reference, seqs)
         print(
             f"  {kind} says     ",
-            repr(onnx.onnx_generate(out, tokenizer, chat, max_tokens=24, threads=args.threads)),
+            repr(
+                Ort(out, threads=args.threads, tokenizer=tokenizer).chat([chat], max_tokens=24)[0]
+            ),
         )
     print(f"artifacts in {tmp}")
 

@@ -2,7 +2,7 @@
 
 Answers the same shipped prompts with the embedded SmolLM2-135M GGUF teacher twice: the old
 sequential path (one Llama.create_chat_completion per prompt) and
-edgekd.data.generate_with_llama_cpp (continuous batching, `parallel` sequences per decode).
+edgekd.formats.llama_cpp.LlamaCpp.generate (continuous batching, `parallel` sequences per decode).
 Both are greedy; runs alternate so both see the same machine load, and medians are reported.
 Tokens are counted by re-tokenizing each answer, the same way for both paths. llama.cpp's
 OpenMP threads busy-wait by default, which is much slower when other processes share the
@@ -20,7 +20,8 @@ from pathlib import Path
 from llama_cpp import Llama
 
 from edgekd.config import DataSettings
-from edgekd.data import default_prompts, generate_with_llama_cpp
+from edgekd.data import default_prompts
+from edgekd.formats.llama_cpp import LlamaCpp
 from edgekd.models import embedded_teacher_gguf
 
 
@@ -62,13 +63,11 @@ def main() -> None:
     paths = {"sequential": lambda: sequential(gguf, prompts, args.max_tokens, args.threads)}
     for width in args.parallel:
         paths[f"batched x{width}"] = lambda width=width: [
-            row["messages"][1]["content"]
-            for row in generate_with_llama_cpp(
-                gguf,
-                prompts,
+            answer.strip()
+            for answer in LlamaCpp(gguf, threads=args.threads).generate(
+                [[{"role": "user", "content": p["prompt"]}] for p in prompts],
                 max_tokens=args.max_tokens,
                 seed=0,
-                n_threads=args.threads,
                 temperature=0.0,
                 parallel=width,
             )

@@ -23,17 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from edgekd.errors import EdgekdError
+from edgekd.formats.registry import RUNTIMES, open_runtime, runtime_class, runtime_of
+from edgekd.formats.runtime import Runtime, TokenCost
 
 if TYPE_CHECKING:  # the child process stays free of anything its runtime does not need
     from edgekd.config import BenchSettings, Profile
 
-RUNTIMES = ("llama.cpp", "onnxruntime", "onnxruntime-genai", "torch")
-_ONNX_MODEL = "model.onnx"
-_GENAI_CONFIG = "genai_config.json"
-_GATHER_OPS = ("Gather", "GatherBlockQuantized")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 MIB = 1 << 20
 
@@ -49,152 +45,12 @@ class Artifact:
     shipped: bool = False  # one of the profile's device formats: judged against its budget
 
 
-def runtime_of(path: Path) -> str:
-    """The runtime an artifact runs in, from what the path holds."""
-    path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return "llama.cpp"
-    if path.is_dir() and (path / _GENAI_CONFIG).is_file():
-        return "onnxruntime-genai"
-    if path.is_dir() and (path / _ONNX_MODEL).is_file():
-        return "onnxruntime"
-    if path.is_dir() and (path / "config.json").is_file():
-        return "torch"
-    raise EdgekdError(
-        f"{path} is neither a .gguf file, a folder with {_ONNX_MODEL}, nor a model folder with "
-        "config.json; pass one of those"
-    )
-
-
 def size_on_disk(path: Path) -> int:
     """Bytes of a file, or of every file under a folder."""
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def weight_files(artifact: Artifact) -> list[Path]:
-    """The files the runtime loads as the model (tokenizer and config files left out)."""
-    path = Path(artifact.path)
-    if artifact.runtime == "llama.cpp":
-        return [path]
-    if artifact.runtime.startswith("onnxruntime"):
-        return sorted(f for f in path.iterdir() if f.name.startswith(_ONNX_MODEL))
-    return sorted(path.glob("*.safetensors"))
-
-
-@dataclass(frozen=True)
-class TokenCost:
-    """What decoding one token reads: every weight but a looked-up embedding table, and the KV
-    cache of the positions before it."""
-
-    weights_bytes: int  # the model files
-    weights_read_bytes: int
-    kv_bytes_per_position: int
-
-    def read_per_token(self, position: int) -> int:
-        return self.weights_read_bytes + self.kv_bytes_per_position * position
-
-
-def _gguf_cost(path: Path) -> TokenCost:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    arch = reader.fields["general.architecture"].contents()
-
-    def field(key: str, default=None):
-        f = reader.fields.get(f"{arch}.{key}")
-        return default if f is None else int(f.contents())
-
-    n_head = field("attention.head_count")
-    head_dim = field("attention.key_length", field("embedding_length") // n_head)
-    kv_heads = field("attention.head_count_kv", n_head)
-    # An untied token embedding is only looked up (one row per token); a tied one is the output
-    # matrix too and is read whole.
-    lookup = sizes.get("token_embd.weight", 0) if "output.weight" in sizes else 0
-    return TokenCost(
-        weights_bytes=path.stat().st_size,
-        weights_read_bytes=sum(sizes.values()) - lookup,
-        # llama.cpp keeps K and V in F16 unless told otherwise.
-        kv_bytes_per_position=2 * field("block_count") * kv_heads * head_dim * 2,
-    )
-
-
-def _initializer_bytes(tensor) -> int:
-    from onnx import external_data_helper, numpy_helper
-
-    if external_data_helper.uses_external_data(tensor):
-        return int({e.key: e.value for e in tensor.external_data}["length"])
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    return numpy_helper.to_array(tensor).nbytes
-
-
-def _onnx_cost(folder: Path, runtime: str) -> TokenCost:
-    import onnx
-
-    model = onnx.load(folder / _ONNX_MODEL, load_external_data=False)
-    sizes = {t.name: _initializer_bytes(t) for t in model.graph.initializer}
-    users: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, set()).add(node.op_type)
-    # Tensors that only feed embedding lookups are read one row per token.
-    lookup = sum(b for n, b in sizes.items() if users.get(n) and users[n] <= set(_GATHER_OPS))
-    past = [i.type.tensor_type for i in model.graph.input if i.name.startswith("past_key_values.")]
-    itemsize = [onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize for t in past]
-    if runtime == "onnxruntime-genai":
-        # Its graphs leave the head size symbolic; its config states it.
-        d = json.loads((folder / _GENAI_CONFIG).read_text())["model"]["decoder"]
-        per_layer = d["num_key_value_heads"] * d["head_size"]
-        kv = sum(per_layer * size for size in itemsize)
-    else:  # [batch, kv heads, past length, head size]: the fixed dims are the per-position size
-        kv = sum(
-            size * int(np.prod([d.dim_value for d in t.shape.dim if d.HasField("dim_value")]))
-            for t, size in zip(past, itemsize, strict=True)
-        )
-    return TokenCost(
-        weights_bytes=sum(f.stat().st_size for f in weight_files(Artifact("", runtime, folder))),
-        weights_read_bytes=sum(sizes.values()) - lookup,
-        kv_bytes_per_position=kv,
-    )
-
-
-def _torch_cost(folder: Path) -> TokenCost:
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(folder)
-    sizes, per_value = {}, 4
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                t = f.get_slice(name)
-                per_value = {"F32": 4, "F16": 2, "BF16": 2}.get(t.get_dtype(), 4)
-                sizes[name] = per_value * int(np.prod(t.get_shape()))
-    embed = next((n for n in sizes if n.endswith("embed_tokens.weight")), None)
-    lookup = sizes[embed] if embed and any(n.endswith("lm_head.weight") for n in sizes) else 0
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return TokenCost(
-        weights_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
-        weights_read_bytes=sum(sizes.values()) - lookup,
-        # transformers keeps the cache in the weights' dtype.
-        kv_bytes_per_position=2 * config.num_hidden_layers * kv_heads * head_dim * per_value,
-    )
-
-
-def token_cost(artifact: Artifact) -> TokenCost:
-    """Bytes of the model files, bytes read per decoded token, KV cache bytes per position."""
-    path = Path(artifact.path)
-    if artifact.runtime == "llama.cpp":
-        return _gguf_cost(path)
-    if artifact.runtime.startswith("onnxruntime"):
-        return _onnx_cost(path, artifact.runtime)
-    return _torch_cost(path)
 
 
 def budget_verdict(weights_bytes: int, kv_bytes: int, budget_bytes: int) -> dict:
@@ -373,7 +229,7 @@ def benchmark_artifact(
     scratch: Path,
 ) -> dict:
     """Every measure of one artifact against the profile, as one report row."""
-    cost = token_cost(artifact)
+    cost = runtime_class(artifact.runtime).token_cost(artifact.path)
     job = Job(
         runtime=artifact.runtime,
         path=str(artifact.path),
@@ -492,16 +348,6 @@ def bench_report(
     }
 
 
-def _tokenize(artifact: Artifact, texts: list[str]) -> list[list[int]]:
-    if artifact.runtime == "llama.cpp":
-        from edgekd.formats.gguf import llama_cpp_tokenize
-
-        return llama_cpp_tokenize(Path(artifact.path), texts)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(artifact.path)(texts)["input_ids"]
-
-
 def bench_file(path: Path, profile: Profile, settings: BenchSettings) -> dict:
     """The bench report of one GGUF file, ONNX folder or model folder outside any build: speed,
     memory, exact-match answers and the budget verdict (no teacher, so no held-out quality)."""
@@ -513,7 +359,8 @@ def bench_file(path: Path, profile: Profile, settings: BenchSettings) -> dict:
     artifact = Artifact(path.name, runtime_of(path), path, role="export", shipped=True)
     threads = bench_threads(profile.threads, settings.threads)
     shipped = default_prompts()
-    prompt = prompt_ids(_tokenize(artifact, [r["prompt"] for r in shipped]), settings.prompt_tokens)
+    runtime = open_runtime(path, threads=threads)
+    prompt = prompt_ids(runtime.tokenize([r["prompt"] for r in shipped]), settings.prompt_tokens)
     questions = pick_questions(shipped, settings.questions)
     bandwidth = host_bandwidth(settings.bandwidth_mib, threads)
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
@@ -572,150 +419,14 @@ def rss_bytes(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-class _LlamaCpp:
-    def __init__(self, path: str, threads: int, n_ctx: int):
-        import llama_cpp
-
-        self._logits_ith = llama_cpp.llama_get_logits_ith
-        self.llm = llama_cpp.Llama(
-            path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
-        )
-        self.n_vocab = self.llm.n_vocab()
-
-    def _argmax(self) -> int:
-        logits = np.ctypeslib.as_array(self._logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
-        return int(logits.argmax())
-
-    def first(self, ids: list[int]) -> int:
-        self.llm.reset()
-        self.llm.eval(ids)
-        return self._argmax()
-
-    def next(self, token: int) -> int:
-        self.llm.eval([token])
-        return self._argmax()
-
-
-class _OnnxRuntime:
-    def __init__(self, folder: str, threads: int, n_ctx: int):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(Path(folder) / _ONNX_MODEL), options, providers=["CPUExecutionProvider"]
-        )
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.outputs = [
-            "logits",
-            *(n.replace("past_key_values.", "present.") for n in self.past_names),
-        ]
-
-    def _run(self, ids: list[int]) -> int:
-        feed = {"input_ids": np.array([ids], dtype=np.int64), **self.past}
-        if "attention_mask" in self.inputs:
-            feed["attention_mask"] = np.ones((1, self.n_past + len(ids)), dtype=np.int64)
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.arange(self.n_past, self.n_past + len(ids))[None]
-        logits, *present = self.session.run(self.outputs, feed)
-        self.past = dict(zip(self.past_names, present, strict=True))
-        self.n_past += len(ids)
-        return int(logits[0, -1].argmax())
-
-    def first(self, ids: list[int]) -> int:
-        self.past, self.n_past = {}, 0
-        for name in self.past_names:
-            info = self.inputs[name]
-            # Named dims are batch (1) and past length (0); the others are fixed head sizes.
-            shape = [
-                0 if "sequence" in str(d) else 1 if isinstance(d, str) else d for d in info.shape
-            ]
-            dtype = np.float16 if info.type == "tensor(float16)" else np.float32
-            self.past[name] = np.zeros(shape, dtype=dtype)
-        return self._run(ids)
-
-    def next(self, token: int) -> int:
-        return self._run([token])
-
-
-class _OnnxGenai:
-    """onnxruntime-genai's generator: it picks the greedy token itself, and runs the model on
-    a token when asked for the next one."""
-
-    def __init__(self, folder: str, threads: int, n_ctx: int):
-        import onnxruntime_genai as og
-
-        trained = json.loads((Path(folder) / _GENAI_CONFIG).read_text())["model"]["context_length"]
-        # It refuses a longer max_length than the model's context (tiny test models).
-        self.og, self.n_ctx = og, min(n_ctx, trained)
-        config = og.Config(folder)
-        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        self.model = og.Model(config)
-
-    def start(self, ids: list[int]):
-        """A generator that has run `ids` (its logits cover every position)."""
-        params = self.og.GeneratorParams(self.model)
-        # max_length sizes its shared KV buffer: the profile's context, as on the device.
-        params.set_search_options(max_length=self.n_ctx, do_sample=False)
-        generator = self.og.Generator(self.model, params)
-        generator.append_tokens(ids)
-        return generator
-
-    def first(self, ids: list[int]) -> int:
-        self.generator = self.start(ids)
-        self.generator.generate_next_token()
-        return int(self.generator.get_next_tokens()[0])
-
-    def next(self, token: int) -> int:
-        self.generator.generate_next_token()
-        return int(self.generator.get_next_tokens()[0])
-
-
-class _Torch:
-    def __init__(self, folder: str, threads: int, n_ctx: int):
-        import torch
-
-        from edgekd import models
-
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.model = models.load_model(models.resolve_source(folder, role="model"))
-
-    def _forward(self, ids: list[int]) -> int:
-        with self.torch.inference_mode():
-            out = self.model(
-                input_ids=self.torch.tensor([ids]), past_key_values=self.past, use_cache=True
-            )
-        self.past = out.past_key_values
-        return int(out.logits[0, -1].argmax())
-
-    def first(self, ids: list[int]) -> int:
-        self.past = None
-        return self._forward(ids)
-
-    def next(self, token: int) -> int:
-        return self._forward([token])
-
-
-_RUNNERS = {
-    "llama.cpp": _LlamaCpp,
-    "onnxruntime": _OnnxRuntime,
-    "onnxruntime-genai": _OnnxGenai,
-    "torch": _Torch,
-}
-
-
-def _timed_runs(runner, job: Job) -> tuple[list[float], list[float]]:
+def _timed_runs(runtime: Runtime, job: Job) -> tuple[list[float], list[float]]:
     ttft, decode = [], []
     for i in range(job.warmup_runs + job.runs):
         start = time.perf_counter()
-        token = runner.first(job.prompt)
+        token = runtime.first(job.prompt)
         first = time.perf_counter()
         for _ in range(job.decode_tokens):
-            token = runner.next(token)
+            token = runtime.next(token)
         end = time.perf_counter()
         if i >= job.warmup_runs:
             ttft.append(first - start)
@@ -738,90 +449,26 @@ def _load_heldout(path: str):
     return heldout, [t[f"r{i}"].float() for i in range(n)]
 
 
-def _quality(job: Job, runner) -> dict:
-    from edgekd.evaluate import at_positions, quality, torch_logprobs
+def _quality(job: Job, runtime: Runtime) -> dict:
+    from edgekd.evaluate import quality
 
     heldout, reference = _load_heldout(job.heldout)
-    if job.runtime == "llama.cpp":
-        from edgekd.formats.gguf import llama_cpp_logprobs
-
-        n_ctx = max(len(s) for s in heldout.sequences) + 8
-        full = llama_cpp_logprobs(job.path, heldout.sequences, threads=job.threads, n_ctx=n_ctx)
-        lp = at_positions(full, heldout)
-    elif job.runtime == "onnxruntime":
-        from edgekd.formats.onnx import onnx_logprobs
-
-        lp = at_positions(onnx_logprobs(job.path, heldout.sequences, threads=job.threads), heldout)
-    elif job.runtime == "onnxruntime-genai":
-        import torch
-
-        full = [
-            torch.from_numpy(np.asarray(runner.start(s).get_output("logits"))[0]).float()
-            for s in heldout.sequences
-        ]
-        lp = at_positions([x.log_softmax(-1) for x in full], heldout)
-    else:
-        lp = torch_logprobs(runner.model, heldout)
-    return quality(lp, reference, heldout.targets).as_dict()
+    return quality(runtime.heldout_logprobs(heldout), reference, heldout.targets).as_dict()
 
 
-def _answers(job: Job, runner) -> list[str]:
+def _answers(job: Job, runtime: Runtime) -> list[str]:
     """Greedy chat answers to the questions, through the runtime's own generation path."""
-    messages = [[{"role": "user", "content": q["prompt"]}] for q in job.questions]
-    if job.runtime == "llama.cpp":
-        from edgekd.formats.gguf import llama_cpp_generate
-
-        return [
-            llama_cpp_generate(
-                Path(job.path),
-                m,
-                max_tokens=job.answer_max_tokens,
-                threads=job.threads,
-                n_ctx=job.n_ctx,
-            )
-            for m in messages
-        ]
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(job.path)
-    if job.runtime == "onnxruntime-genai":
-        from edgekd.formats.onnx import genai_generate
-
-        return [
-            genai_generate(Path(job.path), tokenizer, m, max_tokens=job.answer_max_tokens)
-            for m in messages
-        ]
-    if job.runtime == "onnxruntime":
-        from edgekd.formats.onnx import onnx_generate
-
-        return [
-            onnx_generate(
-                Path(job.path), tokenizer, m, max_tokens=job.answer_max_tokens, threads=job.threads
-            )
-            for m in messages
-        ]
-    from edgekd.data import generate_with_transformers
-
-    rows = generate_with_transformers(
-        runner.model,
-        tokenizer,
-        job.questions,
-        max_tokens=job.answer_max_tokens,
-        seed=0,
-        temperature=0.0,
-        batch_size=8,
-        num_beams=1,
-    )
-    return [r["messages"][-1]["content"] for r in rows]
+    conversations = [[{"role": "user", "content": q["prompt"]}] for q in job.questions]
+    return runtime.chat(conversations, max_tokens=job.answer_max_tokens)
 
 
 def _child(job: Job) -> dict:
-    runner_class = _RUNNERS[job.runtime]
+    runtime = runtime_class(job.runtime)(job.path, threads=job.threads, n_ctx=job.n_ctx)
     baseline = rss_bytes("VmRSS")
     start = time.perf_counter()
-    runner = runner_class(job.path, job.threads, job.n_ctx)
+    runtime.load()
     load_s = time.perf_counter() - start
-    ttft, decode = _timed_runs(runner, job)
+    ttft, decode = _timed_runs(runtime, job)
     result = {
         "baseline_rss_bytes": baseline,
         "peak_rss_bytes": rss_bytes("VmHWM"),
@@ -829,8 +476,8 @@ def _child(job: Job) -> dict:
         "ttft_s": ttft,
         "decode_s": decode,
     }
-    result["quality"] = _quality(job, runner) if job.heldout else None
-    replies = _answers(job, runner) if job.questions else []
+    result["quality"] = _quality(job, runtime) if job.heldout else None
+    replies = _answers(job, runtime) if job.questions else []
     items = [
         {**q, "reply": r, "correct": exact_match(r, str(q["answer"]))}
         for q, r in zip(job.questions, replies, strict=True)
@@ -846,7 +493,7 @@ def _child(job: Job) -> dict:
 def _main(argv: list[str]) -> None:
     job_path, out_path = argv
     job = Job(**json.loads(Path(job_path).read_text()))
-    if job.runtime not in _RUNNERS:
+    if job.runtime not in RUNTIMES:
         raise SystemExit(f"unknown runtime {job.runtime!r}; one of {', '.join(RUNTIMES)}")
     result = _child(job)
     tmp = Path(out_path).with_suffix(".tmp")

@@ -151,13 +151,12 @@ class Context:
         path = self.cache_path(f"logits-{key[:16]}.safetensors")
         with self.state.main_process_first():
             if not path.exists() and self.is_main:
-                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
                 tensors = logit_cache.compute(
                     self.teacher.to(self.state.device),
                     self.train_examples,
                     top_k=settings.top_k,
                     batch_size=settings.batch_size,
-                    pad_id=pad,
+                    pad_id=data.padding_id(self.tokenizer),
                 )
                 logit_cache.save(path, tensors)
         return logit_cache.LogitCache.load(path)

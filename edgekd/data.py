@@ -9,15 +9,11 @@ import hashlib
 import importlib.resources
 import json
 import re
-from collections import deque
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from jinja2.exceptions import SecurityError, TemplateError
-from rich.progress import Progress, track
 
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
@@ -162,202 +158,6 @@ def default_prompts() -> list[dict]:
         return read_jsonl(path)
 
 
-def _answered(prompt_row: dict, answer: str) -> dict:
-    """A chat row from a prompt row and the teacher's answer, keeping the other keys."""
-    row = {
-        "messages": [
-            {"role": "user", "content": prompt_row["prompt"]},
-            {"role": "assistant", "content": answer.strip()},
-        ]
-    }
-    row.update({k: v for k, v in prompt_row.items() if k != "prompt"})
-    return row
-
-
-def _llama_chat_prompts(vocab_llm, gguf_path: Path, prompts: list[dict]) -> list[list[int]]:
-    """Prompt token ids as create_chat_completion builds them: the GGUF's chat template rendered
-    by llama-cpp-python's Jinja2ChatFormatter, then tokenized with special tokens parsed."""
-    from llama_cpp import llama_chat_format, llama_model_get_vocab, llama_vocab_get_text
-
-    template = vocab_llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise EdgekdError(
-            f"{gguf_path}: the GGUF has no tokenizer.chat_template, so prompts cannot be "
-            "formatted; use a GGUF with a chat template or set data.source to a corpus"
-        )
-    vocab = llama_model_get_vocab(vocab_llm.model)
-
-    def text(token: int) -> str:
-        return llama_vocab_get_text(vocab, token).decode() if token >= 0 else ""
-
-    formatter = llama_chat_format.Jinja2ChatFormatter(
-        template=template,
-        eos_token=text(vocab_llm.token_eos()),
-        bos_token=text(vocab_llm.token_bos()),
-    )
-    ids = []
-    for p in prompts:
-        rendered = formatter(messages=[{"role": "user", "content": p["prompt"]}])
-        ids.append(
-            vocab_llm.tokenize(
-                rendered.prompt.encode(), add_bos=not rendered.added_special, special=True
-            )
-        )
-    return ids
-
-
-@dataclass
-class _Sequence:
-    """One prompt being answered in a llama.cpp sequence slot."""
-
-    index: int
-    feed: list[int]  # tokens for the next decode: the prompt, then each sampled token
-    rng: np.random.Generator
-    pos: int = 0
-    tokens: list[int] = field(default_factory=list)
-
-
-def generate_with_llama_cpp(
-    gguf_path: Path,
-    prompts: list[dict],
-    *,
-    max_tokens: int,
-    seed: int,
-    n_threads: int,
-    temperature: float,
-    parallel: int,
-) -> list[dict]:
-    """Teacher answers from a GGUF through llama.cpp, using the GGUF's own chat template.
-
-    Up to `parallel` prompts are decoded together in one context (continuous batching: a finished
-    answer frees its slot for the next prompt). Each answer stops at an end-of-generation token or
-    after max_tokens. temperature 0 is greedy (argmax); above 0, tokens are drawn from
-    softmax(logits / temperature), with no top-k/top-p, by a numpy generator seeded with
-    (seed, prompt index), so an answer does not depend on which prompts share its batch.
-    """
-    import llama_cpp  # loads a native library: only when a GGUF teacher is used
-
-    gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
-        raise EdgekdError(f"{gguf_path}: GGUF teacher not found")
-    if not prompts:
-        return []
-    from edgekd.formats.gguf import quiet_llama_cpp
-
-    quiet_llama_cpp()
-    vocab_llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
-    prompt_ids = _llama_chat_prompts(vocab_llm, gguf_path, prompts)
-    parallel = min(parallel, len(prompts), llama_cpp.llama_max_parallel_sequences())
-    longest = max(len(ids) for ids in prompt_ids)
-    # Each slot gets its own KV stream (not one unified buffer): a token attends only to its own
-    # sequence's cells, laid out as when decoding it alone, which keeps greedy answers closest
-    # to one-at-a-time decoding and attention cost independent of the other slots. llama.cpp
-    # rounds a stream up to a multiple of 256 cells anyway; asking for that avoids its warning.
-    # Flash attention stays off, as in Llama(), whose numerics the old sequential path had.
-    n_ctx_seq = -(-(longest + max_tokens) // 256) * 256
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx = cparams.n_batch = parallel * n_ctx_seq
-    cparams.n_seq_max = parallel
-    cparams.kv_unified = False
-    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    cparams.n_threads = cparams.n_threads_batch = n_threads
-    with ExitStack() as stack:
-        model = llama_cpp.llama_model_load_from_file(
-            str(gguf_path).encode(), llama_cpp.llama_model_default_params()
-        )
-        if not model:
-            raise EdgekdError(f"{gguf_path}: llama.cpp could not load the GGUF")
-        stack.callback(llama_cpp.llama_model_free, model)
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
-        if not ctx:
-            raise EdgekdError(
-                f"{gguf_path}: llama.cpp could not create a {cparams.n_ctx}-token context; "
-                "lower data.gen_parallel or data.gen_max_tokens"
-            )
-        stack.callback(llama_cpp.llama_free, ctx)
-        batch = llama_cpp.llama_batch_init(cparams.n_batch, 0, 1)
-        stack.callback(llama_cpp.llama_batch_free, batch)
-        answers = _decode_continuously(
-            ctx,
-            batch,
-            prompt_ids,
-            parallel,
-            max_tokens=max_tokens,
-            seed=seed,
-            temperature=temperature,
-        )
-    return [
-        _answered(p, vocab_llm.detokenize(answers[i]).decode("utf-8", errors="ignore"))
-        for i, p in enumerate(prompts)
-    ]
-
-
-def _decode_continuously(
-    ctx, batch, prompt_ids: list[list[int]], parallel: int, *, max_tokens, seed, temperature
-) -> list[list[int]]:
-    """Generated token ids per prompt, keeping up to `parallel` sequences in every decode."""
-    import llama_cpp
-
-    vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    memory = llama_cpp.llama_get_memory(ctx)
-    pending = deque(range(len(prompt_ids)))
-    free_slots = list(range(parallel))
-    active: dict[int, _Sequence] = {}
-    answers: list[list[int]] = [[] for _ in prompt_ids]
-
-    def add(token: int, pos: int, slot: int, wants_logits: bool) -> None:
-        n = batch.n_tokens
-        batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
-        batch.seq_id[n][0], batch.logits[n] = slot, wants_logits
-        batch.n_tokens = n + 1
-
-    with Progress() as progress:
-        task = progress.add_task("Teacher answers (llama.cpp)", total=len(prompt_ids))
-        while pending or active:
-            while pending and free_slots:
-                index = pending.popleft()
-                rng = np.random.default_rng([seed % 2**64, index])
-                active[free_slots.pop()] = _Sequence(index, prompt_ids[index], rng)
-            batch.n_tokens = 0
-            outputs = []  # (slot, row of its logits in the batch)
-            # Slots in ascending order: with one KV stream per slot, llama.cpp splits a batch
-            # whose sequences are out of order into more micro-batches (measured 2x slower).
-            for slot in sorted(active):
-                seq = active[slot]
-                for k, token in enumerate(seq.feed):
-                    add(token, seq.pos + k, slot, k == len(seq.feed) - 1)
-                seq.pos += len(seq.feed)
-                outputs.append((slot, batch.n_tokens - 1))
-            if (code := llama_cpp.llama_decode(ctx, batch)) != 0:
-                raise EdgekdError(
-                    f"llama.cpp decode failed with code {code}; lower data.gen_parallel"
-                )
-            for slot, row in outputs:
-                seq = active[slot]
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), (n_vocab,))
-                token = _next_token(logits, temperature, seq.rng)
-                eog = llama_cpp.llama_vocab_is_eog(vocab, token)
-                if not eog:
-                    seq.tokens.append(token)
-                    seq.feed = [token]
-                if eog or len(seq.tokens) >= max_tokens:
-                    answers[seq.index] = seq.tokens
-                    del active[slot]
-                    llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
-                    free_slots.append(slot)
-                    progress.advance(task)
-    return answers
-
-
-def _next_token(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
-    if temperature == 0:
-        return int(logits.argmax())
-    scaled = logits.astype(np.float64) / temperature
-    probs = np.exp(scaled - scaled.max())
-    return int(rng.choice(len(probs), p=probs / probs.sum()))
-
-
 def _tokenizer_name(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
@@ -385,102 +185,14 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool,
         ) from err
 
 
-def _require_chat_template(tokenizer) -> None:
+def require_chat_template(tokenizer) -> None:
+    """EdgekdError unless the tokenizer has a chat template."""
     if not getattr(tokenizer, "chat_template", None):
         name = _tokenizer_name(tokenizer)
         raise EdgekdError(
             f"tokenizer {name!r} has no chat template, so chat rows cannot be formatted; "
             "use a tokenizer with a chat_template or a corpus of {'text': ...} rows"
         )
-
-
-def decoding_options(*, temperature: float, num_beams: int) -> dict:
-    """transformers generate() options: sampling at temperature > 0, else greedy (num_beams 1)
-    or beam search. Knobs left out are set to None, which overrides any that a model's
-    generation_config sets (top-k/top-p would change what sampling draws from)."""
-    if temperature > 0 and num_beams > 1:
-        raise ValueError("sampling and beam search do not mix; pass temperature 0 with beams")
-    off = {"temperature": None, "top_p": None, "top_k": None}
-    if temperature > 0:
-        return {**off, "do_sample": True, "temperature": temperature}
-    return {**off, "do_sample": False, "num_beams": num_beams}
-
-
-def generate_token_ids(
-    model,
-    prompts: list[list[int]],
-    *,
-    max_tokens: int,
-    pad_id: int,
-    decoding: dict,
-    batch_size: int,
-    progress: str | None = None,
-) -> list[list[int]]:
-    """The new token ids per prompt, from left-padded batched generate(); an answer that ended
-    early is followed by pad_id up to its batch's longest. `progress`: a bar with that title."""
-    # Batches of similar length waste less compute on padding.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    starts = range(0, len(order), batch_size)
-    for start in starts if progress is None else track(starts, description=progress):
-        batch = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        with torch.inference_mode():
-            gen = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                max_new_tokens=max_tokens,
-                pad_token_id=pad_id,
-                **decoding,
-            )
-        for i, new in zip(batch, gen[:, width:].tolist(), strict=True):
-            out[i] = new
-    return out
-
-
-def generate_with_transformers(
-    model,
-    tokenizer,
-    prompts: list[dict],
-    *,
-    max_tokens: int,
-    seed: int,
-    temperature: float,
-    batch_size: int,
-    num_beams: int,
-) -> list[dict]:
-    """Teacher answers from a transformers model: chat template, left-padded batched generate;
-    greedy (temperature 0, num_beams 1), sampling (temperature > 0) or beam search."""
-    _require_chat_template(tokenizer)
-    texts = [
-        render_chat(
-            tokenizer, [{"role": "user", "content": p["prompt"]}], add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    torch.manual_seed(seed)
-    answers = generate_token_ids(
-        model,
-        encoded,
-        max_tokens=max_tokens,
-        pad_id=pad_id,
-        decoding=decoding_options(temperature=temperature, num_beams=num_beams),
-        batch_size=batch_size,
-        progress="Teacher answers (transformers)",
-    )
-    return [
-        _answered(p, tokenizer.decode(a, skip_special_tokens=True))
-        for p, a in zip(prompts, answers, strict=True)
-    ]
 
 
 def _canonical(row: dict) -> bytes:
@@ -613,7 +325,7 @@ def tokenize_rows(rows: list[dict], tokenizer, *, max_len: int) -> list[Tokenize
     only assistant tokens are targets.
     """
     if any("messages" in r for r in rows):
-        _require_chat_template(tokenizer)
+        require_chat_template(tokenizer)
     out = []
     for row in rows:
         if "messages" in row:
@@ -624,6 +336,11 @@ def tokenize_rows(rows: list[dict], tokenizer, *, max_len: int) -> list[Tokenize
         if any(t != IGNORE for t in ex.labels):
             out.append(ex)
     return out
+
+
+def padding_id(tokenizer) -> int:
+    """The token that pads batches: the tokenizer's pad token, else 0 (padding is masked)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:

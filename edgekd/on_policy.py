@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 
 from edgekd.config import SelfDistillSettings, TrainSettings
-from edgekd.data import IGNORE, TokenizedExample, decoding_options, generate_token_ids
+from edgekd.data import IGNORE, TokenizedExample
+from edgekd.formats.hf_torch import decoding_options, generate_token_ids
 
 
 def self_distilling(settings: TrainSettings) -> bool:

@@ -12,6 +12,7 @@ import torch
 
 from edgekd.data import common_prefix
 from edgekd.evaluate import HeldOut
+from edgekd.formats.hf_torch import HfTorch
 
 
 def heldout_prompts(heldout: HeldOut, n: int) -> list[list[int]]:
@@ -24,18 +25,12 @@ def heldout_prompts(heldout: HeldOut, n: int) -> list[list[int]]:
     return prompts
 
 
-@torch.no_grad()
-def _draft(model, context: torch.Tensor, k: int) -> list[int]:
-    """k greedy tokens of `model` after context (1 x len), with its KV cache."""
-    out = model(input_ids=context, use_cache=True)
-    tokens = [int(out.logits[0, -1].argmax())]
+def _draft(model, context: list[int], k: int) -> list[int]:
+    """k greedy tokens of `model` after context, with its KV cache."""
+    runtime = HfTorch.from_model(model, tokenizer=None)
+    tokens = [runtime.first(context)]
     for _ in range(k - 1):
-        out = model(
-            input_ids=torch.tensor([[tokens[-1]]], device=context.device),
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-        tokens.append(int(out.logits[0, -1].argmax()))
+        tokens.append(runtime.next(tokens[-1]))
     return tokens
 
 
@@ -50,7 +45,7 @@ def speculative_decode(
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     context, accepted = list(prompt), []
     while len(context) - len(prompt) < max_new_tokens:
-        draft = _draft(draft_model, torch.tensor([context], device=device), draft_len)
+        draft = _draft(draft_model, context, draft_len)
         full = torch.tensor([context + draft], device=device)
         # Position len(context) - 1 + i predicts draft[i]; the last one follows the whole draft.
         verified = target_model(input_ids=full).logits[0, len(context) - 1 :].argmax(-1).tolist()

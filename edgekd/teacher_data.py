@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edgekd import data
 from edgekd.benchmark import exact_match
 from edgekd.config import DataSettings, TeacherGenerationSettings
 from edgekd.errors import EdgekdError
+from edgekd.formats.hf_torch import HfTorch
+from edgekd.formats.registry import open_runtime
 
 if TYPE_CHECKING:
     from edgekd.context import Context
@@ -82,29 +83,36 @@ def keep_correct(rows: list[dict]) -> tuple[list[dict], dict]:
     return kept, {"checkable": right + wrong, "right": right, "dropped": wrong}
 
 
+def answered_row(prompt_row: dict, answer: str) -> dict:
+    """A chat row from a prompt row and the teacher's answer, keeping the other keys."""
+    row = {
+        "messages": [
+            {"role": "user", "content": prompt_row["prompt"]},
+            {"role": "assistant", "content": answer.strip()},
+        ]
+    }
+    row.update({k: v for k, v in prompt_row.items() if k != "prompt"})
+    return row
+
+
 def _generate(ctx: Context, prompts: list[dict]) -> list[dict]:
     s = ctx.recipe.data
-    if ctx.teacher_source.kind == "gguf" and s.gen_strategy != "beam":
-        return data.generate_with_llama_cpp(
-            ctx.teacher_source.path,
-            prompts,
-            max_tokens=s.gen_max_tokens,
-            seed=s.gen_seed,
-            n_threads=ctx.threads,
-            temperature=s.gen_temperature,
-            parallel=s.gen_parallel,
-        )
-    # Beam search runs in transformers, on the GGUF teacher's dequantized weights if need be.
-    return data.generate_with_transformers(
-        ctx.teacher,
-        ctx.tokenizer,
-        prompts,
+    beams = s.gen_beams if s.gen_strategy == "beam" else 1
+    if ctx.teacher_source.kind == "gguf" and beams == 1:
+        teacher = open_runtime(ctx.teacher_source.path, threads=ctx.threads)
+        parallel = s.gen_parallel
+    else:
+        # Beam search runs in transformers, on the GGUF teacher's dequantized weights if need be.
+        teacher, parallel = HfTorch.from_model(ctx.teacher, ctx.tokenizer), 8
+    answers = teacher.generate(
+        [[{"role": "user", "content": p["prompt"]}] for p in prompts],
         max_tokens=s.gen_max_tokens,
-        seed=s.gen_seed,
         temperature=s.gen_temperature,
-        batch_size=8,
-        num_beams=s.gen_beams if s.gen_strategy == "beam" else 1,
+        seed=s.gen_seed,
+        parallel=parallel,
+        beams=beams,
     )
+    return [answered_row(p, a) for p, a in zip(prompts, answers, strict=True)]
 
 
 def teacher_rows(ctx: Context, prompts: list[dict]) -> list[dict]:

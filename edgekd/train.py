@@ -28,7 +28,7 @@ from edgekd import atomic, models, on_policy
 from edgekd.chunked_kd import chunked_kd_loss, head_logits
 from edgekd.config import TrainSettings
 from edgekd.context import Context, on_gpu
-from edgekd.data import collate
+from edgekd.data import collate, padding_id
 from edgekd.errors import EdgekdError
 from edgekd.feature_kd import MethodLosses
 from edgekd.losses import IGNORE_INDEX, KDLossOutput, kd_loss, shift_for_next_token
@@ -253,7 +253,7 @@ def train_kd(
     set_seed(settings.seed)
     accelerator = _accelerator(settings, name)
     examples = ctx.train_examples
-    pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(ctx.tokenizer)
     methods = MethodLosses(settings, student.config, models.load_config(ctx.teacher_source))
     cache = ctx.logit_cache if settings.alpha > 0 and settings.teacher_logits == "cache" else None
     teacher = None

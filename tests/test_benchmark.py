@@ -1,22 +1,20 @@
-"""Measurements of one artifact: byte counts from the files, the runners' greedy steps in each
-runtime, the child process, the verdict and projection arithmetic, and `edgekd bench`."""
+"""Measurements of one artifact: the child process, the verdict and projection arithmetic, and
+`edgekd bench` (each runtime's own steps and byte counts are tested in tests/formats)."""
 
 import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from edgekd import benchmark
-from edgekd.benchmark import Artifact, TokenCost
+from edgekd.benchmark import Artifact
 from edgekd.cli import app
 from edgekd.config import BenchSettings, load_profile
 from edgekd.errors import EdgekdError
-from edgekd.formats.gguf import llama_cpp_logprobs, write_gguf
-from edgekd.models import kv_cache_bytes, param_count
-from edgekd.testing import save_tiny_llama, tiny_llama_config
+from edgekd.formats.gguf import write_gguf
+from edgekd.formats.runtime import TokenCost
+from edgekd.testing import save_tiny_llama
 
 SEQ = [1, 504, 3458, 314, 253, 1345, 30, 378, 1812, 28, 2516, 4442, 13]
 
@@ -82,102 +80,6 @@ def test_budget_verdict_says_by_how_much():
     assert ok["fits"] and ok["margin_bytes"] == 50 and ok["need_bytes"] == 350
     over = benchmark.budget_verdict(380, 50, 400)
     assert not over["fits"] and over["margin_bytes"] == -30
-
-
-def test_runtime_of(tiny, tmp_path):
-    folder, gguf_path = tiny
-    assert benchmark.runtime_of(gguf_path) == "llama.cpp"
-    assert benchmark.runtime_of(folder) == "torch"
-    (tmp_path / "onnx").mkdir()
-    (tmp_path / "onnx" / "model.onnx").write_bytes(b"")
-    assert benchmark.runtime_of(tmp_path / "onnx") == "onnxruntime"
-    with pytest.raises(EdgekdError, match="neither a .gguf"):
-        benchmark.runtime_of(tmp_path)
-
-
-def test_token_cost_of_gguf_and_safetensors(tiny, tokenizer):
-    folder, gguf_path = tiny
-    model = LlamaForCausalLM.from_pretrained(folder)
-    config = model.config
-    # F16 matrices and F32 norms, tied embedding read whole (it is the output matrix too)
-    expected = sum(p.numel() * (2 if p.dim() == 2 else 4) for p in model.parameters())
-    cost = benchmark.token_cost(Artifact("g", "llama.cpp", gguf_path))
-    assert cost.weights_read_bytes == expected
-    assert cost.weights_bytes == gguf_path.stat().st_size > expected
-    assert cost.kv_bytes_per_position == kv_cache_bytes(config, 1, bytes_per_value=2)
-
-    cost = benchmark.token_cost(Artifact("t", "torch", folder))
-    assert cost.weights_read_bytes == 4 * param_count(config)
-    assert cost.kv_bytes_per_position == kv_cache_bytes(config, 1, bytes_per_value=4)
-    assert cost.read_per_token(10) == cost.weights_read_bytes + 10 * cost.kv_bytes_per_position
-
-
-@pytest.mark.slow
-def test_untied_embedding_is_only_looked_up(tmp_path, tokenizer):
-    config = tiny_llama_config(tokenizer, num_layers=1)
-    config.tie_word_embeddings = False
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    (tmp_path / "tokenizer.model").unlink(missing_ok=True)
-    embedding = 4 * config.vocab_size * config.hidden_size
-    cost = benchmark.token_cost(Artifact("t", "torch", tmp_path))
-    assert cost.weights_read_bytes == 4 * param_count(config) - embedding
-    gguf_path = write_gguf(tmp_path, tmp_path / "m.gguf", dtype="F32")
-    cost = benchmark.token_cost(Artifact("g", "llama.cpp", gguf_path))
-    assert cost.weights_read_bytes == 4 * param_count(config) - embedding
-
-
-def _argmax_is_top(logprobs: torch.Tensor, token: int) -> bool:
-    # float differences between a batched and a stepwise pass may flip near ties of a random
-    # model, so the runner's token must be a top token, not necessarily the same one.
-    return bool(logprobs[token] >= logprobs.max() - 1e-3)
-
-
-def _greedy(runner, prompt: list[int], steps: int) -> list[int]:
-    tokens = [runner.first(prompt)]
-    for _ in range(steps):
-        tokens.append(runner.next(tokens[-1]))
-    return tokens
-
-
-def test_llama_cpp_runner_steps_greedily_with_its_cache(tiny):
-    _, gguf_path = tiny
-    runner = benchmark._LlamaCpp(str(gguf_path), threads=1, n_ctx=64)
-    tokens = _greedy(runner, SEQ, 4)
-    assert _greedy(runner, SEQ, 4) == tokens  # first() starts over
-    full = llama_cpp_logprobs(gguf_path, [SEQ + tokens[:-1]], threads=1, n_ctx=64)[0]
-    for i, token in enumerate(tokens):
-        assert _argmax_is_top(full[len(SEQ) - 1 + i], token)
-
-
-def test_torch_runner_steps_greedily_with_its_cache(tiny):
-    folder, _ = tiny
-    runner = benchmark._Torch(str(folder), threads=1, n_ctx=64)
-    tokens = _greedy(runner, SEQ, 4)
-    with torch.no_grad():
-        full = runner.model(torch.tensor([SEQ + tokens[:-1]])).logits[0].log_softmax(-1)
-    for i, token in enumerate(tokens):
-        assert _argmax_is_top(full[len(SEQ) - 1 + i], token)
-
-
-@pytest.mark.slow
-def test_onnx_runner_steps_greedily_with_its_cache(tiny, tmp_path):
-    from edgekd.formats.onnx import export_onnx, onnx_logprobs
-
-    folder, _ = tiny
-    onnx_dir = export_onnx(folder, tmp_path / "onnx")
-    runner = benchmark._OnnxRuntime(str(onnx_dir), threads=1, n_ctx=64)
-    tokens = _greedy(runner, SEQ, 4)
-    full = onnx_logprobs(onnx_dir, [SEQ + tokens[:-1]], threads=1)[0]
-    for i, token in enumerate(tokens):
-        assert _argmax_is_top(full[len(SEQ) - 1 + i], token)
-    cost = benchmark.token_cost(Artifact("o", "onnxruntime", onnx_dir))
-    config = AutoConfig.from_pretrained(folder)
-    assert cost.kv_bytes_per_position == kv_cache_bytes(config, 1, bytes_per_value=4)
-    # fp32 weights, the tied embedding read whole: every parameter once (less the identical
-    # all-ones norm weights of a fresh model, which the exporter stores once)
-    assert cost.weights_read_bytes == pytest.approx(4 * param_count(config), rel=1e-3)
 
 
 def _rss(key: str) -> int:

@@ -5,17 +5,14 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from edgekd.data import (
     IGNORE,
     TokenizedExample,
-    _llama_chat_prompts,
     collate,
     default_prompts,
     fingerprint,
-    generate_with_llama_cpp,
-    generate_with_transformers,
     heldout_mask,
     load_corpus,
     pack,
@@ -25,7 +22,6 @@ from edgekd.data import (
     write_jsonl_atomic,
 )
 from edgekd.errors import EdgekdError
-from edgekd.models import embedded_teacher_gguf
 
 
 def write_lines(path, lines):
@@ -296,102 +292,6 @@ def test_prompt_set_reasoning_answers_are_correct():
             continue
         checked += 1
     assert checked == 30
-
-
-# --- teacher generation ---
-
-
-def test_generate_with_transformers_batches_like_single(tokenizer):
-    # Untied embeddings: a random tied model just repeats its last input token ("\n").
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(config).eval()
-    prompts = [
-        {"prompt": "Hi", "category": "story"},
-        {"prompt": "What is the capital of France?", "category": "factual", "answer": "Paris"},
-        {"prompt": "List three colors.", "category": "list"},
-    ]
-    kw = {"max_tokens": 4, "seed": 0, "temperature": 0.0, "num_beams": 1}
-    batched = generate_with_transformers(model, tokenizer, prompts, batch_size=3, **kw)
-    assert generate_with_transformers(model, tokenizer, prompts, batch_size=1, **kw) == batched
-    assert batched[1]["answer"] == "Paris" and batched[1]["category"] == "factual"
-    # Reference: one unpadded greedy generate per prompt.
-    for p, r in zip(prompts, batched, strict=True):
-        user = {"role": "user", "content": p["prompt"]}
-        ids = tokenizer.apply_chat_template([user], add_generation_prompt=True, return_tensors="pt")
-        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        assert reply and r["messages"] == [user, {"role": "assistant", "content": reply}]
-    assert len({r["messages"][1]["content"] for r in batched}) == 3
-
-
-def _llama(**kw):
-    # One thread: OpenMP threads that busy-wait on shared cores made these tests 5x slower.
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(embedded_teacher_gguf()), n_threads=1, verbose=False, **kw)
-
-
-def test_llama_cpp_prompt_ids_match_create_chat_completion():
-    llm = _llama(vocab_only=True)
-    fed = []
-
-    class Fed(Exception):
-        pass
-
-    def record(tokens, *args, **kwargs):  # the ids create_chat_completion hands to the model
-        fed.append(list(tokens))
-        raise Fed
-
-    llm.generate = record
-    prompts = [{"prompt": "Hi"}, {"prompt": "Explain <b>tags</b> & café, 2+2=?\n\nThanks"}]
-    for p in prompts:
-        with pytest.raises(Fed):
-            llm.create_chat_completion([{"role": "user", "content": p["prompt"]}], max_tokens=1)
-    ids = _llama_chat_prompts(_llama(vocab_only=True), embedded_teacher_gguf(), prompts)
-    assert ids == fed
-    assert (
-        llm.detokenize(ids[0], special=True)
-        .decode()
-        .endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    )
-
-
-@pytest.mark.slow
-def test_generate_with_llama_cpp_real_teacher():
-    # Five prompts through three slots: finished answers free slots that later prompts reuse.
-    prompts = default_prompts()[:5]
-    kw = {"max_tokens": 24, "seed": 0, "n_threads": 1, "parallel": 3}
-    first = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=0.0, **kw)
-    again = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=0.0, **kw)
-    assert first == again
-    # Reference: the one-prompt-at-a-time path this replaced. Batches of other sizes add the
-    # same logits in another order, so a near-tie can flip a later token: most answers must be
-    # identical, and every one must start the same way.
-    llm = _llama(n_ctx=512)
-    identical = 0
-    for p, r in zip(prompts, first, strict=True):
-        user = {"role": "user", "content": p["prompt"]}
-        out = llm.create_chat_completion([user], max_tokens=24, temperature=0.0)
-        reply = out["choices"][0]["message"]["content"].strip()
-        assert reply and r["messages"][0] == user and r["category"] == p["category"]
-        ours = r["messages"][1]["content"]
-        identical += ours == reply
-        assert ours.split()[:5] == reply.split()[:5], (ours, reply)
-    assert identical >= len(prompts) - 1
-    sampled = generate_with_llama_cpp(embedded_teacher_gguf(), prompts, temperature=1.0, **kw)
-    assert sampled == generate_with_llama_cpp(
-        embedded_teacher_gguf(), prompts, temperature=1.0, **kw
-    )
-    assert sampled != first
 
 
 UNSAFE_TEMPLATES = [

@@ -1,15 +1,11 @@
 """Teacher-written answers: the corpus cache key, prompts from user rows, the CoT instruction
-and answer filter, and beam search through transformers."""
+and answer filter."""
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 
 from edgekd.config import DataSettings
-from edgekd.data import decoding_options, generate_with_transformers
 from edgekd.errors import EdgekdError
 from edgekd.teacher_data import generation_key, keep_correct, prompt_rows, with_instruction
-from edgekd.testing import tiny_llama_config
 
 
 def _chat(user, reply=None, **extra):
@@ -44,9 +40,6 @@ def test_strategy_and_temperature_must_agree():
         DataSettings(gen_temperature=0.7)
     with pytest.raises(ValueError, match="needs gen_temperature > 0"):
         DataSettings(gen_strategy="sample")
-    with pytest.raises(ValueError, match="do not mix"):
-        decoding_options(temperature=0.5, num_beams=2)
-    assert decoding_options(temperature=0.0, num_beams=3)["num_beams"] == 3
 
 
 def test_prompt_rows_from_user_chat_rows():
@@ -75,21 +68,3 @@ def test_cot_instruction_and_answer_filter():
     kept, counts = keep_correct(rows)
     assert kept == [rows[0], rows[2], rows[3]]
     assert counts == {"checkable": 3, "right": 2, "dropped": 1}
-
-
-def test_beam_search_matches_generate(tokenizer):
-    torch.manual_seed(0)
-    config = tiny_llama_config(tokenizer)
-    config.tie_word_embeddings = False
-    model = LlamaForCausalLM(config).eval()
-    prompts = [{"prompt": "Hi"}, {"prompt": "What is the capital of France?"}]
-    kw = {"max_tokens": 5, "seed": 0, "temperature": 0.0, "batch_size": 1}
-    beam = generate_with_transformers(model, tokenizer, prompts, num_beams=3, **kw)
-    for p, row in zip(prompts, beam, strict=True):
-        user = [{"role": "user", "content": p["prompt"]}]
-        ids = tokenizer.apply_chat_template(user, add_generation_prompt=True, return_tensors="pt")
-        out = model.generate(
-            ids, max_new_tokens=5, do_sample=False, num_beams=3, pad_token_id=0, top_k=None
-        )
-        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        assert row["messages"][1]["content"] == reply

@@ -1,4 +1,5 @@
-"""GGUF: write a Hugging Face folder with gguf-py, quantize and run it with llama.cpp.
+"""GGUF: write a Hugging Face folder with gguf-py and quantize it with llama.cpp (the llama.cpp
+runtime that runs the files is formats/llama_cpp.py).
 
 The writer follows llama.cpp's own converter (convert_hf_to_gguf.py): the same metadata keys,
 tensor names (gguf's TensorNameMap), q/k row order and tokenizer fields. It refuses what it
@@ -9,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import hashlib
 import json
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ from safetensors import safe_open
 
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
+from edgekd.formats.llama_cpp import LlamaCpp
 
-_GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"}
 
 _ARCH_BY_MODEL_TYPE = {
@@ -438,7 +437,7 @@ def _probe_texts(tokenizer) -> list[str]:
 
 def tokenizer_mismatches(gguf_path: Path, tokenizer, texts: list[str]) -> list[str]:
     """The texts that llama.cpp tokenizes differently from the Hugging Face tokenizer."""
-    got = llama_cpp_tokenize(gguf_path, texts)
+    got = LlamaCpp(gguf_path, threads=1).tokenize(texts)
     return [t for t, ids in zip(texts, got, strict=True) if tokenizer(t)["input_ids"] != ids]
 
 
@@ -503,76 +502,3 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int) -> Path:
         if rc != 0:
             raise EdgekdError(f"llama.cpp failed to quantize {src} to {quant} (code {rc})")
     return Path(dst)
-
-
-@functools.cache
-def quiet_llama_cpp():
-    """Let only llama.cpp's errors reach stderr.
-
-    llama-cpp-python maps llama.cpp's log levels one off, so its warnings (the context-size notes
-    of short evaluations, say) print even with verbose=False; edgekd reports failures itself.
-    """
-    import llama_cpp
-
-    @llama_cpp.llama_log_callback
-    def log(level: int, text: bytes, user_data) -> None:
-        if level == _GGML_LOG_LEVEL_ERROR:
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
-
-    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
-    return log  # llama.cpp holds a raw pointer to it: keep it alive
-
-
-def _llama(gguf_path: Path, **kwargs):
-    from llama_cpp import Llama
-
-    quiet_llama_cpp()
-
-    if not Path(gguf_path).is_file():
-        raise EdgekdError(f"GGUF file {gguf_path} does not exist")
-    return Llama(str(gguf_path), verbose=False, **kwargs)
-
-
-def llama_cpp_tokenize(gguf_path: Path, texts: list[str]) -> list[list[int]]:
-    """Token ids from llama.cpp's tokenizer, with the conventions of Hugging Face `tokenizer(text)`.
-
-    Special tokens written in the text are parsed as such, and BOS/EOS are added exactly when the
-    GGUF says the model adds them (written from what the Hugging Face tokenizer does).
-    """
-    llm = _llama(gguf_path, vocab_only=True)
-    # add_bos=True means "add the specials the vocab asks for": none unless add_bos_token is set.
-    return [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in texts]
-
-
-def llama_cpp_logprobs(
-    gguf_path: Path, sequences: list[list[int]], *, threads: int, n_ctx: int
-) -> list[torch.Tensor]:
-    """Log-probabilities over the whole vocabulary ([len, vocab], float32) per token sequence."""
-    longest = max((len(s) for s in sequences), default=0)
-    if longest > n_ctx:
-        raise EdgekdError(f"a sequence of {longest} tokens does not fit llama.cpp n_ctx={n_ctx}")
-    llm = _llama(
-        gguf_path,
-        n_ctx=n_ctx,
-        n_batch=n_ctx,
-        n_ubatch=n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        logits_all=True,
-    )
-    out = []
-    for seq in sequences:
-        llm.reset()  # eval then clears the KV cache from position 0
-        llm.eval(seq)
-        logits = torch.from_numpy(np.array(llm.scores[: len(seq)], dtype=np.float32))
-        out.append(torch.log_softmax(logits, dim=-1))
-    return out
-
-
-def llama_cpp_generate(
-    gguf_path: Path, messages: list[dict], *, max_tokens: int, threads: int, n_ctx: int = 0
-) -> str:
-    """Greedy chat completion in llama.cpp with the GGUF's chat template (n_ctx 0: the model's)."""
-    llm = _llama(gguf_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads)
-    reply = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
-    return reply["choices"][0]["message"]["content"]

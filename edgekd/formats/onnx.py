@@ -1,9 +1,9 @@
-"""ONNX: export with optimum-onnx (KV cache), quantize with onnxruntime, run with onnxruntime."""
+"""ONNX: export with optimum-onnx (KV cache), quantize with onnxruntime, build onnxruntime-genai's
+format (the runtimes that run the folders are formats/ort.py and formats/ort_genai.py)."""
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import shutil
 import subprocess
@@ -12,20 +12,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from edgekd.atomic import atomic_path
-from edgekd.data import render_chat
 from edgekd.errors import EdgekdError
+from edgekd.formats.ort import MODEL, model_files
 
-_MODEL = "model.onnx"
 _QUANT_KINDS = {"int4": 4, "int8": 8}
 # Above this the protobuf limit (2 GiB) forces weights into a side file.
 _EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def _weights_bytes(onnx_dir: Path) -> int:
-    return sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith(_MODEL))
+    return sum(p.stat().st_size for p in model_files(onnx_dir))
 
 
 def export_onnx(model_dir: Path, out_dir: Path) -> Path:
@@ -48,8 +46,8 @@ def export_onnx(model_dir: Path, out_dir: Path) -> Path:
         )
         # transformers may save a sentencepiece file that disagrees with tokenizer.json.
         (tmp / "tokenizer.model").unlink(missing_ok=True)
-        if not (tmp / _MODEL).is_file():
-            raise EdgekdError(f"optimum wrote no {_MODEL} for {model_dir}")
+        if not (tmp / MODEL).is_file():
+            raise EdgekdError(f"optimum wrote no {MODEL} for {model_dir}")
     return out_dir
 
 
@@ -116,10 +114,10 @@ def quantize_onnx(
         raise EdgekdError(f"ONNX quantization {kind!r} is not one of {', '.join(_QUANT_KINDS)}")
     if block_size < 16 or block_size & (block_size - 1):
         raise EdgekdError(f"ONNX quantization block_size {block_size} must be a power of two >= 16")
-    if not (onnx_dir / _MODEL).is_file():
-        raise EdgekdError(f"{onnx_dir} has no {_MODEL}: export the model first")
+    if not (onnx_dir / MODEL).is_file():
+        raise EdgekdError(f"{onnx_dir} has no {MODEL}: export the model first")
     external = _weights_bytes(onnx_dir) > _EXTERNAL_DATA_BYTES
-    model = onnx.load(onnx_dir / _MODEL)
+    model = onnx.load(onnx_dir / MODEL)
     _untie_transposed_weights(model)
     # Without an accuracy level onnxruntime's CPU kernel for 8-bit weights dequantizes the whole
     # matrix on every call: the 8-bit lm_head alone took ~110 ms per decoded token on SmolLM2-135M
@@ -149,95 +147,10 @@ def quantize_onnx(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for f in onnx_dir.iterdir():
-            if f.is_file() and not f.name.startswith(_MODEL):
+            if f.is_file() and not f.name.startswith(MODEL):
                 shutil.copy2(f, tmp / f.name)
-        quantizer.model.save_model_to_file(str(tmp / _MODEL), use_external_data_format=external)
+        quantizer.model.save_model_to_file(str(tmp / MODEL), use_external_data_format=external)
     return out_dir
-
-
-class _Session:
-    """One onnxruntime session over an exported decoder, fed the inputs its graph declares."""
-
-    def __init__(self, onnx_dir: Path, threads: int):
-        import onnxruntime as ort
-
-        path = Path(onnx_dir) / _MODEL
-        if not path.is_file():
-            raise EdgekdError(f"{onnx_dir} has no {_MODEL}: export the model first")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
-
-    def empty_past(self) -> dict[str, np.ndarray]:
-        past = {}
-        for name in self.past_names:
-            info = self.inputs[name]
-            # Named dims are batch (1) and past length (0); the others are fixed head sizes.
-            shape = [
-                0 if "sequence" in str(d) else 1 if isinstance(d, str) else d for d in info.shape
-            ]
-            dtype = np.float16 if info.type == "tensor(float16)" else np.float32
-            past[name] = np.zeros(shape, dtype=dtype)
-        return past
-
-    def step(self, ids: list[int], past: dict[str, np.ndarray], n_past: int):
-        """Run `ids` after `n_past` cached positions: (logits [len, vocab], the new cache)."""
-        feed = {"input_ids": np.array([ids], dtype=np.int64), **past}
-        if "attention_mask" in self.inputs:
-            feed["attention_mask"] = np.ones((1, n_past + len(ids)), dtype=np.int64)
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.arange(n_past, n_past + len(ids), dtype=np.int64)[None]
-        outputs = self.session.run(["logits", *self.present_names], feed)
-        return outputs[0][0], dict(zip(self.past_names, outputs[1:], strict=True))
-
-
-def onnx_logits(onnx_dir: Path, sequences: list[list[int]], *, threads: int) -> list[torch.Tensor]:
-    """Raw logits over the whole vocabulary ([len, vocab], float32) per token sequence."""
-    session = _Session(onnx_dir, threads)
-    out = []
-    for seq in sequences:
-        logits, _ = session.step(list(seq), session.empty_past(), 0)
-        out.append(torch.from_numpy(logits.astype(np.float32)))
-    return out
-
-
-def onnx_logprobs(
-    onnx_dir: Path, sequences: list[list[int]], *, threads: int
-) -> list[torch.Tensor]:
-    """Log-probabilities over the whole vocabulary ([len, vocab], float32) per token sequence."""
-    return [x.log_softmax(-1) for x in onnx_logits(onnx_dir, sequences, threads=threads)]
-
-
-def _eos_ids(onnx_dir: Path, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id} - {None}
-    gen_config = Path(onnx_dir) / "generation_config.json"
-    if gen_config.is_file():
-        eos = json.loads(gen_config.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
-    return ids
-
-
-def onnx_generate(
-    onnx_dir: Path, tokenizer, messages: list[dict], *, max_tokens: int, threads: int
-) -> str:
-    """Greedy chat completion through onnxruntime, reusing the KV cache between steps."""
-    session = _Session(onnx_dir, threads)
-    prompt = render_chat(tokenizer, messages, add_generation_prompt=True, tokenize=True)
-    eos = _eos_ids(onnx_dir, tokenizer)
-    logits, past = session.step(prompt, session.empty_past(), 0)
-    new: list[int] = []
-    while len(new) < max_tokens:
-        token = int(np.argmax(logits[-1]))
-        if token in eos:
-            break
-        new.append(token)
-        if len(new) < max_tokens:
-            logits, past = session.step([token], past, len(prompt) + len(new) - 1)
-    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def check_exportable(config) -> None:
@@ -276,20 +189,3 @@ def build_genai(model_dir: Path, out_dir: Path, *, precision: str = "int4") -> P
             raise EdgekdError(f"onnxruntime-genai's builder failed on {model_dir}: {tail[0]}")
         (tmp / "tokenizer.model").unlink(missing_ok=True)
     return out_dir
-
-
-def genai_generate(genai_dir: Path, tokenizer, messages: list[dict], *, max_tokens: int) -> str:
-    """Greedy chat completion through onnxruntime_genai (the runtime that ships on devices)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(genai_dir))
-    prompt = render_chat(tokenizer, messages, add_generation_prompt=True, tokenize=True)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + max_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    new: list[int] = []
-    while not generator.is_done() and len(new) < max_tokens:
-        generator.generate_next_token()
-        new.append(int(generator.get_next_tokens()[0]))
-    return tokenizer.decode(new, skip_special_tokens=True)

@@ -15,6 +15,7 @@ from edgekd.benchmark import Artifact
 from edgekd.config import BenchSettings
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
+from edgekd.formats.registry import runtime_of
 from edgekd.pipeline import StageResult, console, read_done
 
 
@@ -54,7 +55,7 @@ def artifacts(ctx: Context) -> list[Artifact]:
         shipped = _stage_report(ctx, "export_onnx").get("quant") or []
         folders = [p.parent for p in ctx.stage_dirs["export_onnx"].glob("*/model.onnx")]
         for folder in sorted(folders, key=lambda f: (f.name != "fp32", f.name)):  # fp32 first
-            runtime = benchmark.runtime_of(folder)  # a genai folder holds a model.onnx too
+            runtime = runtime_of(folder)  # a genai folder holds a model.onnx too
             name = f"student ONNX {folder.name}"
             found.append(Artifact(name, runtime, folder, shipped=folder.name in shipped))
     return found

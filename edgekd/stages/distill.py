@@ -8,7 +8,7 @@ import torch
 from edgekd import evaluate, models
 from edgekd.config import DistillSettings
 from edgekd.context import Context
-from edgekd.data import collate
+from edgekd.data import collate, padding_id
 from edgekd.evaluate import evaluate_torch
 from edgekd.pipeline import StageResult
 from edgekd.plan import student_layer_count
@@ -21,7 +21,7 @@ def _choose_layers(ctx: Context, teacher) -> tuple[list[int], dict]:
     n_keep, why = student_layer_count(teacher.config, ctx.recipe, ctx.profile)
     n_drop = total - n_keep
     calib = ctx.train_examples[: ctx.recipe.student.calibration_examples]
-    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+    pad = padding_id(ctx.tokenizer)
     batches = [collate(calib[i : i + 4], pad) for i in range(0, len(calib), 4)]
     scores = models.block_drop_scores(teacher, batches, n_drop)
     start, kld = min(scores, key=lambda s: s[1])

@@ -8,8 +8,9 @@ import time
 from edgekd import models
 from edgekd.config import ExportGgufSettings
 from edgekd.context import Context
-from edgekd.evaluate import at_positions, quality, torch_logprobs
+from edgekd.evaluate import quality, torch_logprobs
 from edgekd.formats import gguf
+from edgekd.formats.registry import open_runtime
 from edgekd.pipeline import StageResult
 from edgekd.report.export_readme import gguf_readme
 
@@ -20,7 +21,6 @@ def run(ctx: Context, settings: ExportGgufSettings) -> StageResult:
     quant = settings.quant or ctx.profile.gguf_quant
     model_dir, out = ctx.latest_model(), ctx.work_dir
     heldout, threads = ctx.heldout, ctx.threads
-    n_ctx = max(len(s) for s in heldout.sequences) + 8
 
     start = time.perf_counter()
     f16 = gguf.write_gguf(model_dir, out / "model-F16.gguf", dtype="F16")
@@ -30,7 +30,7 @@ def run(ctx: Context, settings: ExportGgufSettings) -> StageResult:
     seconds[f"quantize_{quant}"] = time.perf_counter() - start
 
     hf_ids = [ctx.tokenizer(t)["input_ids"] for t in ctx.heldout_texts]
-    cpp_ids = gguf.llama_cpp_tokenize(f16, ctx.heldout_texts)
+    cpp_ids = open_runtime(f16, threads=threads).tokenize(ctx.heldout_texts)
     mismatches = sum(a != b for a, b in zip(hf_ids, cpp_ids, strict=True))
 
     student = models.load_model(models.resolve_source(str(model_dir), role="student"))
@@ -40,20 +40,17 @@ def run(ctx: Context, settings: ExportGgufSettings) -> StageResult:
     files = {"F16": f16, quant: quantized}
     rows, sizes, samples = {}, {}, {}
     for name, path in files.items():
-        lp = at_positions(
-            gguf.llama_cpp_logprobs(path, heldout.sequences, threads=threads, n_ctx=n_ctx), heldout
-        )
+        runtime = open_runtime(path, threads=threads)
+        lp = runtime.heldout_logprobs(heldout)
         rows[f"gguf {name} (llama.cpp)"] = quality(lp, ctx.reference, heldout.targets).as_dict()
         if name == "F16":
             vs_torch = quality(lp, torch_lp, heldout.targets)
             report["f16_vs_torch"] = {"kld": vs_torch.kld, "top1": vs_torch.top1}
         sizes[path.name] = path.stat().st_size
-        samples[path.name] = gguf.llama_cpp_generate(
-            path,
-            [{"role": "user", "content": ctx.recipe.eval.sample_prompt}],
+        samples[path.name] = runtime.chat(
+            [[{"role": "user", "content": ctx.recipe.eval.sample_prompt}]],
             max_tokens=ctx.recipe.eval.sample_max_tokens,
-            threads=threads,
-        )
+        )[0]
     report.update(sizes=sizes, samples={"prompt": ctx.recipe.eval.sample_prompt, **samples})
     artifacts = [quantized.name]
     if settings.keep_f16:

@@ -12,6 +12,7 @@ from edgekd.config import ExportOnnxSettings
 from edgekd.context import Context
 from edgekd.evaluate import at_positions, quality
 from edgekd.formats import onnx
+from edgekd.formats.registry import open_runtime
 from edgekd.pipeline import StageResult
 from edgekd.report.export_readme import onnx_readme
 
@@ -56,7 +57,8 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
         "accuracy_level": settings.accuracy_level,
     }
     for name, folder in folders.items():
-        logits = onnx.onnx_logits(folder, heldout.sequences, threads=threads)
+        runtime = open_runtime(folder, threads=threads, tokenizer=ctx.tokenizer)
+        logits = runtime.logits(heldout.sequences)
         if name == "fp32":
             report["fp32_vs_torch_max_abs_logit_diff"] = _max_logit_diff(
                 student, heldout.sequences, logits
@@ -64,17 +66,14 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
         lp = at_positions([x.log_softmax(-1) for x in logits], heldout)
         rows[f"onnx {name} (onnxruntime)"] = quality(lp, ctx.reference, heldout.targets).as_dict()
         sizes[name] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        samples[name] = onnx.onnx_generate(
-            folder, ctx.tokenizer, chat, max_tokens=max_tokens, threads=threads
-        )
+        samples[name] = runtime.chat([chat], max_tokens=max_tokens)[0]
     if settings.genai:
         start = time.perf_counter()
         genai = onnx.build_genai(model_dir, out / "genai-int4")
         seconds["genai_int4"] = time.perf_counter() - start
         sizes["genai-int4"] = sum(f.stat().st_size for f in genai.rglob("*") if f.is_file())
-        samples["genai-int4"] = onnx.genai_generate(
-            genai, ctx.tokenizer, chat, max_tokens=max_tokens
-        )
+        genai_runtime = open_runtime(genai, threads=threads, tokenizer=ctx.tokenizer)
+        samples["genai-int4"] = genai_runtime.chat([chat], max_tokens=max_tokens)[0]
         folders["genai-int4"] = genai
     report.update(
         seconds={k: round(v, 1) for k, v in seconds.items()},

@@ -16,8 +16,9 @@ from torch.nn.utils import parametrize
 from edgekd import models
 from edgekd.config import QatKdSettings
 from edgekd.context import Context
-from edgekd.evaluate import at_positions, evaluate_torch, quality
+from edgekd.evaluate import evaluate_torch, quality
 from edgekd.formats import gguf
+from edgekd.formats.registry import open_runtime
 from edgekd.pipeline import StageResult
 from edgekd.quant.gguf_k import fake_quantize, q4_k_m_types
 from edgekd.train import full_state_dict, save_curve, train_kd
@@ -59,9 +60,8 @@ def _q4_k_m_kld(ctx: Context, model_dir: Path, folder: Path) -> float:
     """Held-out kld to the teacher of the model's Q4_K_M GGUF, measured in llama.cpp."""
     f16 = gguf.write_gguf(model_dir, folder / "model-F16.gguf")
     q = gguf.quantize_gguf(f16, folder / "model-Q4_K_M.gguf", "Q4_K_M", threads=ctx.threads)
-    n_ctx = max(len(s) for s in ctx.heldout.sequences) + 8
-    lp = gguf.llama_cpp_logprobs(q, ctx.heldout.sequences, threads=ctx.threads, n_ctx=n_ctx)
-    return quality(at_positions(lp, ctx.heldout), ctx.reference, ctx.heldout.targets).kld
+    lp = open_runtime(q, threads=ctx.threads).heldout_logprobs(ctx.heldout)
+    return quality(lp, ctx.reference, ctx.heldout.targets).kld
 
 
 def run(ctx: Context, settings: QatKdSettings) -> StageResult:

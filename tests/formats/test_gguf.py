@@ -22,13 +22,11 @@ from edgekd.evaluate import quality
 from edgekd.formats import gguf
 from edgekd.formats.gguf import (
     check_exportable,
-    llama_cpp_generate,
-    llama_cpp_logprobs,
-    llama_cpp_tokenize,
     quantize_gguf,
     tokenizer_mismatches,
     write_gguf,
 )
+from edgekd.formats.llama_cpp import LlamaCpp
 
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -134,7 +132,7 @@ def llama_gguf(tmp_path_factory, tokenizer):
 def test_tokenization_matches_hf(llama_gguf, tokenizer):
     _, out = llama_gguf
     texts = [*TEXTS, tokenizer.apply_chat_template(CHAT, tokenize=False)]
-    got = llama_cpp_tokenize(out, texts)
+    got = LlamaCpp(out, threads=1).tokenize(texts)
     assert got == [tokenizer(t)["input_ids"] for t in texts]
     assert len(got[-1]) > 20 and tokenizer.convert_tokens_to_ids("<|im_end|>") in got[-1]
     assert tokenizer_mismatches(out, tokenizer, texts) == []
@@ -178,16 +176,14 @@ def test_generate_matches_torch_greedy(llama_gguf, tokenizer):
     stop = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     new = new[: next((i for i, t in enumerate(new) if t in stop), len(new))]
     expected = tokenizer.decode(new, skip_special_tokens=True)
-    got = llama_cpp_generate(out, messages, max_tokens=8, threads=2, n_ctx=128)
+    got = LlamaCpp(out, threads=2, n_ctx=128).chat([messages], max_tokens=8)[0]
     assert len(expected) > 5 and got == expected
 
 
 def test_logits_match_torch(llama_gguf, tokenizer):
     model, out = llama_gguf
     seqs = [tokenizer(PROSE)["input_ids"], tokenizer.apply_chat_template(CHAT, tokenize=True)]
-    kld, top1 = parity(
-        llama_cpp_logprobs(out, seqs, threads=2, n_ctx=128), torch_logprobs(model, seqs), seqs
-    )
+    kld, top1 = parity(LlamaCpp(out, threads=2).logprobs(seqs), torch_logprobs(model, seqs), seqs)
     assert kld < 1e-3
     assert top1 == 1.0
 
@@ -201,9 +197,7 @@ def test_other_layouts_match_torch(tmp_path, tokenizer, arch, tied):
     assert ("output.weight" in names) is not tied
     assert ("blk.0.attn_q.bias" in names) is (arch == "qwen2")
     seqs = [tokenizer(PROSE)["input_ids"], tokenizer.apply_chat_template(CHAT, tokenize=True)]
-    kld, top1 = parity(
-        llama_cpp_logprobs(out, seqs, threads=2, n_ctx=128), torch_logprobs(model, seqs), seqs
-    )
+    kld, top1 = parity(LlamaCpp(out, threads=2).logprobs(seqs), torch_logprobs(model, seqs), seqs)
     assert kld < 1e-3
     assert top1 == 1.0
 
@@ -231,9 +225,7 @@ def test_llama_variants_match_torch(tmp_path, tokenizer, extra):
     model = save_tiny(tmp_path / "m", "llama", tokenizer, **extra)
     out = write_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype="F32")
     seqs = [tokenizer(PROSE)["input_ids"]]
-    kld, top1 = parity(
-        llama_cpp_logprobs(out, seqs, threads=2, n_ctx=128), torch_logprobs(model, seqs), seqs
-    )
+    kld, top1 = parity(LlamaCpp(out, threads=2).logprobs(seqs), torch_logprobs(model, seqs), seqs)
     assert kld < 1e-4
     assert top1 == 1.0
 
@@ -243,9 +235,7 @@ def test_bf16(tmp_path, tokenizer):
     out = write_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype="BF16")
     assert Llama(str(out), vocab_only=True, verbose=False).metadata["general.file_type"] == "32"
     seqs = [tokenizer(PROSE)["input_ids"]]
-    kld, top1 = parity(
-        llama_cpp_logprobs(out, seqs, threads=2, n_ctx=128), torch_logprobs(model, seqs), seqs
-    )
+    kld, top1 = parity(LlamaCpp(out, threads=2).logprobs(seqs), torch_logprobs(model, seqs), seqs)
     assert kld < 1e-2  # bfloat16 keeps 8 bits of mantissa
     assert top1 > 0.9
 
@@ -261,9 +251,7 @@ def test_parity_check_sees_a_wrong_layout(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(gguf, "_permute_rope_rows", lambda w, n_head: w)
     out = write_gguf(tmp_path / "m", tmp_path / "m.gguf")
     seqs = [tokenizer(PROSE)["input_ids"]]
-    q = measure(
-        llama_cpp_logprobs(out, seqs, threads=2, n_ctx=128), torch_logprobs(model, seqs), seqs
-    )
+    q = measure(LlamaCpp(out, threads=2).logprobs(seqs), torch_logprobs(model, seqs), seqs)
     assert q.kld > 1e-2
 
 
@@ -280,11 +268,11 @@ def test_q4_k_m(tmp_path, tokenizer):
     assert q4.stat().st_size < 0.45 * f16.stat().st_size
     seqs = [tokenizer(PROSE)["input_ids"]]
     ref = torch_logprobs(model, seqs)
-    q = measure(llama_cpp_logprobs(q4, seqs, threads=2, n_ctx=128), ref, seqs)
+    q = measure(LlamaCpp(q4, threads=2).logprobs(seqs), ref, seqs)
     other = save_tiny(tmp_path / "other", "llama", tokenizer, hidden=256, seed=1)
     unrelated = measure(torch_logprobs(other, seqs), ref, seqs)
     assert q.kld < 0.1 * unrelated.kld
-    assert isinstance(llama_cpp_generate(q4, CHAT[:2], max_tokens=4, threads=2, n_ctx=128), str)
+    assert isinstance(LlamaCpp(q4, threads=2, n_ctx=128).chat([CHAT[:2]], max_tokens=4)[0], str)
     assert not list(tmp_path.glob(".*tmp*"))
 
 

@@ -7,14 +7,15 @@ import torch
 from edgekd.config import ExportOnnxSettings
 from edgekd.errors import EdgekdError
 from edgekd.formats import onnx as onnx_module
-from edgekd.formats.onnx import export_onnx, onnx_generate, onnx_logprobs, quantize_onnx
+from edgekd.formats.onnx import export_onnx, quantize_onnx
+from edgekd.formats.ort import Ort
 from tests.formats.test_gguf import CHAT, PROSE, measure, save_tiny, torch_logprobs
 
 QUANT = ExportOnnxSettings().model_dump(include={"block_size", "accuracy_level"})
 
 
 def greedy_torch(model, tokenizer, messages, max_tokens):
-    """Argmax decoding without the KV cache, the reference for onnx_generate's cached loop."""
+    """Argmax decoding without the KV cache, the reference for Ort.chat's cached loop."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids, eos = list(prompt), {tokenizer.eos_token_id, model.config.eos_token_id}
     for _ in range(max_tokens):
@@ -45,7 +46,7 @@ def test_export_matches_torch(exported, tokenizer, arch):
     assert not (onnx_dir / "tokenizer.model").exists()
     seqs = [tokenizer(PROSE)["input_ids"], tokenizer.apply_chat_template(CHAT, tokenize=True)]
     ref = torch_logprobs(model, seqs)
-    got = onnx_logprobs(onnx_dir, seqs, threads=2)
+    got = Ort(onnx_dir, threads=2).logprobs(seqs)
     assert max((g - r).abs().max().item() for g, r in zip(got, ref, strict=True)) < 1e-3
     assert measure(got, ref, seqs).top1 == 1.0
 
@@ -54,7 +55,7 @@ def test_export_matches_torch(exported, tokenizer, arch):
 def test_generate_uses_the_cache_correctly(exported, tokenizer):
     model, onnx_dir = exported["qwen2"]
     messages = CHAT[:2]
-    got = onnx_generate(onnx_dir, tokenizer, messages, max_tokens=8, threads=2)
+    got = Ort(onnx_dir, threads=2, tokenizer=tokenizer).chat([messages], max_tokens=8)[0]
     assert got == greedy_torch(model, tokenizer, messages, 8)
 
 
@@ -97,11 +98,13 @@ def test_quantized_loads_and_stays_close(exported, tokenizer, tmp_path, kind):
     assert ("GatherBlockQuantized" in ops) is (kind == "int4")
     seqs = [tokenizer(PROSE)["input_ids"]]
     ref = torch_logprobs(model, seqs)
-    q = measure(onnx_logprobs(out, seqs, threads=2), ref, seqs)
+    q = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
     other = save_tiny(tmp_path / "other", "llama", tokenizer, seed=1)
     unrelated = measure(torch_logprobs(other, seqs), ref, seqs)
     assert q.kld < (0.1 if kind == "int4" else 0.01) * unrelated.kld
-    assert isinstance(onnx_generate(out, tokenizer, CHAT[:2], max_tokens=4, threads=2), str)
+    assert isinstance(
+        Ort(out, threads=2, tokenizer=tokenizer).chat([CHAT[:2]], max_tokens=4)[0], str
+    )
 
 
 @pytest.mark.slow
@@ -113,7 +116,7 @@ def test_large_models_keep_weights_in_a_side_file(exported, tokenizer, tmp_path,
     side = quantize_onnx(onnx_dir, tmp_path / "side", "int4", **QUANT)
     assert (side / "model.onnx").stat().st_size < 0.1 * (small / "model.onnx").stat().st_size
     seqs = [tokenizer(PROSE)["input_ids"][:20]]
-    a, b = onnx_logprobs(small, seqs, threads=1)[0], onnx_logprobs(side, seqs, threads=1)[0]
+    a, b = Ort(small, threads=1).logprobs(seqs)[0], Ort(side, threads=1).logprobs(seqs)[0]
     assert torch.equal(a, b)
 
 
@@ -129,4 +132,4 @@ def test_quantize_refuses_bad_block_size(tmp_path):
 
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(EdgekdError, match="model.onnx"):
-        onnx_logprobs(tmp_path, [[1, 2, 3]], threads=1)
+        Ort(tmp_path, threads=1).logprobs([[1, 2, 3]])

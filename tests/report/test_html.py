@@ -11,8 +11,9 @@ import pytest
 from rich.console import Console
 
 from edgekd import benchmark
-from edgekd.benchmark import Artifact, TokenCost
+from edgekd.benchmark import Artifact
 from edgekd.config import BenchSettings, load_profile
+from edgekd.formats.runtime import TokenCost
 from edgekd.report import html, summary
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -4,7 +4,7 @@ import pytest
 
 from edgekd import pipeline
 from edgekd.config import load_profile
-from edgekd.formats.gguf import llama_cpp_generate
+from edgekd.formats.llama_cpp import LlamaCpp
 from tests.stages.conftest import fast_recipe
 
 NO_TRAINING = ["qlora.enabled=false", "qat_kd.enabled=false"]
@@ -24,9 +24,8 @@ def test_export_gguf_proves_parity_and_quality(run_copy, tiny_teacher_dir):
     assert report["sizes"]["model-Q4_K_M.gguf"] < report["sizes"]["model-F16.gguf"]
     assert "llama-cli -m model-Q4_K_M.gguf" in (stage / "README.md").read_text()
     chat = [{"role": "user", "content": "hi"}]
-    assert isinstance(
-        llama_cpp_generate(stage / "model-Q4_K_M.gguf", chat, max_tokens=4, threads=1), str
-    )
+    q4 = LlamaCpp(stage / "model-Q4_K_M.gguf", threads=1)
+    assert isinstance(q4.chat([chat], max_tokens=4)[0], str)
     manifest = json.loads((run / "manifest.json").read_text())
     assert "04-export-gguf/model-Q4_K_M.gguf" in manifest["stages"]["export_gguf"]["artifacts"]
 

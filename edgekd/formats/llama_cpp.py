@@ -1,0 +1,334 @@
+"""The llama.cpp runtime (llama-cpp-python) for GGUF files: tokenizer, scoring, chat, a teacher's
+batched generation through llama.cpp's C API, and the timed token steps.
+
+llama_cpp is imported inside the methods: it loads a native library, and the benchmark's child
+process measures its own peak memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgekd.errors import EdgekdError
+from edgekd.formats.runtime import Runtime, TokenCost, next_token, prompt_rng, scoring_context
+
+if TYPE_CHECKING:
+    import torch
+
+_GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+
+
+@functools.cache
+def quiet_llama_cpp():
+    """Let only llama.cpp's errors reach stderr.
+
+    llama-cpp-python maps llama.cpp's log levels one off, so its warnings (the context-size notes
+    of short evaluations, say) print even with verbose=False; edgekd reports failures itself.
+    """
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, user_data) -> None:
+        if level == _GGML_LOG_LEVEL_ERROR:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    return log  # llama.cpp holds a raw pointer to it: keep it alive
+
+
+def _llama(gguf_path: Path, **kwargs):
+    from llama_cpp import Llama
+
+    quiet_llama_cpp()
+
+    if not Path(gguf_path).is_file():
+        raise EdgekdError(f"GGUF file {gguf_path} does not exist")
+    return Llama(str(gguf_path), verbose=False, **kwargs)
+
+
+def _gguf_cost(path: Path) -> TokenCost:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    arch = reader.fields["general.architecture"].contents()
+
+    def field(key: str, default=None):
+        f = reader.fields.get(f"{arch}.{key}")
+        return default if f is None else int(f.contents())
+
+    n_head = field("attention.head_count")
+    head_dim = field("attention.key_length", field("embedding_length") // n_head)
+    kv_heads = field("attention.head_count_kv", n_head)
+    # An untied token embedding is only looked up (one row per token); a tied one is the output
+    # matrix too and is read whole.
+    lookup = sizes.get("token_embd.weight", 0) if "output.weight" in sizes else 0
+    return TokenCost(
+        weights_bytes=path.stat().st_size,
+        weights_read_bytes=sum(sizes.values()) - lookup,
+        # llama.cpp keeps K and V in F16 unless told otherwise.
+        kv_bytes_per_position=2 * field("block_count") * kv_heads * head_dim * 2,
+    )
+
+
+def _chat_prompts(vocab_llm, gguf_path: Path, conversations: list[list[dict]]) -> list[list[int]]:
+    """Prompt token ids as create_chat_completion builds them: the GGUF's chat template rendered
+    by llama-cpp-python's Jinja2ChatFormatter, then tokenized with special tokens parsed."""
+    from llama_cpp import llama_chat_format, llama_model_get_vocab, llama_vocab_get_text
+
+    template = vocab_llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise EdgekdError(
+            f"{gguf_path}: the GGUF has no tokenizer.chat_template, so prompts cannot be "
+            "formatted; use a GGUF with a chat template or set data.source to a corpus"
+        )
+    vocab = llama_model_get_vocab(vocab_llm.model)
+
+    def text(token: int) -> str:
+        return llama_vocab_get_text(vocab, token).decode() if token >= 0 else ""
+
+    formatter = llama_chat_format.Jinja2ChatFormatter(
+        template=template,
+        eos_token=text(vocab_llm.token_eos()),
+        bos_token=text(vocab_llm.token_bos()),
+    )
+    ids = []
+    for messages in conversations:
+        rendered = formatter(messages=messages)
+        ids.append(
+            vocab_llm.tokenize(
+                rendered.prompt.encode(), add_bos=not rendered.added_special, special=True
+            )
+        )
+    return ids
+
+
+@dataclass
+class _Sequence:
+    """One prompt being answered in a llama.cpp sequence slot."""
+
+    index: int
+    feed: list[int]  # tokens for the next decode: the prompt, then each sampled token
+    rng: np.random.Generator
+    pos: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+
+def _decode_continuously(
+    ctx, batch, prompt_ids: list[list[int]], parallel: int, *, max_tokens, seed, temperature
+) -> list[list[int]]:
+    """Generated token ids per prompt, keeping up to `parallel` sequences in every decode."""
+    import llama_cpp
+    from rich.progress import Progress
+
+    vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    memory = llama_cpp.llama_get_memory(ctx)
+    pending = deque(range(len(prompt_ids)))
+    free_slots = list(range(parallel))
+    active: dict[int, _Sequence] = {}
+    answers: list[list[int]] = [[] for _ in prompt_ids]
+
+    def add(token: int, pos: int, slot: int, wants_logits: bool) -> None:
+        n = batch.n_tokens
+        batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+        batch.seq_id[n][0], batch.logits[n] = slot, wants_logits
+        batch.n_tokens = n + 1
+
+    with Progress() as progress:
+        task = progress.add_task("Teacher answers (llama.cpp)", total=len(prompt_ids))
+        while pending or active:
+            while pending and free_slots:
+                index = pending.popleft()
+                active[free_slots.pop()] = _Sequence(
+                    index, prompt_ids[index], prompt_rng(seed, index)
+                )
+            batch.n_tokens = 0
+            outputs = []  # (slot, row of its logits in the batch)
+            # Slots in ascending order: with one KV stream per slot, llama.cpp splits a batch
+            # whose sequences are out of order into more micro-batches (measured 2x slower).
+            for slot in sorted(active):
+                seq = active[slot]
+                for k, token in enumerate(seq.feed):
+                    add(token, seq.pos + k, slot, k == len(seq.feed) - 1)
+                seq.pos += len(seq.feed)
+                outputs.append((slot, batch.n_tokens - 1))
+            if (code := llama_cpp.llama_decode(ctx, batch)) != 0:
+                raise EdgekdError(
+                    f"llama.cpp decode failed with code {code}; lower data.gen_parallel"
+                )
+            for slot, row in outputs:
+                seq = active[slot]
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), (n_vocab,))
+                token = next_token(logits, temperature, seq.rng)
+                eog = llama_cpp.llama_vocab_is_eog(vocab, token)
+                if not eog:
+                    seq.tokens.append(token)
+                    seq.feed = [token]
+                if eog or len(seq.tokens) >= max_tokens:
+                    answers[seq.index] = seq.tokens
+                    del active[slot]
+                    llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
+                    free_slots.append(slot)
+                    progress.advance(task)
+    return answers
+
+
+class LlamaCpp(Runtime):
+    """A GGUF file in llama.cpp."""
+
+    name = "llama.cpp"
+
+    @classmethod
+    def holds(cls, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() == ".gguf"
+
+    @classmethod
+    def weight_files(cls, path: Path) -> list[Path]:
+        return [Path(path)]
+
+    @classmethod
+    def token_cost(cls, path: Path) -> TokenCost:
+        return _gguf_cost(Path(path))
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with the conventions of Hugging Face `tokenizer(text)`: special tokens in
+        the text parsed as such, BOS/EOS added exactly when the GGUF says the model adds them."""
+        llm = _llama(self.path, vocab_only=True)
+        # add_bos=True: "add the specials the vocab asks for", none unless add_bos_token is set.
+        return [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in texts]
+
+    def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        import torch
+
+        n_ctx = scoring_context(sequences)
+        llm = _llama(
+            self.path,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            n_threads=self.threads,
+            n_threads_batch=self.threads,
+            logits_all=True,
+        )
+        out = []
+        for seq in sequences:
+            llm.reset()  # eval then clears the KV cache from position 0
+            llm.eval(seq)
+            out.append(torch.from_numpy(np.array(llm.scores[: len(seq)], dtype=np.float32)))
+        return out
+
+    def chat(self, conversations: list[list[dict]], *, max_tokens: int) -> list[str]:
+        replies = []
+        for messages in conversations:
+            # A fresh model per conversation: a reused one would keep the previous prompt's cache
+            # and decode a shared prefix differently.
+            llm = _llama(
+                self.path, n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads
+            )
+            reply = llm.create_chat_completion(
+                messages=messages, max_tokens=max_tokens, temperature=0.0
+            )
+            replies.append(reply["choices"][0]["message"]["content"])
+        return replies
+
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        parallel: int,
+        beams: int = 1,
+    ) -> list[str]:
+        """Answers with the GGUF's own chat template, decoded by llama.cpp's C API.
+
+        Up to `parallel` conversations are decoded together in one context (continuous batching:
+        a finished answer frees its slot for the next one). Each answer stops at an
+        end-of-generation token or after max_tokens. Sampling draws from softmax(logits /
+        temperature) with no top-k/top-p, by a generator seeded with (seed, index).
+        """
+        import llama_cpp
+
+        if beams > 1:
+            raise EdgekdError("llama.cpp has no beam search; run beam search in transformers")
+        if not self.path.is_file():
+            raise EdgekdError(f"{self.path}: GGUF teacher not found")
+        if not conversations:
+            return []
+        quiet_llama_cpp()
+        vocab_llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        prompt_ids = _chat_prompts(vocab_llm, self.path, conversations)
+        parallel = min(parallel, len(conversations), llama_cpp.llama_max_parallel_sequences())
+        longest = max(len(ids) for ids in prompt_ids)
+        # Each slot gets its own KV stream (not one unified buffer): a token attends only to its
+        # own sequence's cells, laid out as when decoding it alone, which keeps greedy answers
+        # closest to one-at-a-time decoding and attention cost independent of the other slots.
+        # llama.cpp rounds a stream up to a multiple of 256 cells anyway; asking for that avoids
+        # its warning. Flash attention stays off, as in Llama(), whose numerics the old
+        # sequential path had.
+        n_ctx_seq = -(-(longest + max_tokens) // 256) * 256
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = parallel * n_ctx_seq
+        cparams.n_seq_max = parallel
+        cparams.kv_unified = False
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        with ExitStack() as stack:
+            model = llama_cpp.llama_model_load_from_file(
+                str(self.path).encode(), llama_cpp.llama_model_default_params()
+            )
+            if not model:
+                raise EdgekdError(f"{self.path}: llama.cpp could not load the GGUF")
+            stack.callback(llama_cpp.llama_model_free, model)
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise EdgekdError(
+                    f"{self.path}: llama.cpp could not create a {cparams.n_ctx}-token context; "
+                    "lower data.gen_parallel or data.gen_max_tokens"
+                )
+            stack.callback(llama_cpp.llama_free, ctx)
+            batch = llama_cpp.llama_batch_init(cparams.n_batch, 0, 1)
+            stack.callback(llama_cpp.llama_batch_free, batch)
+            answers = _decode_continuously(
+                ctx,
+                batch,
+                prompt_ids,
+                parallel,
+                max_tokens=max_tokens,
+                seed=seed,
+                temperature=temperature,
+            )
+        return [vocab_llm.detokenize(a).decode("utf-8", errors="ignore") for a in answers]
+
+    def load(self) -> None:
+        import llama_cpp
+
+        self._logits_ith = llama_cpp.llama_get_logits_ith
+        self._llm = _llama(
+            self.path, n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads
+        )
+        self._n_vocab = self._llm.n_vocab()
+
+    def _argmax(self) -> int:
+        logits = np.ctypeslib.as_array(self._logits_ith(self._llm.ctx, -1), shape=(self._n_vocab,))
+        return int(logits.argmax())
+
+    def first(self, ids: list[int]) -> int:
+        self._llm.reset()
+        self._llm.eval(ids)
+        return self._argmax()
+
+    def next(self, token: int) -> int:
+        self._llm.eval([token])
+        return self._argmax()

@@ -1,0 +1,48 @@
+"""A tiny model as each runtime runs it, and the checks every runtime's token steps share."""
+
+import pytest
+import torch
+
+from edgekd.formats.gguf import write_gguf
+from tests.conftest import save_tiny_llama
+
+SEQ = [1, 504, 3458, 314, 253, 1345, 30, 378, 1812, 28, 2516, 4442, 13]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer):
+    """A tiny tied Llama (HF folder) and its F16 GGUF."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    folder = save_tiny_llama(root / "model", tokenizer, num_layers=2)
+    return folder, write_gguf(folder, root / "model-F16.gguf", dtype="F16")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_model):
+    from edgekd.formats.onnx import export_onnx
+
+    return export_onnx(tiny_model[0], tmp_path_factory.mktemp("tiny-onnx") / "fp32")
+
+
+def argmax_is_top(logprobs: torch.Tensor, token: int) -> bool:
+    """float differences between a batched and a stepwise pass may flip near ties of a random
+    model, so a stepped token must be a top token, not necessarily the same one."""
+    return bool(logprobs[token] >= logprobs.max() - 1e-3)
+
+
+def greedy_steps(runtime, prompt: list[int], steps: int) -> list[int]:
+    """first() then `steps` next() calls, each fed the token before."""
+    tokens = [runtime.first(prompt)]
+    for _ in range(steps):
+        tokens.append(runtime.next(tokens[-1]))
+    return tokens
+
+
+def assert_steps_follow_the_full_pass(runtime, full_logprobs_of) -> None:
+    """The cached steps pick top tokens of one uncached pass, and first() starts over."""
+    runtime.load()
+    tokens = greedy_steps(runtime, SEQ, 4)
+    assert greedy_steps(runtime, SEQ, 4) == tokens
+    full = full_logprobs_of(SEQ + tokens[:-1])
+    for i, token in enumerate(tokens):
+        assert argmax_is_top(full[len(SEQ) - 1 + i], token)
