@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgekd import architectures
 from edgekd.atomic import atomic_path
 from edgekd.data import render_chat
 from edgekd.errors import EdgekdError
@@ -241,7 +242,8 @@ def onnx_generate(
 
 
 def check_exportable(config) -> None:
-    """EdgekdError unless optimum-onnx can export this architecture with a KV cache."""
+    """EdgekdError unless edgekd and optimum-onnx can export this architecture with a KV cache."""
+    architectures.check(config, "onnx")
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
     from optimum.exporters.tasks import TasksManager
 
