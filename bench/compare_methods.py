@@ -26,23 +26,29 @@ from edgekd.config import load_profile, load_recipe
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
 from edgekd.formats.hf_torch import HfTorch
+from edgekd.losses import DIVERGENCES
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv", "mse")
 METHODS: dict[str, list[str]] = {
-    **{d: [f"distill.divergence={d}"] for d in DIVERGENCES},
+    **{d: [f"distill.kd.divergence={d}"] for d in DIVERGENCES},
     # On the shipped corpus the answers are the teacher's greedy ones: CE alone is seqKD (greedy).
-    "ce": ["distill.alpha=0"],
-    "seqkd_sample": ["distill.alpha=0", "data.gen_strategy=sample", "data.gen_temperature=1.0"],
-    "cot": ["distill.alpha=0", "data.cot=true"],
-    "gkd": ["distill.on_policy_fraction=0.5"],
-    "self_distill": ["distill.self_distill=true"],
+    "ce": ["distill.kd.alpha=0"],
+    "seqkd_sample": [
+        "distill.kd.alpha=0",
+        "data.generation.strategy=sample",
+        "data.generation.temperature=1.0",
+    ],
+    "cot": ["distill.kd.alpha=0", "data.cot.enabled=true"],
+    "gkd": ["distill.on_policy.fraction=0.5"],
+    "self_distill": ["distill.self_distill.enabled=true"],
     "feature": ["distill.feature.weight=1.0"],
     "attention": ["distill.attention.weight=1.0", "distill.attention.value_weight=1.0"],
     "relation": ["distill.relation.weight=1.0"],
     "logit_cache": ["distill.teacher_logits=cache", "logit_cache.top_k=64"],
 }
 # Beam search runs the teacher in transformers over every prompt: minutes more on a CPU.
-OPTIONAL = {"seqkd_beam": ["distill.alpha=0", "data.gen_strategy=beam", "data.gen_beams=4"]}
+OPTIONAL = {
+    "seqkd_beam": ["distill.kd.alpha=0", "data.generation.strategy=beam", "data.generation.beams=4"]
+}
 
 
 def _budget(steps: int) -> list[str]:
@@ -52,7 +58,7 @@ def _budget(steps: int) -> list[str]:
         f"distill.log_every={steps}",
         "data.max_seq_len=128",
         "data.max_heldout=12",
-        "distill.on_policy_max_tokens=48",
+        "distill.on_policy.max_tokens=48",
     ]
 
 

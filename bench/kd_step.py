@@ -6,10 +6,11 @@
 Each variant runs in its own child process (so peak RSS is its own): a random Llama student and a
 larger teacher sharing a large vocabulary, one AdamW step per iteration on a chat-like batch (the
 first 30% of each sequence is prompt, labelled -100; the last sequence is padded to 3/4 length).
-naive: both models' full fp32 logits and kd_loss (the training loop before loss_chunk_tokens);
-edgekd: train.kd_step_loss with the chunked loss, fp32; edgekd-bf16: the same under bf16 autocast
-(mixed_precision=bf16; fast only on CPUs with native bf16 matmuls). Prints tokens/s (median over
---steps after one untimed step), peak RSS and the ratios variant / naive.
+naive: both models' full fp32 logits and kd_loss (the training loop before
+scale.loss_chunk_tokens); edgekd: train.kd_step_loss with the chunked loss, fp32; edgekd-bf16: the
+same under bf16 autocast (scale.mixed_precision=bf16; fast only on CPUs with native bf16 matmuls).
+Prints tokens/s (median over --steps after one untimed step), peak RSS and the ratios variant /
+naive.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def child(variant: str, args) -> dict:
     student, teacher = _models(args.vocab)
     batch = _batch(args.vocab, args.batch, args.seq)
     chunk = 0 if variant == "naive" else args.chunk
-    settings = TrainSettings(loss_chunk_tokens=chunk, divergence=args.divergence)
+    settings = TrainSettings(scale={"loss_chunk_tokens": chunk}, kd={"divergence": args.divergence})
     # What accelerate's mixed_precision=bf16 does around the loss (and the model's forward).
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "edgekd-bf16")
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -85,7 +86,7 @@ def child(variant: str, args) -> dict:
     for _ in range(args.steps + 1):
         start = time.perf_counter()
         with autocast:
-            out, _ = kd_step_loss(student, head, teacher, batch, settings, alpha=settings.alpha)
+            out, _ = kd_step_loss(student, head, teacher, batch, settings, alpha=settings.kd.alpha)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -120,7 +121,7 @@ def main() -> None:
     if args.chunk is None:
         from edgekd.config import TrainSettings
 
-        args.chunk = TrainSettings().loss_chunk_tokens
+        args.chunk = TrainSettings().scale.loss_chunk_tokens
     if args.variant:
         print(json.dumps(child(args.variant, args)))
         return

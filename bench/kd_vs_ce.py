@@ -29,7 +29,7 @@ def main() -> None:
     kd_run = Path("export") / profile.name
     for name, run, extra in (
         ("kd", kd_run, []),
-        ("ce", kd_run.with_name(kd_run.name + "-ce"), ["distill.alpha=0"]),
+        ("ce", kd_run.with_name(kd_run.name + "-ce"), ["distill.kd.alpha=0"]),
     ):
         if name == "ce" and (kd_run / "cache").exists():
             # Same corpus and teacher reference: copy the cache instead of generating it again.

@@ -25,7 +25,7 @@ from edgekd.benchmark import rss_bytes
 
 SMALL = [
     "data.num_prompts=96",
-    "data.gen_max_tokens=64",
+    "data.generation.max_tokens=64",
     "student.calibration_examples=4",
     "distill.max_steps=24",
     "distill.batch_size=4",
@@ -39,7 +39,7 @@ def _step_cost(arm: str, student_dir: str, cache_path: str | None, examples, ste
 
     from edgekd import logit_cache, models
     from edgekd.data import collate
-    from edgekd.losses import kd_loss, shift_for_next_token
+    from edgekd.losses import Divergence, kd_loss, shift_for_next_token
 
     student = models.load_model(models.resolve_source(student_dir, role="student"))
     student.train()
@@ -68,9 +68,7 @@ def _step_cost(arm: str, student_dir: str, cache_path: str | None, examples, ste
             labels,
             temperature=2.0,
             alpha=0.9,
-            divergence="forward_kl",
-            skew_alpha=0.1,
-            jsd_beta=0.5,
+            divergence=Divergence("forward_kl", skew_alpha=0.1, jsd_beta=0.5),
         ).loss
         loss.backward()
         opt.step()
@@ -98,10 +96,10 @@ def main() -> None:
     base = Path("export") / f"{profile.name}-logits"
     arms = []
     for t in temps:
-        arms.append((f"live T={t}", [f"distill.temperature={t}"]))
+        arms.append((f"live T={t}", [f"distill.kd.temperature={t}"]))
         for k in ks:
             on = ["distill.teacher_logits=cache", f"logit_cache.top_k={k}"]
-            arms.append((f"cache k={k} T={t}", [*on, f"distill.temperature={t}"]))
+            arms.append((f"cache k={k} T={t}", [*on, f"distill.kd.temperature={t}"]))
     shared = base.with_name(f"{base.name}-cache")  # corpus, reference and logit caches, once
     reports, caches = {}, {}
     for name, extra in arms:

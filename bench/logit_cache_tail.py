@@ -23,7 +23,7 @@ from edgekd.context import Context
 from edgekd.data import collate
 from edgekd.logit_cache import dense_logprobs, top_k_entries, trained_positions
 
-SMALL = ["data.num_prompts=96", "data.gen_max_tokens=64"]
+SMALL = ["data.num_prompts=96", "data.generation.max_tokens=64"]
 
 
 def _kl(true: torch.Tensor, rebuilt: torch.Tensor) -> float:

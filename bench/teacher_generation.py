@@ -19,7 +19,7 @@ from pathlib import Path
 
 from llama_cpp import Llama
 
-from edgekd.config import DataSettings
+from edgekd.config import GenerationSettings
 from edgekd.data import default_prompts
 from edgekd.formats.llama_cpp import LlamaCpp
 from edgekd.models import embedded_teacher_gguf
@@ -44,12 +44,12 @@ def sequential(gguf: Path, prompts: list[dict], max_tokens: int, threads: int) -
 
 
 def main() -> None:
-    defaults = DataSettings()
+    defaults = GenerationSettings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=defaults.gen_max_tokens)
-    parser.add_argument("--parallel", type=int, nargs="+", default=[defaults.gen_parallel])
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--parallel", type=int, nargs="+", default=[defaults.parallel])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 

@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edgekd.losses import IGNORE_INDEX, LOG_FLOOR, KDLossOutput, check_kd_args, token_divergence
+from edgekd.losses import (
+    IGNORE_INDEX,
+    LOG_FLOOR,
+    Divergence,
+    KDLossOutput,
+    check_kd_args,
+    token_divergence,
+)
 
 # Teacher logits for rows [start, stop) of the kept positions (batch-major order, as labels[keep]):
 # from the teacher's hidden states and head (`head_logits`), or from a precomputed cache.
@@ -89,7 +96,7 @@ def _closed_form(
     d_logits, ce_folded = None, False
     if alpha > 0:
         log_p = (t_logits.float() / t).log_softmax(-1).clamp_(min=LOG_FLOOR)
-        if kd_args["divergence"] == "forward_kl":
+        if kd_args["divergence"].name == "forward_kl":
             p = log_p.exp()
             kd = (log_p - log_q).mul_(p).sum()
             if grad:
@@ -138,7 +145,7 @@ class _ChunkedKD(torch.autograd.Function):
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         kd_sum = hidden.new_zeros((), dtype=torch.float32)
         scale = alpha * kd_args["temperature"] ** 2
-        step = _closed_form if kd_args["divergence"] in CLOSED_FORM else _autograd
+        step = _closed_form if kd_args["divergence"].name in CLOSED_FORM else _autograd
         for start in range(0, labels.numel(), chunk_tokens):
             stop = min(start + chunk_tokens, labels.numel())
             h = h_all[start:stop]
@@ -179,9 +186,7 @@ def chunked_kd_loss(
     chunk_tokens: int,
     temperature: float,
     alpha: float,
-    divergence: str,
-    skew_alpha: float,
-    jsd_beta: float,
+    divergence: Divergence,
 ) -> KDLossOutput:
     """`losses.kd_loss` from the student's final hidden states (..., d) and LM head (weight, bias).
 
@@ -190,9 +195,7 @@ def chunked_kd_loss(
     of kept rows [start, stop) in the order of labels[labels != -100]; it may be None at alpha=0.
     At most `chunk_tokens` rows of logits exist at a time.
     """
-    check_kd_args(
-        divergence, temperature, skew_alpha, jsd_beta, alpha=alpha, has_teacher=teacher is not None
-    )
+    check_kd_args(divergence, temperature, alpha=alpha, has_teacher=teacher is not None)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
     if labels.shape != hidden.shape[:-1]:
@@ -201,12 +204,7 @@ def chunked_kd_loss(
             "labels need the hidden states' shape minus the last dim"
         )
     keep = labels != IGNORE_INDEX
-    kd_args = {
-        "divergence": divergence,
-        "temperature": temperature,
-        "skew_alpha": skew_alpha,
-        "jsd_beta": jsd_beta,
-    }
+    kd_args = {"divergence": divergence, "temperature": temperature}
     loss, kd, ce = _ChunkedKD.apply(
         hidden[keep], weight, bias, labels[keep], teacher, alpha, chunk_tokens, kd_args
     )

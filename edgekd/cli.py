@@ -44,7 +44,7 @@ def build(
     data: Annotated[str | None, typer.Option(help="jsonl, text file/folder or dataset")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder [default: export/<profile>]")] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override, e.g. distill.temperature=4")
+        list[str] | None, typer.Option("--set", help="override, e.g. distill.kd.temperature=4")
     ] = None,
     stages: Annotated[str | None, typer.Option(help="comma-separated subset, e.g. distill")] = None,
     dry_run: Annotated[bool, typer.Option(help="print the plan and stop")] = False,

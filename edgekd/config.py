@@ -24,9 +24,6 @@ from pydantic import (
 
 from edgekd.errors import EdgekdError
 
-Divergence = Literal[
-    "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv", "mse"
-]
 GgufQuant = Literal["Q4_K_M", "Q5_K_M", "Q8_0"]
 OnnxQuant = Literal["int4", "int8"]
 
@@ -92,98 +89,64 @@ class StudentSettings(Strict):
     allow_pickle: bool = Field(False, description="load pickle weights (they can run code)")
 
 
-# --- Generation strategies, CoT, on-policy KD and self-distillation (issue #6, second half) ---
-
-
-class TeacherGenerationSettings(Strict):
+class GenerationSettings(Strict):
     """How the teacher writes the training answers (sequence-level KD and CoT distillation)."""
 
-    gen_strategy: Literal["greedy", "sample", "beam"] = Field(
+    strategy: Literal["greedy", "sample", "beam"] = Field(
         "greedy",
-        description="teacher decoding: greedy, sample (at gen_temperature) or beam (gen_beams, "
-        "through transformers: llama.cpp has no beam search)",
+        description="teacher decoding: greedy, sample (at temperature) or beam (beams, through "
+        "transformers: llama.cpp has no beam search)",
     )
-    gen_temperature: float = Field(
-        0.0, ge=0, description="0: not sampled; above 0 with gen_strategy=sample"
+    temperature: float = Field(
+        0.0, ge=0, description="0: not sampled; above 0 with strategy=sample"
     )
-    gen_beams: int = Field(4, ge=2, description="beams for gen_strategy=beam")
-    regenerate: bool = Field(
-        False,
-        description="with data.source: replace the corpus's assistant answers by the teacher's "
-        "(shipped prompts are always answered by the teacher)",
-    )
-    cot: bool = Field(
-        False, description="the teacher answers with step-by-step reasoning (cot_instruction)"
-    )
-    cot_instruction: str = Field(
-        "Think step by step and show your reasoning, then give the final answer on the last line.",
-        description="appended to each prompt for the teacher; the student sees the bare prompt",
-    )
-    cot_filter: bool = Field(
-        True, description="drop traces whose final answer is wrong, where a row has an 'answer'"
-    )
+    beams: int = Field(4, ge=2, description="beams for strategy=beam")
+    max_tokens: int = Field(128, gt=0, description="teacher answer length for shipped prompts")
+    seed: int = 0
+    parallel: int = Field(16, gt=0, description="prompts a GGUF teacher decodes at once")
 
     @model_validator(mode="after")
-    def _strategy_and_temperature(self) -> TeacherGenerationSettings:
-        if self.gen_strategy == "sample" and self.gen_temperature == 0:
-            raise ValueError("gen_strategy 'sample' needs gen_temperature > 0")
-        if self.gen_strategy != "sample" and self.gen_temperature > 0:
+    def _strategy_and_temperature(self) -> GenerationSettings:
+        if self.strategy == "sample" and self.temperature == 0:
+            raise ValueError("strategy 'sample' needs temperature > 0")
+        if self.strategy != "sample" and self.temperature > 0:
             raise ValueError(
-                f"gen_temperature={self.gen_temperature} samples: set gen_strategy to 'sample' too"
+                f"temperature={self.temperature} samples: set strategy to 'sample' too"
             )
         return self
 
 
-class OnPolicySettings(Strict):
-    """On-policy KD (GKD, Agarwal et al.): some batches are the student's own samples."""
+class CotSettings(Strict):
+    """Chain-of-thought distillation: the teacher reasons step by step, the student learns it."""
 
-    on_policy_fraction: float = Field(
-        0.0, ge=0, le=1, description="share of batches replaced by the student's own samples"
+    enabled: bool = Field(
+        False, description="the teacher answers with step-by-step reasoning (instruction)"
     )
-    on_policy_temperature: float = Field(1.0, gt=0, description="student sampling temperature")
-    on_policy_max_tokens: int = Field(64, gt=0, description="tokens sampled per prompt")
-
-
-class SelfDistillSettings(Strict):
-    """Self-distillation: the teacher is a frozen copy of the starting student; training batches
-    are its samples at a high temperature, scored by it at a low one."""
-
-    self_distill: bool = Field(
-        False, description="teacher = frozen copy of the starting student (not teacher.source)"
+    instruction: str = Field(
+        "Think step by step and show your reasoning, then give the final answer on the last line.",
+        description="appended to each prompt for the teacher; the student sees the bare prompt",
     )
-    self_distill_sample_temperature: float = Field(
-        1.5, gt=0, description="temperature of the frozen copy's training samples"
-    )
-    self_distill_target_temperature: float = Field(
-        0.7, gt=0, description="the frozen copy's logits are divided by this (sharper if < 1)"
+    filter: bool = Field(
+        True, description="drop traces whose final answer is wrong, where a row has an 'answer'"
     )
 
 
-class SpeculativeSettings(Strict):
-    """The bench's speculative-decoding check: the student drafts, the teacher verifies (torch)."""
-
-    spec_draft_len: int = Field(4, gt=0, description="tokens the student drafts per teacher pass")
-    spec_prompts: int = Field(
-        8, ge=0, description="held-out prompts decoded speculatively; 0: skip the check"
-    )
-    spec_max_tokens: int = Field(32, gt=0, description="tokens generated per prompt")
-
-
-# --- end of the issue #6 (second half) block ---
-
-
-class DataSettings(TeacherGenerationSettings):
+class DataSettings(Strict):
     source: str | None = Field(
         None, description="jsonl, text file or folder, HF dataset; unset: shipped prompts"
+    )
+    regenerate: bool = Field(
+        False,
+        description="with source: replace the corpus's assistant answers by the teacher's "
+        "(shipped prompts are always answered by the teacher)",
     )
     max_seq_len: int = Field(256, ge=16)
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
     max_heldout: int = Field(24, gt=0)
     num_prompts: int | None = Field(None, gt=0, description="use only the first N shipped prompts")
-    gen_max_tokens: int = Field(128, gt=0, description="teacher answer length for shipped prompts")
-    gen_seed: int = 0
-    gen_parallel: int = Field(16, gt=0, description="prompts a GGUF teacher decodes at once")
     pack: bool = False
+    generation: GenerationSettings = GenerationSettings()
+    cot: CotSettings = CotSettings()
 
 
 class KDSettings(Strict):
@@ -191,9 +154,20 @@ class KDSettings(Strict):
 
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)
-    divergence: Divergence = "forward_kl"
-    skew_alpha: float = Field(0.1, ge=0, le=1)
-    jsd_beta: float = Field(0.5, ge=0, le=1)
+    divergence: str = Field("forward_kl", description="one of edgekd.losses.DIVERGENCES")
+    skew_alpha: float = Field(0.1, ge=0, le=1, description="mixture weight of skew_*_kl")
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="mixture weight of jsd")
+
+    @field_validator("divergence")
+    @classmethod
+    def _known_divergence(cls, name: str) -> str:
+        # Imported here: the registry lives beside the losses (torch), and loading settings
+        # (the CLI's start) should not import torch.
+        from edgekd.losses import DIVERGENCES
+
+        if name not in DIVERGENCES:
+            raise ValueError(f"unknown divergence; use one of {', '.join(DIVERGENCES)}")
+        return name
 
 
 class ScaleSettings(Strict):
@@ -213,8 +187,15 @@ class ScaleSettings(Strict):
     )
 
 
-# --- Distillation methods beyond token-level KD (issue #6): feature, attention and relation KD,
-# and the teacher logit cache. Every stage that trains (TrainSettings) shares these keys.
+class OnPolicySettings(Strict):
+    """On-policy KD (GKD, Agarwal et al.): some batches are the student's own samples."""
+
+    fraction: float = Field(
+        0.0, ge=0, le=1, description="share of batches replaced by the student's own samples"
+    )
+    temperature: float = Field(1.0, gt=0, description="student sampling temperature")
+    max_tokens: int = Field(64, gt=0, description="tokens sampled per prompt")
+
 
 LayerMap = Literal["uniform", "last_k"] | dict[int, int]
 _LAYERS_HELP = (
@@ -257,19 +238,18 @@ class LogitCacheSettings(Strict):
     batch_size: int = Field(8, gt=0, description="examples per teacher pass when building it")
 
 
-class MethodSettings(Strict):
+class TrainSettings(Strict):
+    """What every training stage shares: the KD loss, the methods beside it, the optimizer."""
+
+    kd: KDSettings = KDSettings()
+    scale: ScaleSettings = ScaleSettings()
+    on_policy: OnPolicySettings = OnPolicySettings()
     feature: FeatureKDSettings = FeatureKDSettings()
     attention: AttentionKDSettings = AttentionKDSettings()
     relation: RelationKDSettings = RelationKDSettings()
     teacher_logits: Literal["live", "cache"] = Field(
         "live", description="'live': run the teacher each step; 'cache': read <run>/cache/ top-k"
     )
-
-
-# --- end of the issue #6 block.
-
-
-class TrainSettings(KDSettings, ScaleSettings, OnPolicySettings, MethodSettings):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -282,8 +262,23 @@ class TrainSettings(KDSettings, ScaleSettings, OnPolicySettings, MethodSettings)
     log_every: int = Field(5, gt=0)
 
 
-class DistillSettings(TrainSettings, SelfDistillSettings):
-    pass
+class SelfDistillSettings(Strict):
+    """Self-distillation: the teacher is a frozen copy of the starting student; training batches
+    are its samples at a high temperature, scored by it at a low one."""
+
+    enabled: bool = Field(
+        False, description="teacher = frozen copy of the starting student (not teacher.source)"
+    )
+    sample_temperature: float = Field(
+        1.5, gt=0, description="temperature of the frozen copy's training samples"
+    )
+    target_temperature: float = Field(
+        0.7, gt=0, description="the frozen copy's logits are divided by this (sharper if < 1)"
+    )
+
+
+class DistillSettings(TrainSettings):
+    self_distill: SelfDistillSettings = SelfDistillSettings()
 
 
 class QLoraSettings(TrainSettings):
@@ -310,6 +305,16 @@ class QatKdSettings(TrainSettings):
     eval_every: int = Field(10, gt=0, description="steps between held-out checks; best is kept")
 
 
+class SpeculativeSettings(Strict):
+    """The bench's speculative-decoding check: the student drafts, the teacher verifies (torch)."""
+
+    draft_len: int = Field(4, gt=0, description="tokens the student drafts per teacher pass")
+    prompts: int = Field(
+        8, ge=0, description="held-out prompts decoded speculatively; 0: skip the check"
+    )
+    max_tokens: int = Field(32, gt=0, description="tokens generated per prompt")
+
+
 class ExportGgufSettings(Strict):
     quant: GgufQuant | None = Field(None, description="unset: the profile's gguf_quant")
     keep_f16: bool = Field(True, description="keep the F16 GGUF the quantized one is made from")
@@ -330,7 +335,7 @@ class ExportOnnxSettings(Strict):
         return self
 
 
-class BenchSettings(SpeculativeSettings):
+class BenchSettings(Strict):
     """How the bench stage measures each artifact (kept small: the host is usually shared)."""
 
     runs: int = Field(5, gt=0, description="timed runs per artifact; reported as median and range")
@@ -343,6 +348,7 @@ class BenchSettings(SpeculativeSettings):
         None, gt=0, description="unset: the profile's threads, at most the host's cores"
     )
     bandwidth_mib: int = Field(256, ge=16, description="buffer copied to measure host bandwidth")
+    speculative: SpeculativeSettings = SpeculativeSettings()
 
 
 class EvalSettings(Strict):
@@ -366,7 +372,7 @@ class Recipe(Strict):
     export_gguf: ExportGgufSettings = ExportGgufSettings()
     export_onnx: ExportOnnxSettings = ExportOnnxSettings()
     bench: BenchSettings = BenchSettings()
-    logit_cache: LogitCacheSettings = LogitCacheSettings()  # issue #6
+    logit_cache: LogitCacheSettings = LogitCacheSettings()
 
 
 def settings_hash(*parts: BaseModel | dict | str | None) -> str:
@@ -436,7 +442,9 @@ def load_profile(name_or_path: str) -> Profile:
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise EdgekdError(f"--set {item!r}: expected stage.key=value, e.g. distill.temperature=4")
+        raise EdgekdError(
+            f"--set {item!r}: expected stage.key=value, e.g. distill.kd.temperature=4"
+        )
     key, raw = item.split("=", 1)
     path = key.strip().split(".")
     if not all(path):

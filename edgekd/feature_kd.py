@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgekd.config import MethodSettings
+from edgekd.config import TrainSettings
 from edgekd.losses import LOG_FLOOR
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -181,7 +181,7 @@ class MethodLosses(nn.Module):
     module on their outputs (see forward); `detach()` at the end. It is a module
     called through forward so that accelerate can wrap it (DDP) when it has projections."""
 
-    def __init__(self, settings: MethodSettings, student_config, teacher_config):
+    def __init__(self, settings: TrainSettings, student_config, teacher_config):
         super().__init__()
         self.settings = settings
         n_s, n_t = student_config.num_hidden_layers, teacher_config.num_hidden_layers

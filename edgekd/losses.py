@@ -7,16 +7,14 @@ float32 log space, so underflowing probabilities and -inf logits (masked vocabul
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, get_args
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Divergence = Literal[
-    "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv", "mse"
-]
-DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 IGNORE_INDEX = -100
 
 # Masked vocabulary entries have log-prob -inf, and 0 * (-inf - -inf) is NaN. Flooring log-probs at
@@ -34,48 +32,42 @@ class KDLossOutput(NamedTuple):
     tokens: Tensor
 
 
-def _check_args(divergence: str, temperature: float, skew_alpha: float, jsd_beta: float) -> None:
-    if divergence not in DIVERGENCES:
-        raise ValueError(
-            f"divergence={divergence!r} is unknown; use one of {', '.join(DIVERGENCES)}"
-        )
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature} must be a finite number > 0")
-    if not 0 <= skew_alpha <= 1:
-        raise ValueError(f"skew_alpha={skew_alpha} must be in [0, 1]")
-    if not 0 <= jsd_beta <= 1:
-        raise ValueError(f"jsd_beta={jsd_beta} must be in [0, 1]")
-    # At these endpoints the mixture equals the first argument, so the loss is identically zero.
-    if divergence.startswith("skew_") and skew_alpha == 1:
-        raise ValueError(f"skew_alpha=1 makes {divergence} identically 0; use a value in [0, 1)")
-    if divergence == "jsd" and jsd_beta in (0, 1):
-        raise ValueError(f"jsd_beta={jsd_beta} makes jsd identically 0; use a value in (0, 1)")
+@dataclass(frozen=True)
+class Divergence:
+    """A divergence by name with its knobs, checked once: what every KD loss takes.
+
+    Build it from a stage's settings with `Divergence.of(settings.kd)`; the knobs' defaults live in
+    config.KDSettings. A knob a divergence does not use is still range-checked and then ignored.
+    """
+
+    name: str
+    skew_alpha: float  # the mixture weight a of skew_forward_kl and skew_reverse_kl
+    jsd_beta: float  # the mixture weight b of jsd
+
+    def __post_init__(self) -> None:
+        if self.name not in DIVERGENCES:
+            raise ValueError(
+                f"divergence={self.name!r} is unknown; use one of {', '.join(DIVERGENCES)}"
+            )
+        for knob in KNOBS:
+            value = getattr(self, knob)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{knob}={value} must be in [0, 1]")
+        for knob, degenerate in DIVERGENCES[self.name].degenerate.items():
+            if getattr(self, knob) in degenerate:
+                values = " or ".join(str(v) for v in degenerate)
+                raise ValueError(
+                    f"{knob}={getattr(self, knob)} makes {self.name} identically 0; "
+                    f"use a value in [0, 1] other than {values}"
+                )
+
+    @classmethod
+    def of(cls, settings) -> Divergence:
+        """The divergence a KDSettings names, with its knobs."""
+        return cls(settings.divergence, **{k: getattr(settings, k) for k in KNOBS})
 
 
-def check_kd_args(
-    divergence: str,
-    temperature: float,
-    skew_alpha: float,
-    jsd_beta: float,
-    *,
-    alpha: float,
-    has_teacher: bool,
-) -> None:
-    """The arguments of a KD loss (plain or chunked): a known divergence, valid knobs, and a
-    teacher wherever alpha gives the divergence weight."""
-    _check_args(divergence, temperature, skew_alpha, jsd_beta)
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha={alpha} must be in [0, 1]")
-    if not has_teacher and alpha > 0:
-        raise ValueError(f"the teacher is None but alpha={alpha}; pass it or set alpha=0")
-
-
-def _check_shapes(student_logits: Tensor, teacher_logits: Tensor) -> None:
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-            f"{tuple(teacher_logits.shape)} differ; teacher and student must share a vocabulary"
-        )
+KNOBS = tuple(f.name for f in fields(Divergence) if f.name != "name")
 
 
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -96,14 +88,88 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(weight), log_b + math.log1p(-weight))
 
 
+# A divergence from the teacher's and the student's log-probs p and q at temperature T.
+OnLogProbs = Callable[[Tensor, Tensor, Divergence], Tensor]
+# A divergence from the student's and the teacher's logits and T.
+OnLogits = Callable[[Tensor, Tensor, float, Divergence], Tensor]
+
+
+def _on_log_probs(fn: OnLogProbs) -> OnLogits:
+    def from_logits(student: Tensor, teacher: Tensor, temperature: float, d: Divergence) -> Tensor:
+        log_q = _log_probs(student, temperature)
+        log_p = _log_probs(teacher, temperature)
+        return fn(log_p, log_q, d)
+
+    return from_logits
+
+
+def _mse(student: Tensor, teacher: Tensor, temperature: float, d: Divergence) -> Tensor:
+    zs = student.float() / temperature
+    zt = teacher.float() / temperature
+    # Equal entries (both -inf for a masked token) differ by 0, not by NaN.
+    return torch.where(zs == zt, 0.0, zs - zt).square().mean(-1)
+
+
+def _jsd(log_p: Tensor, log_q: Tensor, d: Divergence) -> Tensor:
+    log_m = _log_mix(log_p, log_q, d.jsd_beta)
+    return d.jsd_beta * _kl(log_p, log_m) + (1 - d.jsd_beta) * _kl(log_q, log_m)
+
+
+class DivergenceEntry(NamedTuple):
+    """A registered divergence: its per-position function, and for each knob it reads the values
+    that make it identically zero (refused)."""
+
+    fn: OnLogits
+    degenerate: dict[str, tuple[float, ...]]
+
+
+# The one list of divergences: config's choice, the CLI's error and the tests all read it.
+DIVERGENCES: dict[str, DivergenceEntry] = {
+    "forward_kl": DivergenceEntry(_on_log_probs(lambda p, q, d: _kl(p, q)), {}),
+    "reverse_kl": DivergenceEntry(_on_log_probs(lambda p, q, d: _kl(q, p)), {}),
+    "skew_forward_kl": DivergenceEntry(
+        _on_log_probs(lambda p, q, d: _kl(p, _log_mix(p, q, d.skew_alpha))), {"skew_alpha": (1,)}
+    ),
+    "skew_reverse_kl": DivergenceEntry(
+        _on_log_probs(lambda p, q, d: _kl(q, _log_mix(q, p, d.skew_alpha))), {"skew_alpha": (1,)}
+    ),
+    "jsd": DivergenceEntry(_on_log_probs(_jsd), {"jsd_beta": (0, 1)}),
+    "tv": DivergenceEntry(
+        _on_log_probs(lambda p, q, d: 0.5 * (p.exp() - q.exp()).abs().sum(-1)), {}
+    ),
+    "mse": DivergenceEntry(_mse, {}),
+}
+
+
+def _check_args(divergence: Divergence, temperature: float) -> None:
+    if not isinstance(divergence, Divergence):
+        raise TypeError(f"divergence={divergence!r}: pass a losses.Divergence")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature} must be a finite number > 0")
+
+
+def check_kd_args(
+    divergence: Divergence, temperature: float, *, alpha: float, has_teacher: bool
+) -> None:
+    """The arguments of a KD loss (plain or chunked): a Divergence, a valid temperature and
+    alpha, and a teacher wherever alpha gives the divergence weight."""
+    _check_args(divergence, temperature)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    if not has_teacher and alpha > 0:
+        raise ValueError(f"the teacher is None but alpha={alpha}; pass it or set alpha=0")
+
+
+def _check_shapes(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} differ; teacher and student must share a vocabulary"
+        )
+
+
 def token_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    divergence: str,
-    temperature: float,
-    skew_alpha: float,
-    jsd_beta: float,
+    student_logits: Tensor, teacher_logits: Tensor, *, divergence: Divergence, temperature: float
 ) -> Tensor:
     """Per-position divergence, shape logits.shape[:-1], over the full vocabulary at temperature T.
 
@@ -112,27 +178,9 @@ def token_divergence(
     JSD with m = b p + (1-b) q: b KL(p||m) + (1-b) KL(q||m), b = jsd_beta, symmetric at b = 0.5;
     tv is 0.5 * sum|p - q|; mse is the mean over the vocabulary of (z_s/T - z_t/T)^2.
     """
-    _check_args(divergence, temperature, skew_alpha, jsd_beta)
+    _check_args(divergence, temperature)
     _check_shapes(student_logits, teacher_logits)
-    if divergence == "mse":
-        zs = student_logits.float() / temperature
-        zt = teacher_logits.float() / temperature
-        # Equal entries (both -inf for a masked token) differ by 0, not by NaN.
-        return torch.where(zs == zt, 0.0, zs - zt).square().mean(-1)
-    log_q = _log_probs(student_logits, temperature)
-    log_p = _log_probs(teacher_logits, temperature)
-    if divergence == "forward_kl":
-        return _kl(log_p, log_q)
-    if divergence == "reverse_kl":
-        return _kl(log_q, log_p)
-    if divergence == "skew_forward_kl":
-        return _kl(log_p, _log_mix(log_p, log_q, skew_alpha))
-    if divergence == "skew_reverse_kl":
-        return _kl(log_q, _log_mix(log_q, log_p, skew_alpha))
-    if divergence == "jsd":
-        log_m = _log_mix(log_p, log_q, jsd_beta)
-        return jsd_beta * _kl(log_p, log_m) + (1 - jsd_beta) * _kl(log_q, log_m)
-    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)  # tv
+    return DIVERGENCES[divergence.name].fn(student_logits, teacher_logits, temperature, divergence)
 
 
 def kd_loss(
@@ -142,9 +190,7 @@ def kd_loss(
     *,
     temperature: float,
     alpha: float,
-    divergence: str,
-    skew_alpha: float,
-    jsd_beta: float,
+    divergence: Divergence,
 ) -> KDLossOutput:
     """alpha * T^2 * mean(divergence) + (1 - alpha) * cross_entropy(student_logits, labels).
 
@@ -152,14 +198,7 @@ def kd_loss(
     -100 are left out of both terms and of the means. teacher_logits may be None when alpha == 0.
     With no labelled position the loss is 0 and still backpropagates (zero gradients).
     """
-    check_kd_args(
-        divergence,
-        temperature,
-        skew_alpha,
-        jsd_beta,
-        alpha=alpha,
-        has_teacher=teacher_logits is not None,
-    )
+    check_kd_args(divergence, temperature, alpha=alpha, has_teacher=teacher_logits is not None)
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(
             f"labels {tuple(labels.shape)} do not match student_logits "
@@ -183,8 +222,6 @@ def kd_loss(
             teacher_logits[keep].detach(),  # the teacher is frozen; never hold its graph
             divergence=divergence,
             temperature=temperature,
-            skew_alpha=skew_alpha,
-            jsd_beta=jsd_beta,
         ).sum()
         / n
     )

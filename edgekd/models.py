@@ -20,7 +20,11 @@ from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from edgekd import architectures
 from edgekd.errors import EdgekdError
+from edgekd.quant import ggml_types
+
+_ARCHITECTURE_NAMES = ", ".join(a.name for a in architectures.ARCHITECTURES)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -129,7 +133,7 @@ def _readable(what: str) -> Iterator[None]:
             raise EdgekdError(
                 f"{what} needs custom Python code shipped with the model (trust_remote_code), "
                 "which edgekd never runs: use a model whose architecture transformers supports "
-                "natively (Llama, Mistral, Qwen2, Qwen3)"
+                f"natively ({_ARCHITECTURE_NAMES})"
             ) from err
         raise EdgekdError(
             f"{what} is truncated or malformed ({type(err).__name__}: {text[:160]}); "
@@ -348,7 +352,7 @@ def _decoder_layers(model) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise EdgekdError(
             f"{type(model).__name__} has no model.layers: layer pruning supports "
-            "Llama-family decoders (Llama, Mistral, Qwen2, Qwen3)"
+            f"Llama-family decoders ({_ARCHITECTURE_NAMES})"
         )
     return layers
 
@@ -450,8 +454,6 @@ def with_layers(config, n: int):
 # (ne0 = row length = the torch weight's input dimension), so parameter counts and GGUF size
 # estimates come from one list.
 
-_SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 @dataclass(frozen=True)
 class _Tensor:
@@ -466,11 +468,7 @@ class _Tensor:
 
 
 def _dims(config) -> tuple[int, int, int, int, int, int]:
-    if config.model_type not in _SUPPORTED_TYPES:
-        raise EdgekdError(
-            f"cannot size model_type {config.model_type!r} from its config: "
-            f"supported are {', '.join(_SUPPORTED_TYPES)}"
-        )
+    architectures.check(config, "plan")
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -541,31 +539,6 @@ def param_count(config) -> int:
     return sum(t.numel for t in _tensors(config) if t.is_param)
 
 
-# ggml type -> (elements per block, bytes per block)
-_GGML_BLOCKS = {
-    "F32": (1, 4),
-    "F16": (1, 2),
-    "Q8_0": (32, 34),
-    "Q4_0": (32, 18),
-    "Q4_1": (32, 20),
-    "Q5_0": (32, 22),
-    "Q5_1": (32, 24),
-    "Q4_K": (256, 144),
-    "Q5_K": (256, 176),
-    "Q6_K": (256, 210),
-}
-# llama.cpp file type -> default tensor type
-_FTYPE_DEFAULT = {
-    "F16": "F16",
-    "Q8_0": "Q8_0",
-    "Q4_0": "Q4_0",
-    "Q4_1": "Q4_1",
-    "Q4_K_M": "Q4_K",
-    "Q5_K_M": "Q5_K",
-}
-# What llama.cpp substitutes when a row length is not a multiple of the block size.
-_ROW_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-_GGUF_ALIGNMENT = 32
 # GGUF key/value metadata is dominated by the tokenizer's tokens, token types and merges: 36 bytes
 # per vocabulary entry in SmolLM2's GGUF (49152-token BPE); the other keys (architecture, chat
 # template) took 1.7 KB there, rounded up to leave room for longer chat templates.
@@ -573,72 +546,30 @@ _METADATA_BYTES_PER_TOKEN = 36
 _METADATA_BYTES_OTHER = 4096
 
 
-def _use_more_bits(i_layer: int, n_layers: int) -> bool:
-    """llama.cpp's choice of layers that get more bits in *_K_M files: first and last eighth,
-    and every third layer in between."""
-    return (
-        i_layer < n_layers // 8
-        or i_layer >= 7 * n_layers // 8
-        or (i_layer - n_layers // 8) % 3 == 2
-    )
-
-
-def _ggml_type(t: _Tensor, quant: str, n_layers: int, tied: bool) -> str:
-    """The ggml type llama.cpp's quantizer gives tensor `t` in a `quant` file."""
-    default = _FTYPE_DEFAULT[quant]
-    # 1-D tensors (norms, biases, rope factors) are never quantized and stay F32.
-    if len(t.shape) < 2:
-        return "F32"
-    if default == "F16":
-        return "F16"
-    row = t.shape[0]
-    kind = t.name.removeprefix(f"blk.{t.layer}.") if t.layer >= 0 else t.name
-    chosen = default
-    if kind == "output.weight" or (tied and kind == "token_embd.weight"):
-        if row % _GGML_BLOCKS[default][0] != 0:
-            chosen = "Q8_0"
-        elif default != "Q8_0":
-            chosen = "Q6_K"
-    elif (
-        quant in ("Q4_K_M", "Q5_K_M")
-        and kind in ("attn_v.weight", "ffn_down.weight")
-        and _use_more_bits(t.layer, n_layers)
-    ):
-        chosen = "Q6_K"
-    if row % _GGML_BLOCKS[chosen][0] != 0:
-        if chosen not in _ROW_FALLBACK:
-            raise EdgekdError(
-                f"tensor {t.name} has rows of {row} values, not a multiple of "
-                f"{_GGML_BLOCKS[chosen][0]}: llama.cpp cannot write it as {quant}"
-            )
-        chosen = _ROW_FALLBACK[chosen]
-        if row % _GGML_BLOCKS[chosen][0] != 0:
-            chosen = "F16"
-    return chosen
-
-
-def _pad(n: int) -> int:
-    return -(-n // _GGUF_ALIGNMENT) * _GGUF_ALIGNMENT
+def gguf_tensor_types(config, quant: str) -> dict[str, str]:
+    """The ggml type llama.cpp's quantizer gives each tensor of this model in a `quant` GGUF file,
+    by GGUF name (1-D tensors, the norms and biases, stay F32)."""
+    ggml_types.check_file_type(quant)
+    n_layers, tied = config.num_hidden_layers, config.tie_word_embeddings
+    return {
+        t.name: ggml_types.tensor_type(t.name, t.shape, quant, n_layers, tied)
+        for t in _tensors(config)
+    }
 
 
 def gguf_bytes_estimate(config, quant: str) -> int:
     """Estimated size of the GGUF file llama.cpp writes for this model at `quant`
     ('F16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K_M', 'Q5_K_M'), following its per-tensor type rules."""
-    if quant not in _FTYPE_DEFAULT:
-        raise EdgekdError(
-            f"unknown GGUF quant type {quant!r}: use one of {', '.join(_FTYPE_DEFAULT)}"
-        )
     tensors = _tensors(config)
+    types = gguf_tensor_types(config, quant)
     header = 4 + 4 + 8 + 8  # magic, version, tensor count, key/value count
     infos = 0
     data = 0
     for t in tensors:
         infos += 8 + len(t.name) + 4 + 8 * len(t.shape) + 4 + 8
-        kind = _ggml_type(t, quant, config.num_hidden_layers, config.tie_word_embeddings)
-        per_block, block_bytes = _GGML_BLOCKS[kind]
-        data += _pad(t.numel // per_block * block_bytes)
+        data += ggml_types.tensor_bytes(types[t.name], t.numel)
     metadata = _METADATA_BYTES_PER_TOKEN * config.vocab_size + _METADATA_BYTES_OTHER
-    return _pad(header + metadata + infos) + data
+    return ggml_types.padded(header + metadata + infos) + data
 
 
 def kv_cache_bytes(config, context_length: int, bytes_per_value: int = 2) -> int:

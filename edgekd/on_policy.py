@@ -1,13 +1,14 @@
 """Training batches sampled during training: on-policy KD (GKD) and self-distillation.
 
-On-policy KD (GKD, Agarwal et al. 2024): a share `on_policy_fraction` of the batches keep their
-prompts but take the student's own samples (at `on_policy_temperature`) as answers, and the student
+On-policy KD (GKD, Agarwal et al. 2024): a share `on_policy.fraction` of the batches keep their
+prompts but take the student's own samples (at `on_policy.temperature`) as answers, and the student
 learns the teacher's distribution on them with the configured divergence. It trains the student on
 the prefixes it will actually produce, which fixed teacher answers never show it.
 
-Self-distillation (`distill.self_distill`): the teacher is a frozen copy of the starting student;
-every batch's answers are that copy's samples at a high temperature, and its logits divided by a low
-temperature are the targets, so the student learns a sharper version of itself on varied text.
+Self-distillation (`distill.self_distill.enabled`): the teacher is a frozen copy of the starting
+student; every batch's answers are that copy's samples at a high temperature, and its logits divided
+by a low temperature are the targets, so the student learns a sharper version of itself on varied
+text.
 
 Sampled answers are scored by the divergence alone (alpha = 1): cross-entropy on a model's own
 samples would train it towards what it already does.
@@ -20,14 +21,14 @@ from collections.abc import Callable
 
 import torch
 
-from edgekd.config import SelfDistillSettings, TrainSettings
+from edgekd.config import DistillSettings, TrainSettings
 from edgekd.data import IGNORE, TokenizedExample
 from edgekd.formats.hf_torch import decoding_options, generate_token_ids
 
 
 def self_distilling(settings: TrainSettings) -> bool:
     """Whether these settings ask for self-distillation (only the distill stage offers it)."""
-    return isinstance(settings, SelfDistillSettings) and settings.self_distill
+    return isinstance(settings, DistillSettings) and settings.self_distill.enabled
 
 
 def training_teacher(
@@ -48,7 +49,7 @@ def teacher_targets(logits: torch.Tensor, settings: TrainSettings) -> torch.Tens
     whatever the KD temperature), else unchanged."""
     if not self_distilling(settings):
         return logits
-    return logits / settings.self_distill_target_temperature
+    return logits / settings.self_distill.target_temperature
 
 
 def is_on_policy(fraction: float, seed: int, micro_step: int) -> bool:
@@ -127,17 +128,17 @@ def training_examples(
     """The micro-batch to train on, and whether its answers were sampled: the student's samples
     on on-policy batches, the frozen copy's when self-distilling, else the examples as they are."""
     seed = settings.seed * 1_000_003 + micro_step
-    if is_on_policy(settings.on_policy_fraction, settings.seed, micro_step):
-        model, temperature = student, settings.on_policy_temperature
+    if is_on_policy(settings.on_policy.fraction, settings.seed, micro_step):
+        model, temperature = student, settings.on_policy.temperature
     elif self_distilling(settings):
-        model, temperature = teacher, settings.self_distill_sample_temperature
+        model, temperature = teacher, settings.self_distill.sample_temperature
     else:
         return examples, False
     sampled = sampled_examples(
         model,
         examples,
         temperature=temperature,
-        max_tokens=settings.on_policy_max_tokens,
+        max_tokens=settings.on_policy.max_tokens,
         max_len=max_len,
         pad_id=pad_id,
         seed=seed,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgekd import models, train_memory
+from edgekd import architectures, models, train_memory
 from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError
 
@@ -165,6 +165,7 @@ def make_plan(
                 "and KV cache is too large; choose a smaller teacher or a larger profile"
             )
         student_config = models.with_layers(teacher_config, n)
+    architectures.check_stages(student_config, stages)
     budget = profile.memory_budget_mb * MB
     plan = Plan(
         stages=stages,

@@ -21,6 +21,7 @@ from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.feature_kd import layer_pairs
 from edgekd.formats import gguf, onnx
+from edgekd.on_policy import self_distilling
 from edgekd.plan import GB, Plan
 from edgekd.quant.gguf_k import q4_k_m_types
 from edgekd.train import check_strategy
@@ -31,10 +32,10 @@ def check_data(recipe: Recipe) -> None:
     if recipe.data.source is None:
         return
     rows = data.load_corpus(recipe.data.source)
-    if recipe.data.cot and not recipe.data.regenerate:
+    if recipe.data.cot.enabled and not recipe.data.regenerate:
         raise EdgekdError(
-            f"data.cot=true with data.source {recipe.data.source}: the teacher must write the "
-            "answers; set data.regenerate=true too"
+            f"data.cot.enabled=true with data.source {recipe.data.source}: the teacher must "
+            "write the answers; set data.regenerate=true too"
         )
     if recipe.data.regenerate:
         teacher_data.prompt_rows(rows, recipe.data.source)
@@ -81,7 +82,7 @@ def check_logit_cache(recipe: Recipe, plan: Plan) -> None:
         s = getattr(recipe, stage)
         if s.teacher_logits != "cache":
             continue
-        if s.on_policy_fraction > 0 or getattr(s, "self_distill", False):
+        if s.on_policy.fraction > 0 or self_distilling(s):
             raise EdgekdError(
                 f"{stage}.teacher_logits=cache: the cache scores the corpus only, not the samples "
                 f"that on-policy KD or self-distillation train on; set {stage}.teacher_logits=live"
@@ -94,21 +95,21 @@ def guidance(recipe: Recipe, plan: Plan) -> list[str]:
     ratio = models.param_count(plan.student_config) / models.param_count(plan.teacher_config)
     for stage in (s for s in plan.stages if s in TRAINING_STAGES):
         s = getattr(recipe, stage)
-        if s.alpha > 0 and not 1 <= s.temperature <= 20:
+        if s.kd.alpha > 0 and not 1 <= s.kd.temperature <= 20:
             why = (
                 "below 1 it sharpens the teacher toward its top token and hides the small "
                 "probabilities that carry its 'dark knowledge'"
-                if s.temperature < 1
+                if s.kd.temperature < 1
                 else "above 20 the teacher's distribution is nearly uniform and carries no signal"
             )
             out.append(
-                f"{stage}.temperature={s.temperature}: {why}; Hinton et al. 2015 (Distilling the "
-                "Knowledge in a Neural Network) and LLM practice use 1-20, 2-5 to start"
+                f"{stage}.kd.temperature={s.kd.temperature}: {why}; Hinton et al. 2015 (Distilling "
+                "the Knowledge in a Neural Network) and LLM practice use 1-20, 2-5 to start"
             )
-        if "alpha" not in s.model_fields_set and not 0.5 <= s.alpha <= 0.9:
+        if "alpha" not in s.kd.model_fields_set and not 0.5 <= s.kd.alpha <= 0.9:
             out.append(
-                f"{stage}.alpha={s.alpha} (a default, not your choice) is outside 0.5-0.9, the "
-                "usual weight of the soft targets against the hard labels (Hinton et al. 2015; "
+                f"{stage}.kd.alpha={s.kd.alpha} (a default, not your choice) is outside 0.5-0.9, "
+                "the usual weight of the soft targets against the hard labels (Hinton et al. 2015; "
                 "DistilBERT, Sanh et al. 2019); set it explicitly to silence this"
             )
         if s.feature.weight > 0 and not 0.1 <= ratio <= 0.3:
@@ -124,19 +125,19 @@ def guidance(recipe: Recipe, plan: Plan) -> list[str]:
 def check_scale(recipe: Recipe, plan: Plan) -> None:
     """Mixed precision the host supports, one per build; a teacher quantization it can use."""
     precisions = {
-        stage: getattr(recipe, stage).mixed_precision
+        stage: getattr(recipe, stage).scale.mixed_precision
         for stage in plan.stages
-        if hasattr(getattr(recipe, stage), "mixed_precision")
+        if hasattr(getattr(recipe, stage), "scale")
     }
     for stage, precision in precisions.items():
         if precision == "fp16" and not torch.cuda.is_available():
             raise EdgekdError(
-                f"{stage}.mixed_precision=fp16 needs a CUDA GPU and none is visible; "
+                f"{stage}.scale.mixed_precision=fp16 needs a CUDA GPU and none is visible; "
                 "set it to bf16 or no"
             )
     if len(set(precisions.values())) > 1:
         # accelerate fixes the precision once per process.
-        given = ", ".join(f"{stage}.mixed_precision={p}" for stage, p in precisions.items())
+        given = ", ".join(f"{stage}.scale.mixed_precision={p}" for stage, p in precisions.items())
         raise EdgekdError(f"{given}: set the same value for every training stage of a build")
     load_in = recipe.teacher.load_in
     if load_in == "full":

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from edgekd.benchmark import exact_match
-from edgekd.config import DataSettings, TeacherGenerationSettings
+from edgekd.config import DataSettings
 from edgekd.errors import EdgekdError
 from edgekd.formats.hf_torch import HfTorch
 from edgekd.formats.registry import open_runtime
@@ -20,20 +20,37 @@ from edgekd.formats.registry import open_runtime
 if TYPE_CHECKING:
     from edgekd.context import Context
 
-# Keys hashed into a corpus cache name since the first version; the others of
-# TeacherGenerationSettings join the key only when they differ from their defaults, so a default
-# corpus keeps the name (and the cache) it had before they existed.
+
+def _answer_settings(settings: DataSettings) -> dict:
+    """The settings that decide the teacher's answers, under the names the corpus cache keys
+    have always used (so an existing corpus keeps its name and its cache)."""
+    g, cot = settings.generation, settings.cot
+    return {
+        "gen_max_tokens": g.max_tokens,
+        "gen_temperature": g.temperature,
+        "gen_seed": g.seed,
+        "gen_strategy": g.strategy,
+        "gen_beams": g.beams,
+        "regenerate": settings.regenerate,
+        "cot": cot.enabled,
+        "cot_instruction": cot.instruction,
+        "cot_filter": cot.filter,
+    }
+
+
+# Hashed into every corpus cache name since the first version; the other answer settings join the
+# key only when they differ from their defaults, so a default corpus keeps its first name.
 _FIRST_KEYS = ("gen_max_tokens", "gen_temperature", "gen_seed")
 
 
 def generation_key(settings: DataSettings) -> dict:
     """The settings that decide the teacher's answers, for the corpus cache key."""
-    key = settings.model_dump(include=set(_FIRST_KEYS))
-    defaults = TeacherGenerationSettings()
+    current, defaults = _answer_settings(settings), _answer_settings(DataSettings())
+    key = {name: current[name] for name in _FIRST_KEYS}
     changed = {
-        name: getattr(settings, name)
-        for name in TeacherGenerationSettings.model_fields
-        if name not in _FIRST_KEYS and getattr(settings, name) != getattr(defaults, name)
+        name: value
+        for name, value in current.items()
+        if name not in _FIRST_KEYS and value != defaults[name]
     }
     if changed:
         key["generation"] = changed
@@ -96,19 +113,19 @@ def answered_row(prompt_row: dict, answer: str) -> dict:
 
 
 def _generate(ctx: Context, prompts: list[dict]) -> list[dict]:
-    s = ctx.recipe.data
-    beams = s.gen_beams if s.gen_strategy == "beam" else 1
+    g = ctx.recipe.data.generation
+    beams = g.beams if g.strategy == "beam" else 1
     if ctx.teacher_source.kind == "gguf" and beams == 1:
         teacher = open_runtime(ctx.teacher_source.path, threads=ctx.threads)
-        parallel = s.gen_parallel
+        parallel = g.parallel
     else:
         # Beam search runs in transformers, on the GGUF teacher's dequantized weights if need be.
         teacher, parallel = HfTorch.from_model(ctx.teacher, ctx.tokenizer), 8
     answers = teacher.generate(
         [[{"role": "user", "content": p["prompt"]}] for p in prompts],
-        max_tokens=s.gen_max_tokens,
-        temperature=s.gen_temperature,
-        seed=s.gen_seed,
+        max_tokens=g.max_tokens,
+        temperature=g.temperature,
+        seed=g.seed,
         parallel=parallel,
         beams=beams,
     )
@@ -116,14 +133,14 @@ def _generate(ctx: Context, prompts: list[dict]) -> list[dict]:
 
 
 def teacher_rows(ctx: Context, prompts: list[dict]) -> list[dict]:
-    """Chat rows of the prompts answered by the teacher as data.gen_* and data.cot_* say."""
-    s = ctx.recipe.data
-    if not s.cot:
+    """Chat rows of the prompts answered by the teacher as data.generation and data.cot say."""
+    cot = ctx.recipe.data.cot
+    if not cot.enabled:
         return _generate(ctx, prompts)
-    answered = _generate(ctx, with_instruction(prompts, s.cot_instruction))
+    answered = _generate(ctx, with_instruction(prompts, cot.instruction))
     for row, prompt in zip(answered, prompts, strict=True):
         row["messages"][0]["content"] = prompt["prompt"]  # the student sees the bare problem
-    if not s.cot_filter:
+    if not cot.filter:
         return answered
     from edgekd.pipeline import console  # the pipeline imports the context, which imports this
 
@@ -136,6 +153,6 @@ def teacher_rows(ctx: Context, prompts: list[dict]) -> list[dict]:
     if not kept:
         raise EdgekdError(
             "data.cot: every teacher trace had a wrong final answer and no row is left; "
-            "set data.cot_filter=false or use a stronger teacher"
+            "set data.cot.filter=false or use a stronger teacher"
         )
     return kept

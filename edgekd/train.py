@@ -31,12 +31,11 @@ from edgekd.context import Context, on_gpu
 from edgekd.data import collate, padding_id
 from edgekd.errors import EdgekdError
 from edgekd.feature_kd import MethodLosses
-from edgekd.losses import IGNORE_INDEX, KDLossOutput, kd_loss, shift_for_next_token
+from edgekd.losses import IGNORE_INDEX, Divergence, KDLossOutput, kd_loss, shift_for_next_token
 
 CHECKPOINT = "checkpoint"
 # Passed as logits_to_keep: the student's forward computes no logits, the chunked loss does.
 _NO_LOGITS = torch.empty(0, dtype=torch.long)
-_KD_ARGS = {"temperature", "alpha", "divergence", "skew_alpha", "jsd_beta"}
 
 
 def batch_indices(
@@ -80,18 +79,22 @@ def kd_step_loss(
     extra_loss: torch.nn.Module | None = None,
 ) -> tuple[KDLossOutput, dict[str, float]]:
     """One micro-batch's loss: the KD loss with weight `alpha` on the divergence, on full logits
-    (loss_chunk_tokens=0) or chunked from the final hidden states and LM heads (`student` may be
-    wrapped, e.g. by DDP; its head is given apart), plus the feature, attention and relation terms
-    of `methods` (computed by `extra_loss`, the same module, maybe DDP-wrapped) when active.
+    (scale.loss_chunk_tokens=0) or chunked from the final hidden states and LM heads (`student`
+    may be wrapped, e.g. by DDP; its head is given apart), plus the feature, attention and relation
+    terms of `methods` (computed by `extra_loss`, the same module, maybe DDP-wrapped) when active.
 
     The teacher's logits come from `cached` ([B, L-1, V], aligned like shifted logits) when given,
     else from `teacher`. Returns the KD output (its loss includes the extra terms) and each extra
     term's value."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    kd_args = settings.model_dump(include=_KD_ARGS) | {"alpha": alpha}
+    kd_args = {
+        "temperature": settings.kd.temperature,
+        "alpha": alpha,
+        "divergence": Divergence.of(settings.kd),
+    }
     extra = methods is not None and methods.active
     wanted = methods.model_kwargs if extra else {}
-    chunked = settings.loss_chunk_tokens > 0
+    chunked = settings.scale.loss_chunk_tokens > 0
     live = alpha > 0 and cached is None
     t_out = None
     if live or extra:
@@ -126,7 +129,7 @@ def kd_step_loss(
             student_head.bias,
             labels,
             t_logits,
-            chunk_tokens=settings.loss_chunk_tokens,
+            chunk_tokens=settings.scale.loss_chunk_tokens,
             **kd_args,
         )
     else:
@@ -187,13 +190,13 @@ def check_strategy(
             f"{name}: accelerate is set up for FSDP version {fsdp_version}; edgekd needs "
             "fsdp_version: 2 (as in configs/accelerate/fsdp.yaml)"
         )
-    if settings.on_policy_fraction > 0:
+    if settings.on_policy.fraction > 0:
         # Each process samples a different number of tokens, but every forward of a sharded
         # model is collective: the processes would wait on each other forever.
         raise EdgekdError(
-            f"{name}.on_policy_fraction={settings.on_policy_fraction}: on-policy KD samples "
+            f"{name}.on_policy.fraction={settings.on_policy.fraction}: on-policy KD samples "
             "from the student, which FSDP cannot do with different prompts per process; set "
-            f"{name}.on_policy_fraction=0 or launch with DDP (configs/accelerate/ddp.yaml)"
+            f"{name}.on_policy.fraction=0 or launch with DDP (configs/accelerate/ddp.yaml)"
         )
 
 
@@ -217,14 +220,15 @@ def _shard_tied_embeddings(accelerator: Accelerator, model: torch.nn.Module) -> 
 
 
 def _accelerator(settings: TrainSettings, name: str) -> Accelerator:
-    if settings.mixed_precision == "fp16" and not on_gpu():
+    if settings.scale.mixed_precision == "fp16" and not on_gpu():
         raise EdgekdError(
-            f"{name}.mixed_precision=fp16 needs a CUDA GPU and none is visible; use bf16 or no"
+            f"{name}.scale.mixed_precision=fp16 needs a CUDA GPU and none is visible; "
+            "use bf16 or no"
         )
     accelerator = Accelerator(
         gradient_accumulation_steps=settings.grad_accum,
         cpu=not on_gpu(),
-        mixed_precision=settings.mixed_precision,
+        mixed_precision=settings.scale.mixed_precision,
     )
     plugin = accelerator.state.deepspeed_plugin
     check_strategy(
@@ -255,7 +259,9 @@ def train_kd(
     examples = ctx.train_examples
     pad_id = padding_id(ctx.tokenizer)
     methods = MethodLosses(settings, student.config, models.load_config(ctx.teacher_source))
-    cache = ctx.logit_cache if settings.alpha > 0 and settings.teacher_logits == "cache" else None
+    cache = (
+        ctx.logit_cache if settings.kd.alpha > 0 and settings.teacher_logits == "cache" else None
+    )
     teacher = None
     # With the cache and no feature, attention or relation term the teacher is never loaded here.
     if cache is None or methods.active:
@@ -268,7 +274,7 @@ def train_kd(
         # stays whole and gets the trained weights at the end.
         student = copy.deepcopy(student)
         _shard_tied_embeddings(accelerator, student)
-    if settings.gradient_checkpointing:
+    if settings.scale.gradient_checkpointing:
         student.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
@@ -327,7 +333,7 @@ def train_kd(
                     pad_id=pad_id,
                 )
                 # Sampled answers are scored by the divergence alone (see edgekd.on_policy).
-                alpha = 1.0 if sampled else settings.alpha
+                alpha = 1.0 if sampled else settings.kd.alpha
                 sampled_batches += sampled
                 batch = {k: v.to(accelerator.device) for k, v in collate(chosen, pad_id).items()}
                 with accelerator.accumulate(student):
@@ -335,7 +341,7 @@ def train_kd(
                     if cache is not None and alpha > 0:
                         cached = cache.teacher_logits(
                             idx, batch["input_ids"].shape[1], accelerator.device,
-                            settings.temperature,
+                            settings.kd.temperature,
                         )  # fmt: skip
                     with accelerator.autocast():
                         out, terms = kd_step_loss(

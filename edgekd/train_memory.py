@@ -80,21 +80,27 @@ def step_memory(
         gathered = 4 * (embeddings + (params - embeddings) / layers) * (1 - 1 / gpus)
     held = teacher.load_in if teacher.load_in != "full" else teacher.dtype
     tokens = settings.batch_size * seq_len
-    act = 2 if settings.mixed_precision != "no" else 4
+    act = 2 if settings.scale.mixed_precision != "no" else 4
     per_layer = tokens * hidden * act * _ACTIVATION_UNITS / 2
-    if settings.gradient_checkpointing:
+    if settings.scale.gradient_checkpointing:
         # Each layer's input is kept; one layer's activations are rebuilt at a time.
         activations = tokens * hidden * act * layers + per_layer
     else:
         activations = per_layer * layers
-    rows = min(tokens, settings.loss_chunk_tokens) if settings.loss_chunk_tokens else tokens
+    rows = (
+        min(tokens, settings.scale.loss_chunk_tokens)
+        if settings.scale.loss_chunk_tokens
+        else tokens
+    )
     return StepMemory(
         weights=4 * params / w_div + gathered,
         grads=4 * params / g_div,
         optimizer=8 * params / o_div,
         teacher=_TEACHER_BYTES[held] * models.param_count(teacher_config),
         activations=activations,
-        logits=logits_bytes(rows, student_config.vocab_size, settings.mixed_precision != "no"),
+        logits=logits_bytes(
+            rows, student_config.vocab_size, settings.scale.mixed_precision != "no"
+        ),
     )
 
 
@@ -111,8 +117,8 @@ def estimate_lines(
     head = "".join(f"{f'{n} GPU' + ('s' if n > 1 else ''):>10}" for n in gpus)
     lines = [
         f"memory    {stage} per GPU, estimated (micro-batch {settings.batch_size} x {seq_len} "
-        f"tokens, mixed_precision={settings.mixed_precision}, gradient_checkpointing="
-        f"{settings.gradient_checkpointing}, teacher {teacher.load_in}/{teacher.dtype}):",
+        f"tokens, mixed_precision={settings.scale.mixed_precision}, gradient_checkpointing="
+        f"{settings.scale.gradient_checkpointing}, teacher {teacher.load_in}/{teacher.dtype}):",
         f"          {'':16}{head}",
     ]
 
@@ -126,9 +132,15 @@ def estimate_lines(
         lines.append(f"          {strategy:16}{cells}")
     one = memory(1, "DDP")
     naive = logits_bytes(
-        settings.batch_size * seq_len, student_config.vocab_size, settings.mixed_precision != "no"
+        settings.batch_size * seq_len,
+        student_config.vocab_size,
+        settings.scale.mixed_precision != "no",
     )
-    chunk = f"chunked ({settings.loss_chunk_tokens} tokens)" if settings.loss_chunk_tokens else ""
+    chunk = (
+        f"chunked ({settings.scale.loss_chunk_tokens} tokens)"
+        if settings.scale.loss_chunk_tokens
+        else ""
+    )
     lines.append(
         f"          1 GPU: student weights {one.weights / GB:.1f}, grads {one.grads / GB:.1f}, "
         f"AdamW {one.optimizer / GB:.1f}, teacher {one.teacher / GB:.1f}, activations "

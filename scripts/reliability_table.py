@@ -551,7 +551,9 @@ def _kill_args(ws: Workspace, stages: str, extra: list[str], data: bool = True) 
 
 def kill_generation(ws: Workspace) -> Row:
     run = ws.path("kill-generation")
-    args = _kill_args(ws, "distill", ["data.num_prompts=32", "data.gen_max_tokens=32"], data=False)
+    args = _kill_args(
+        ws, "distill", ["data.num_prompts=32", "data.generation.max_tokens=32"], data=False
+    )
     build = Build(run, args, live=True)
     build.kill_when(
         lambda: (run / ".01-distill.partial").is_dir() and "Teacher answers" in build.output

@@ -7,10 +7,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from edgekd.chunked_kd import chunked_kd_loss, head_logits
 from edgekd.config import TrainSettings
 from edgekd.feature_kd import MethodLosses
-from edgekd.losses import DIVERGENCES, kd_loss
+from edgekd.losses import DIVERGENCES, Divergence, kd_loss
 from edgekd.train import kd_step_loss
 
 ARGS = {"skew_alpha": 0.1, "jsd_beta": 0.3}
+
+
+def _div(name: str) -> Divergence:
+    return Divergence(name, **ARGS)
+
+
 VOCAB = 97
 
 
@@ -32,12 +38,12 @@ def _grads(loss, params):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", list(DIVERGENCES))
 def test_matches_plain_loss_and_gradients(divergence, alpha, temperature):
     # forward_kl and reverse_kl take the closed-form gradient (which folds CE's softmax into the
     # divergence's at T=1); the others autograd, chunk by chunk.
     hidden, weight, bias, t_hidden, t_weight, labels = _tensors()
-    kw = {"temperature": temperature, "alpha": alpha, "divergence": divergence, **ARGS}
+    kw = {"temperature": temperature, "alpha": alpha, "divergence": _div(divergence)}
     plain = kd_loss(
         torch.nn.functional.linear(hidden, weight, bias), t_hidden @ t_weight.T, labels, **kw
     )
@@ -67,7 +73,7 @@ def test_masked_vocabulary_matches_plain_and_stays_finite(divergence, temperatur
     bias = (bias.detach() + mask).requires_grad_()
     keep = labels != -100
     t_rows = head_logits(t_hidden[keep], t_weight, mask)
-    kw = {"temperature": temperature, "alpha": 0.5, "divergence": divergence, **ARGS}
+    kw = {"temperature": temperature, "alpha": 0.5, "divergence": _div(divergence)}
     plain = kd_loss(torch.nn.functional.linear(hidden, weight, bias), t_hidden @ t_weight.T + mask,
                     labels, **kw)  # fmt: skip
     got = chunked_kd_loss(hidden, weight, bias, labels, t_rows, chunk_tokens=3, **kw)
@@ -82,7 +88,7 @@ def test_masked_vocabulary_matches_plain_and_stays_finite(divergence, temperatur
 def test_backward_scales_with_the_incoming_gradient_and_frozen_head_gets_none():
     hidden, weight, _, t_hidden, t_weight, labels = _tensors(seed=1)
     weight.requires_grad_(False)
-    kw = {"temperature": 1.0, "alpha": 0.7, "divergence": "forward_kl", **ARGS}
+    kw = {"temperature": 1.0, "alpha": 0.7, "divergence": _div("forward_kl")}
     teacher = head_logits(t_hidden[labels != -100], t_weight)
     once = _grads(
         chunked_kd_loss(hidden, weight, None, labels, teacher, chunk_tokens=3, **kw).loss, [hidden]
@@ -97,7 +103,7 @@ def test_no_labelled_position_is_zero_loss_with_zero_gradients():
     labels[:] = -100
     out = chunked_kd_loss(
         hidden, weight, bias, labels, head_logits(t_hidden[:0], t_weight), chunk_tokens=4,
-        temperature=2.0, alpha=0.5, divergence="jsd", **ARGS,
+        temperature=2.0, alpha=0.5, divergence=_div("jsd"),
     )  # fmt: skip
     out.loss.backward()
     assert out.loss.item() == 0 and out.tokens == 0
@@ -106,7 +112,7 @@ def test_no_labelled_position_is_zero_loss_with_zero_gradients():
 
 def test_refuses_bad_arguments():
     hidden, weight, bias, _, _, labels = _tensors()
-    kw = {"temperature": 2.0, "divergence": "tv", **ARGS}
+    kw = {"temperature": 2.0, "divergence": _div("tv")}
     with pytest.raises(ValueError, match="teacher is None"):
         chunked_kd_loss(hidden, weight, bias, labels, None, chunk_tokens=4, alpha=0.5, **kw)
     with pytest.raises(ValueError, match="chunk_tokens=0"):
@@ -148,17 +154,18 @@ def models_and_batch():
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", list(DIVERGENCES))
 def test_training_step_matches_plain_path_on_tiny_llama(models_and_batch, divergence, alpha):
     student, teacher, batch = models_and_batch
     params = [p for p in student.parameters() if p.requires_grad]
     results = []
     for chunk in (0, 5):
         settings = TrainSettings(
-            loss_chunk_tokens=chunk, alpha=alpha, divergence=divergence, temperature=2.0, **ARGS
+            scale={"loss_chunk_tokens": chunk},
+            kd={"alpha": alpha, "divergence": divergence, "temperature": 2.0, **ARGS},
         )
         out, _ = kd_step_loss(
-            student, student.get_output_embeddings(), teacher, batch, settings, alpha=settings.alpha
+            student, student.get_output_embeddings(), teacher, batch, settings, alpha=alpha
         )
         results.append((out, _grads(out.loss, params)))
     (plain, plain_grads), (chunked, chunked_grads) = results
@@ -182,11 +189,10 @@ def test_step_with_extra_terms_and_cached_logits_matches_plain_path(models_and_b
     losses = {}
     for chunk in (0, 5):
         settings = TrainSettings(
-            loss_chunk_tokens=chunk,
-            alpha=0.5,
+            scale={"loss_chunk_tokens": chunk},
+            kd={"alpha": 0.5, **ARGS},
             feature={"weight": 1.0, "layers": "last_k", "last_k": 1},
             relation={"weight": 1.0},
-            **ARGS,
         )
         torch.manual_seed(0)  # the same projections (widths 32 -> 48) for both paths
         methods = MethodLosses(settings, student.config, teacher.config)

@@ -47,9 +47,9 @@ def test_budget_larger_than_ram_is_refused(tmp_path):
 
 def test_recipe_overrides_in_order(tmp_path):
     f = tmp_path / "r.yaml"
-    f.write_text("distill:\n  temperature: 3\n  max_steps: 7\n")
-    r = load_recipe(f, ["distill.temperature=4", "data.pack=true"], teacher="t.gguf")
-    assert r.distill.temperature == 4.0
+    f.write_text("distill:\n  kd:\n    temperature: 3\n  max_steps: 7\n")
+    r = load_recipe(f, ["distill.kd.temperature=4", "data.pack=true"], teacher="t.gguf")
+    assert r.distill.kd.temperature == 4.0
     assert r.distill.max_steps == 7
     assert r.data.pack is True
     assert r.teacher.source == "t.gguf"
@@ -62,11 +62,11 @@ def test_recipe_typo_names_key_and_file(tmp_path):
     with pytest.raises(EdgekdError, match=rf"{f}: unknown key 'distill.temperatur'"):
         load_recipe(f)
     with pytest.raises(EdgekdError, match=r"--set: unknown key 'distil'"):
-        load_recipe(None, ["distil.temperature=4"])
-    with pytest.raises(EdgekdError, match=r"'distill.alpha' = 2"):
-        load_recipe(None, ["distill.alpha=2"])
+        load_recipe(None, ["distil.kd.temperature=4"])
+    with pytest.raises(EdgekdError, match=r"'distill.kd.alpha' = 2"):
+        load_recipe(None, ["distill.kd.alpha=2"])
     with pytest.raises(EdgekdError, match="expected stage.key=value"):
-        load_recipe(None, ["distill.alpha"])
+        load_recipe(None, ["distill.kd.alpha"])
     with pytest.raises(EdgekdError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from edgekd.config import MethodSettings
+from edgekd.config import TrainSettings
 from edgekd.feature_kd import (
     MethodLosses,
     Projections,
@@ -145,7 +145,7 @@ def test_method_losses_on_models_of_different_shapes(tokenizer):
     student = _tiny(tokenizer, 2, 32, 2, 2)
     teacher = _tiny(tokenizer, 4, 64, 4, 2)
     teacher.requires_grad_(False)
-    settings = MethodSettings.model_validate(
+    settings = TrainSettings.model_validate(
         {
             "feature": {"weight": 1.0, "loss": "cosine"},
             "attention": {"weight": 1.0, "value_weight": 1.0, "layers": {2: 4}},
@@ -185,6 +185,6 @@ def test_method_losses_on_models_of_different_shapes(tokenizer):
 
 def test_method_losses_off_by_default(tokenizer):
     config = tiny_llama_config(tokenizer, 2, 32)
-    methods = MethodLosses(MethodSettings(), config, config)
+    methods = MethodLosses(TrainSettings(), config, config)
     assert not methods.active and not list(methods.parameters())
     assert methods.model_kwargs == {"output_hidden_states": False, "output_attentions": False}

@@ -4,7 +4,7 @@ holds, the frozen copy and the sharpened targets."""
 import torch
 from transformers import LlamaForCausalLM
 
-from edgekd.config import DistillSettings, QLoraSettings
+from edgekd.config import DistillSettings, OnPolicySettings, QLoraSettings, SelfDistillSettings
 from edgekd.data import IGNORE, TokenizedExample
 from edgekd.on_policy import (
     is_on_policy,
@@ -78,7 +78,9 @@ def test_samples_end_at_the_end_token(tokenizer):
 
 def test_self_distillation_teacher_is_a_frozen_copy_with_sharper_targets(tokenizer):
     student = _model(tokenizer)
-    settings = DistillSettings(self_distill=True, self_distill_target_temperature=0.5)
+    settings = DistillSettings(
+        self_distill=SelfDistillSettings(enabled=True, target_temperature=0.5)
+    )
     teacher = training_teacher(lambda: None, student, settings)
     assert teacher is not student and not any(p.requires_grad for p in teacher.parameters())
     ids = torch.tensor([[1, 2, 3]])
@@ -102,13 +104,15 @@ def test_training_examples_pick_the_sampling_model(tokenizer):
     kw = {"student": student, "teacher": frozen, "micro_step": 0, "max_len": 20, "pad_id": 0}
     same, sampled = training_examples(examples, DistillSettings(), **kw)
     assert same is examples and not sampled
-    on = DistillSettings(on_policy_fraction=1.0, on_policy_max_tokens=4)
+    on = DistillSettings(on_policy=OnPolicySettings(fraction=1.0, max_tokens=4))
     by_student, sampled = training_examples(examples, on, **kw)
     assert sampled and all(
         len(e.input_ids) == len(prompt_part(x)) + 4
         for e, x in zip(by_student, examples, strict=True)
     )
-    self = DistillSettings(self_distill=True, on_policy_max_tokens=4)
+    self = DistillSettings(
+        self_distill=SelfDistillSettings(enabled=True), on_policy=OnPolicySettings(max_tokens=4)
+    )
     by_frozen, sampled = training_examples(examples, self, **kw)
     assert sampled and by_frozen != by_student
     expected = sampled_examples(

@@ -124,9 +124,9 @@ def test_distill_at_scale_settings_on_cpu(tiny_teacher_dir, chat_jsonl, tmp_path
         f"student.source={student}",
         "teacher.load_in=4bit",
         "teacher.dtype=bfloat16",
-        "distill.mixed_precision=bf16",
-        "distill.gradient_checkpointing=true",
-        "distill.loss_chunk_tokens=16",
+        "distill.scale.mixed_precision=bf16",
+        "distill.scale.gradient_checkpointing=true",
+        "distill.scale.loss_chunk_tokens=16",
     ]:
         args += ["--set", s]
     # Its own process: accelerate fixes the mixed precision once per process.

@@ -24,15 +24,17 @@ def _check(sets, stages=STAGES):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed where CUDA is")
 def test_fp16_needs_cuda():
-    with pytest.raises(EdgekdError, match=r"distill.mixed_precision=fp16 needs a CUDA GPU"):
-        _check([*QWEN, *STUDENT, *(f"{s}.mixed_precision=fp16" for s in STAGES)])
+    with pytest.raises(EdgekdError, match=r"distill.scale.mixed_precision=fp16 needs a CUDA GPU"):
+        _check([*QWEN, *STUDENT, *(f"{s}.scale.mixed_precision=fp16" for s in STAGES)])
 
 
 def test_one_precision_per_build():
-    with pytest.raises(EdgekdError, match="distill.mixed_precision=bf16, qlora.mixed_precision=no"):
-        _check([*QWEN, *STUDENT, "distill.mixed_precision=bf16"])
-    _check([*QWEN, *STUDENT, *(f"{s}.mixed_precision=bf16" for s in STAGES)])
-    _check([*QWEN, *STUDENT, "distill.mixed_precision=bf16"], stages=["distill"])
+    with pytest.raises(
+        EdgekdError, match="distill.scale.mixed_precision=bf16, qlora.scale.mixed_precision=no"
+    ):
+        _check([*QWEN, *STUDENT, "distill.scale.mixed_precision=bf16"])
+    _check([*QWEN, *STUDENT, *(f"{s}.scale.mixed_precision=bf16" for s in STAGES)])
+    _check([*QWEN, *STUDENT, "distill.scale.mixed_precision=bf16"], stages=["distill"])
 
 
 def test_quantized_teacher_needs_a_given_student():
@@ -61,16 +63,18 @@ def test_launch_setups_edgekd_cannot_train_under():
         check_launch(recipe, plan, zero | {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
     with pytest.raises(EdgekdError, match="FSDP version 1; edgekd needs fsdp_version: 2"):
         check_launch(recipe, plan, fsdp2 | {"FSDP_VERSION": "1"})
-    on_policy = load_recipe(None, [*sets, "qlora.on_policy_fraction=0.5"])
-    with pytest.raises(EdgekdError, match="qlora.on_policy_fraction=0.5: .* launch with DDP"):
+    on_policy = load_recipe(None, [*sets, "qlora.on_policy.fraction=0.5"])
+    with pytest.raises(EdgekdError, match="qlora.on_policy.fraction=0.5: .* launch with DDP"):
         check_launch(on_policy, plan, fsdp2)
     check_launch(on_policy, plan, {})
 
 
 def test_cot_and_regenerate_on_user_data(chat_jsonl):
-    with pytest.raises(EdgekdError, match="data.cot=true .* set data.regenerate=true"):
-        check_data(load_recipe(None, ["data.cot=true"], data=str(chat_jsonl)))
-    check_data(load_recipe(None, ["data.cot=true", "data.regenerate=true"], data=str(chat_jsonl)))
+    with pytest.raises(EdgekdError, match="data.cot.enabled=true .* set data.regenerate=true"):
+        check_data(load_recipe(None, ["data.cot.enabled=true"], data=str(chat_jsonl)))
+    check_data(
+        load_recipe(None, ["data.cot.enabled=true", "data.regenerate=true"], data=str(chat_jsonl))
+    )
     rows = chat_jsonl.read_text().splitlines()
     rows[3] = json.dumps({"text": "plain text"})
     chat_jsonl.write_text("\n".join(rows) + "\n")

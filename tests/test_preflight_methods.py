@@ -2,7 +2,7 @@ import warnings
 
 import pytest
 
-from edgekd.config import DistillSettings, load_profile, load_recipe
+from edgekd.config import KDSettings, load_profile, load_recipe
 from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.plan import make_plan
 from edgekd.preflight import check_layer_maps, check_logit_cache, guidance, preflight
@@ -21,21 +21,21 @@ def test_no_guidance_for_the_defaults(tiny_teacher_dir):
 
 @pytest.mark.parametrize(("t", "word"), [(0.5, "below 1"), (25, "above 20")])
 def test_temperature_outside_1_to_20_warns(tiny_teacher_dir, t, word):
-    recipe, plan = _plan(tiny_teacher_dir, [f"distill.temperature={t}"])
+    recipe, plan = _plan(tiny_teacher_dir, [f"distill.kd.temperature={t}"])
     (msg,) = guidance(recipe, plan)
-    assert msg.startswith(f"distill.temperature={t}") and word in msg and "Hinton" in msg
+    assert msg.startswith(f"distill.kd.temperature={t}") and word in msg and "Hinton" in msg
     # With alpha=0 there are no soft targets to soften.
-    recipe, plan = _plan(tiny_teacher_dir, [f"distill.temperature={t}", "distill.alpha=0"])
+    recipe, plan = _plan(tiny_teacher_dir, [f"distill.kd.temperature={t}", "distill.kd.alpha=0"])
     assert guidance(recipe, plan) == []
 
 
 def test_alpha_warns_only_when_not_chosen(tiny_teacher_dir):
-    recipe, plan = _plan(tiny_teacher_dir, ["distill.alpha=0.3"])
+    recipe, plan = _plan(tiny_teacher_dir, ["distill.kd.alpha=0.3"])
     assert guidance(recipe, plan) == []  # the user chose it
     # A default outside the range (none ships today): fields_set says nobody chose it.
-    recipe.distill = DistillSettings.model_construct(_fields_set=set(), alpha=1.0)
+    recipe.distill.kd = KDSettings.model_construct(_fields_set=set(), alpha=1.0)
     (msg,) = guidance(recipe, plan)
-    assert msg.startswith("distill.alpha=1.0") and "0.5-0.9" in msg
+    assert msg.startswith("distill.kd.alpha=1.0") and "0.5-0.9" in msg
 
 
 def test_feature_kd_warns_outside_0_1_to_0_3_of_the_teacher(tiny_teacher_dir):
@@ -46,8 +46,8 @@ def test_feature_kd_warns_outside_0_1_to_0_3_of_the_teacher(tiny_teacher_dir):
 
 
 def test_preflight_emits_the_warnings_and_checks_layer_maps(tiny_teacher_dir, tmp_path):
-    recipe, plan = _plan(tiny_teacher_dir, ["distill.temperature=30"])
-    with pytest.warns(EdgekdWarning, match="distill.temperature=30"):
+    recipe, plan = _plan(tiny_teacher_dir, ["distill.kd.temperature=30"])
+    with pytest.warns(EdgekdWarning, match="distill.kd.temperature=30"):
         preflight(load_profile("phone-1gb"), recipe, plan, tmp_path / "run")
     recipe, plan = _plan(
         tiny_teacher_dir, ["distill.attention.value_weight=1", "distill.attention.layers={3: 4}"]
@@ -61,7 +61,7 @@ def test_preflight_emits_the_warnings_and_checks_layer_maps(tiny_teacher_dir, tm
 
 
 def test_logit_cache_cannot_score_samples(tiny_teacher_dir):
-    for extra in ("distill.on_policy_fraction=0.5", "distill.self_distill=true"):
+    for extra in ("distill.on_policy.fraction=0.5", "distill.self_distill.enabled=true"):
         recipe, plan = _plan(tiny_teacher_dir, ["distill.teacher_logits=cache", extra])
         with pytest.raises(EdgekdError, match="distill.teacher_logits=cache: the cache scores"):
             check_logit_cache(recipe, plan)

@@ -41,7 +41,7 @@ def test_kill_during_teacher_generation_and_training_then_resume(tiny_teacher_di
         [
             # Long enough that generation outlasts the progress bar's first refresh (0.1 s).
             "data.num_prompts=64",
-            "data.gen_max_tokens=48",
+            "data.generation.max_tokens=48",
             "distill.max_steps=30",
             "distill.checkpoint_every=3",
         ],

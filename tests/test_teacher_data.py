@@ -3,7 +3,7 @@ and answer filter."""
 
 import pytest
 
-from edgekd.config import DataSettings
+from edgekd.config import DataSettings, GenerationSettings
 from edgekd.errors import EdgekdError
 from edgekd.teacher_data import generation_key, keep_correct, prompt_rows, with_instruction
 
@@ -19,27 +19,30 @@ def test_generation_key_keeps_the_old_default_and_names_every_change():
     default = generation_key(DataSettings())
     assert default == {"gen_max_tokens": 128, "gen_temperature": 0.0, "gen_seed": 0}
     keys = [
-        generation_key(DataSettings(**kw))
+        generation_key(DataSettings.model_validate(kw))
         for kw in (
             {},
-            {"gen_strategy": "sample", "gen_temperature": 0.8},
-            {"gen_strategy": "beam"},
-            {"gen_strategy": "beam", "gen_beams": 2},
-            {"cot": True},
-            {"cot": True, "cot_filter": False},
-            {"cot": True, "cot_instruction": "Reason first."},
+            {"generation": {"strategy": "sample", "temperature": 0.8}},
+            {"generation": {"strategy": "beam"}},
+            {"generation": {"strategy": "beam", "beams": 2}},
+            {"cot": {"enabled": True}},
+            {"cot": {"enabled": True, "filter": False}},
+            {"cot": {"enabled": True, "instruction": "Reason first."}},
         )
     ]
     assert len({repr(k) for k in keys}) == len(keys)
+    # A changed setting keeps the name it had in the cache key before settings were nested.
+    assert keys[2] == default | {"generation": {"gen_strategy": "beam"}}
     # Settings that do not change what the teacher writes leave the key alone.
-    assert generation_key(DataSettings(max_seq_len=64, gen_parallel=4)) == default
+    same = DataSettings.model_validate({"max_seq_len": 64, "generation": {"parallel": 4}})
+    assert generation_key(same) == default
 
 
 def test_strategy_and_temperature_must_agree():
-    with pytest.raises(ValueError, match="set gen_strategy to 'sample'"):
-        DataSettings(gen_temperature=0.7)
-    with pytest.raises(ValueError, match="needs gen_temperature > 0"):
-        DataSettings(gen_strategy="sample")
+    with pytest.raises(ValueError, match="set strategy to 'sample'"):
+        GenerationSettings(temperature=0.7)
+    with pytest.raises(ValueError, match="needs temperature > 0"):
+        GenerationSettings(strategy="sample")
 
 
 def test_prompt_rows_from_user_chat_rows():

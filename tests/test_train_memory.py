@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoConfig
 
 from edgekd import models
-from edgekd.config import TeacherSettings, TrainSettings
+from edgekd.config import ScaleSettings, TeacherSettings, TrainSettings
 from edgekd.train_memory import GB, estimate_lines, logits_bytes, step_memory
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
@@ -20,9 +20,9 @@ def qwen():
     )
 
 
-def _memory(qwen, gpus, strategy, teacher=None, **settings):
+def _memory(qwen, gpus, strategy, teacher=None, **scale):
     student, teacher_config = qwen
-    train = TrainSettings(batch_size=8, **settings)
+    train = TrainSettings(batch_size=8, scale=ScaleSettings(**scale))
     teacher = teacher or TeacherSettings()
     return step_memory(student, teacher_config, teacher, train, 1024, gpus=gpus, strategy=strategy)
 

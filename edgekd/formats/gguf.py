@@ -23,23 +23,12 @@ import torch
 from jinja2 import TemplateError
 from safetensors import safe_open
 
+from edgekd import architectures
+from edgekd.architectures import Architecture
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
 from edgekd.formats.llama_cpp import LlamaCpp
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"}
-
-_ARCH_BY_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
-# llama.cpp runs Mistral checkpoints as its llama architecture (as its converter does).
-_GGUF_ARCH = {
-    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
-    "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
-    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
-}
 _DTYPES = {
     "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -106,15 +95,8 @@ _PROBE_CHAT = [
 ]
 
 
-def _architecture(config) -> str:
-    arch = (config.architectures or [_ARCH_BY_MODEL_TYPE.get(config.model_type, "")])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise EdgekdError(
-            f"architecture {arch or config.model_type!r} cannot be written as GGUF by edgekd "
-            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}); "
-            "use a student of a supported architecture or drop 'gguf' from the profile's formats"
-        )
-    return arch
+def _architecture(config) -> Architecture:
+    return architectures.check(config, "gguf")
 
 
 def _rope_type(config) -> str:
@@ -122,22 +104,25 @@ def _rope_type(config) -> str:
     return scaling.get("rope_type", scaling.get("type")) or "default"
 
 
-def _check_config(config, arch: str) -> None:
+def _check_config(config, arch: Architecture) -> None:
     rope = _rope_type(config)
     allowed = {"default", "linear"} | (
-        {"llama3"} if _GGUF_ARCH[arch] == gguf.MODEL_ARCH.LLAMA else set()
+        {"llama3"} if arch.gguf_arch == gguf.MODEL_ARCH.LLAMA else set()
     )
     if rope not in allowed:
         raise EdgekdError(
-            f"config rope_scaling type {rope!r} ({arch}) has no exact llama.cpp equivalent in "
-            f"edgekd's GGUF writer (supported: {', '.join(sorted(allowed))})"
+            f"config rope_scaling type {rope!r} ({arch.hf_class}) has no exact llama.cpp "
+            f"equivalent in edgekd's GGUF writer (supported: {', '.join(sorted(allowed))})"
         )
     if getattr(config, "mlp_bias", False):
-        raise EdgekdError(f"config mlp_bias=true ({arch}) is not supported by llama.cpp's {arch}")
+        raise EdgekdError(
+            f"config mlp_bias=true ({arch.hf_class}) is not supported by llama.cpp's "
+            f"{arch.hf_class}"
+        )
     if getattr(config, "use_sliding_window", False):
         raise EdgekdError(
-            f"config use_sliding_window=true ({arch}) is not supported by llama.cpp's qwen2; "
-            "set it to false"
+            f"config use_sliding_window=true ({arch.hf_class}) is not supported by llama.cpp's "
+            "qwen2; set it to false"
         )
 
 
@@ -339,8 +324,8 @@ def _safetensors_files(model_dir: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
-def _tensor_plan(model_dir: Path, config, arch: str, qtype) -> list[_Tensor]:
-    gguf_arch = _GGUF_ARCH[arch]
+def _tensor_plan(model_dir: Path, config, arch: Architecture, qtype) -> list[_Tensor]:
+    gguf_arch = arch.gguf_arch
     names = gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers)
     n_head = config.num_attention_heads
     n_kv = config.num_key_value_heads or n_head
@@ -405,7 +390,7 @@ def _to_numpy(t: torch.Tensor, qtype, name: str) -> np.ndarray:
 def _write(
     path: Path, config, tokenizer, vocab: _Vocab, plan: list[_Tensor], file_type, name: str
 ) -> None:
-    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_GGUF_ARCH[_architecture(config)]])
+    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_architecture(config).gguf_arch])
     _add_metadata(w, config, tokenizer, vocab, name)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -164,7 +164,7 @@ def _decode_continuously(
                 outputs.append((slot, batch.n_tokens - 1))
             if (code := llama_cpp.llama_decode(ctx, batch)) != 0:
                 raise EdgekdError(
-                    f"llama.cpp decode failed with code {code}; lower data.gen_parallel"
+                    f"llama.cpp decode failed with code {code}; lower data.generation.parallel"
                 )
             for slot, row in outputs:
                 seq = active[slot]
@@ -295,7 +295,7 @@ class LlamaCpp(Runtime):
             if not ctx:
                 raise EdgekdError(
                     f"{self.path}: llama.cpp could not create a {cparams.n_ctx}-token context; "
-                    "lower data.gen_parallel or data.gen_max_tokens"
+                    "lower data.generation.parallel or data.generation.max_tokens"
                 )
             stack.callback(llama_cpp.llama_free, ctx)
             batch = llama_cpp.llama_batch_init(cparams.n_batch, 0, 1)

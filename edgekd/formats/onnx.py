@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekd import architectures
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
 from edgekd.formats.ort import MODEL, model_files
@@ -154,7 +155,8 @@ def quantize_onnx(
 
 
 def check_exportable(config) -> None:
-    """EdgekdError unless optimum-onnx can export this architecture with a KV cache."""
+    """EdgekdError unless edgekd and optimum-onnx can export this architecture with a KV cache."""
+    architectures.check(config, "onnx")
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
     from optimum.exporters.tasks import TasksManager
 

@@ -14,10 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from edgekd import architectures, models
 from edgekd.errors import EdgekdError
-
-QK_K = 256  # super-block of the K-quants
-QK = 32  # block of Q5_0 / Q8_0
+from edgekd.quant import ggml_types
 
 # make_qkx2_quants' scale search as quantize_row_q4_K_ref calls it: iscale = (rmin + rdelta*is
 # + nmax) / (max - min) for is = 0..nstep.
@@ -58,7 +57,8 @@ def _fp16(t: Tensor) -> Tensor:
     return t.to(torch.float16).float()
 
 
-def _blocks(w: Tensor, size: int, name: str) -> Tensor:
+def _blocks(w: Tensor, name: str) -> Tensor:
+    size = ggml_types.block(name)[0]
     if w.ndim == 0 or w.shape[-1] % size:
         raise EdgekdError(
             f"{name} needs rows whose length is a multiple of {size}, got shape {tuple(w.shape)}; "
@@ -146,7 +146,7 @@ def q4_k_dequant(w: Tensor) -> Tensor:
     make_qkx2_quants, then quantized to 6 bits against the fp16 super-block d and dmin; 4-bit
     codes. Rows must be a multiple of 256 long. Returns float32 of w's shape.
     """
-    return _chunked(_q4_k_chunk, _blocks(w, QK_K, "Q4_K"), w.shape)
+    return _chunked(_q4_k_chunk, _blocks(w, "Q4_K"), w.shape)
 
 
 def _q6_k_search(xs: Tensor) -> Tensor:
@@ -198,12 +198,12 @@ def q6_k_dequant(w: Tensor) -> Tensor:
     Super-blocks of 256 in 16 sub-blocks of 16; each sub-block's scale is found like
     make_qx_quants, quantized to int8 against the fp16 super-block d; 6-bit codes.
     """
-    return _chunked(_q6_k_chunk, _blocks(w, QK_K, "Q6_K"), w.shape)
+    return _chunked(_q6_k_chunk, _blocks(w, "Q6_K"), w.shape)
 
 
 def q5_0_dequant(w: Tensor) -> Tensor:
     """Q5_0 (llama.cpp's fallback for Q4_K rows not a multiple of 256): blocks of 32, 5 bits."""
-    x = _blocks(w, QK, "Q5_0")
+    x = _blocks(w, "Q5_0")
     # d from the value of largest magnitude (the first one on a tie, sign kept); / -16 is exact.
     d = x.gather(1, x.abs().argmax(1, keepdim=True)) / -16
     inv = torch.where(d != 0, _div(1, d), torch.zeros_like(d))
@@ -214,7 +214,7 @@ def q5_0_dequant(w: Tensor) -> Tensor:
 
 def q8_0_dequant(w: Tensor) -> Tensor:
     """Q8_0 (the fallback for Q6_K, and the output type when rows are not a multiple of 256)."""
-    x = _blocks(w, QK, "Q8_0")
+    x = _blocks(w, "Q8_0")
     d = _div(x.abs().amax(1, keepdim=True), 127)
     q = _roundf(x * torch.where(d != 0, _div(1, d), torch.zeros_like(d)))
     return (q * _fp16(d)).reshape(w.shape)
@@ -248,64 +248,20 @@ def fake_quantize(w: Tensor, ggml_type: str) -> Tensor:
     return dq + (w - w.detach())
 
 
-def _use_more_bits(layer: int, n_layers: int) -> bool:
-    # llama_tensor_get_type's use_more_bits: the first and last eighth, and every third between.
-    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
-
-
-def _fit(ggml_type: str, ncols: int, name: str) -> str:
-    """llama.cpp's tensor_type_fallback for a row of ncols values."""
-    if ncols % (QK_K if ggml_type.endswith("_K") else QK) == 0:
-        return ggml_type
-    if ggml_type not in ("Q4_K", "Q6_K"):
-        raise EdgekdError(
-            f"config: {name} has rows of {ncols} values, not a multiple of {QK}; llama.cpp "
-            f"cannot quantize it to Q4_K_M (make hidden_size a multiple of {QK})"
-        )
-    fallback = "Q5_0" if ggml_type == "Q4_K" else "Q8_0"
-    return fallback if ncols % QK == 0 else "F16"
-
-
 def q4_k_m_types(config) -> dict[str, str]:
     """The ggml type llama.cpp's Q4_K_M gives each weight of a Llama-family model, by HF name.
 
-    Mirrors llama_tensor_get_type (no imatrix): Q4_K by default; Q6_K for attn_v and ffn_down in
-    use_more_bits layers; the output (and a tied embedding, which is the output) Q6_K, or Q8_0 when
-    hidden_size is not a multiple of 256; other rows not a multiple of 256 fall back to Q5_0
-    (Q4_K) or Q8_0 (Q6_K), and to F16 when not a multiple of 32. Norms stay float (not listed).
+    The rules are quant.ggml_types' (those of the size estimate): Q4_K by default; Q6_K for attn_v
+    and ffn_down in use_more_bits layers; the output (and a tied embedding, which is the output)
+    Q6_K, or Q8_0 when hidden_size is not a multiple of 256; other rows not a multiple of 256 fall
+    back to Q5_0 (Q4_K) or Q8_0 (Q6_K), and to F16 when not a multiple of 32. Norms stay float
+    (not listed).
     """
-    if config.model_type not in ("llama", "mistral", "qwen2"):
-        raise EdgekdError(
-            f"config model_type {config.model_type!r}: q4_k_m_types knows llama.cpp's rules for "
-            "llama, mistral and qwen2 only"
-        )
-    n_layers = config.num_hidden_layers
-    if n_layers == 80:
+    architectures.check(config, "qat")
+    if config.num_hidden_layers == 80:
         raise EdgekdError(
             "config num_hidden_layers=80: llama.cpp gives 65B/70B models extra attn_v bits that "
             "edgekd's fake quantizer does not imitate; use a student of another depth"
         )
-    hidden = config.hidden_size
-    n_head = config.num_attention_heads
-    attn_width = n_head * (getattr(config, "head_dim", None) or hidden // n_head)
-    output = "Q8_0" if hidden % QK_K else "Q6_K"
-    types = {}
-    if config.tie_word_embeddings:
-        types["model.embed_tokens.weight"] = _fit(output, hidden, "model.embed_tokens.weight")
-    else:
-        types["model.embed_tokens.weight"] = _fit("Q4_K", hidden, "model.embed_tokens.weight")
-        types["lm_head.weight"] = _fit(output, hidden, "lm_head.weight")
-    for i in range(n_layers):
-        more = "Q6_K" if _use_more_bits(i, n_layers) else "Q4_K"
-        for name, base, ncols in (
-            ("self_attn.q_proj", "Q4_K", hidden),
-            ("self_attn.k_proj", "Q4_K", hidden),
-            ("self_attn.v_proj", more, hidden),
-            ("self_attn.o_proj", "Q4_K", attn_width),
-            ("mlp.gate_proj", "Q4_K", hidden),
-            ("mlp.up_proj", "Q4_K", hidden),
-            ("mlp.down_proj", more, config.intermediate_size),
-        ):
-            full = f"model.layers.{i}.{name}.weight"
-            types[full] = _fit(base, ncols, full)
-    return types
+    types = models.gguf_tensor_types(config, "Q4_K_M")
+    return {ggml_types.hf_name(name): kind for name, kind in types.items() if kind != "F32"}

@@ -80,7 +80,7 @@ def _questions(ctx: Context, n: int) -> tuple[list[dict], dict]:
 def _speculative(ctx: Context, settings: BenchSettings, threads: int) -> dict:
     """Greedy speculative decoding of held-out prompts, the student drafting for the teacher."""
     console.print(
-        f"  bench: speculative decoding, student drafts {settings.spec_draft_len} tokens "
+        f"  bench: speculative decoding, student drafts {settings.speculative.draft_len} tokens "
         f"(torch, {threads} threads)"
     )
     student = models.load_model(models.resolve_source(str(ctx.latest_model()), role="student"))
@@ -90,9 +90,9 @@ def _speculative(ctx: Context, settings: BenchSettings, threads: int) -> dict:
         measured = speculative.greedy_acceptance(
             student,
             ctx.teacher,
-            speculative.heldout_prompts(ctx.heldout, settings.spec_prompts),
-            draft_len=settings.spec_draft_len,
-            max_new_tokens=settings.spec_max_tokens,
+            speculative.heldout_prompts(ctx.heldout, settings.speculative.prompts),
+            draft_len=settings.speculative.draft_len,
+            max_new_tokens=settings.speculative.max_tokens,
         )
     finally:
         torch.set_num_threads(before)
@@ -143,7 +143,7 @@ def run(ctx: Context, settings: BenchSettings) -> StageResult:
         for stage, folder in ctx.stage_dirs.items()
         if folder != ctx.work_dir and read_done(folder)
     }
-    if settings.spec_prompts:
+    if settings.speculative.prompts:
         report["speculative"] = _speculative(ctx, settings, threads)
     quality = {f"{r['name']} ({r['runtime']})": r["quality"] for r in rows}
     return StageResult(artifacts=[], report=report, quality=quality)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edgekd.formats.gguf import write_gguf
-from tests.conftest import save_tiny_llama
+from edgekd.testing import save_tiny_llama
 
 SEQ = [1, 504, 3458, 314, 253, 1345, 30, 378, 1812, 28, 2516, 4442, 13]
 

@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgekd.formats.hf_torch import HfTorch, decoding_options
 from edgekd.models import kv_cache_bytes, param_count
-from tests.conftest import tiny_llama_config
+from edgekd.testing import tiny_llama_config
 from tests.formats.conftest import assert_steps_follow_the_full_pass
 
 

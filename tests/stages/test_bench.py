@@ -27,8 +27,8 @@ SMALL = [
     "bench.answer_max_tokens=4",
     "bench.threads=1",
     "bench.bandwidth_mib=16",
-    "bench.spec_prompts=2",
-    "bench.spec_max_tokens=6",
+    "bench.speculative.prompts=2",
+    "bench.speculative.max_tokens=6",
 ]
 
 

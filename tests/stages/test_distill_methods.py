@@ -30,7 +30,7 @@ def talking_teacher(tmp_path_factory, tokenizer):
     return path
 
 
-SEQKD = ["data.regenerate=true", "data.gen_max_tokens=6", "distill.alpha=0"]
+SEQKD = ["data.regenerate=true", "data.generation.max_tokens=6", "distill.kd.alpha=0"]
 
 
 def _distill(teacher, data, run, extra):
@@ -53,8 +53,8 @@ def _replies(rows):
     "strategy",
     [
         [],
-        ["data.gen_strategy=sample", "data.gen_temperature=1.0"],
-        ["data.gen_strategy=beam", "data.gen_beams=2"],
+        ["data.generation.strategy=sample", "data.generation.temperature=1.0"],
+        ["data.generation.strategy=beam", "data.generation.beams=2"],
     ],
     ids=["greedy", "sample", "beam"],
 )
@@ -81,7 +81,7 @@ def test_chain_of_thought_keeps_the_bare_problem_and_drops_wrong_traces(talking_
     for i, row in enumerate(rows[:20]):  # half the rows are checkable
         row["answer"] = str(2 * i + 1)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cot = ["data.cot=true", *SEQKD]
+    cot = ["data.cot.enabled=true", *SEQKD]
     _distill(talking_teacher, data, tmp_path / "cot", cot)
     kept = _corpus(tmp_path / "cot")
     # A random tiny teacher never reasons its way to the right sum: only unchecked rows stay.
@@ -94,7 +94,7 @@ def test_chain_of_thought_keeps_the_bare_problem_and_drops_wrong_traces(talking_
 
 @pytest.mark.slow
 def test_on_policy_batches_are_the_students_samples(tiny_teacher_dir, chat_jsonl, tmp_path):
-    extra = ["distill.on_policy_fraction=0.5", "distill.on_policy_max_tokens=6"]
+    extra = ["distill.on_policy.fraction=0.5", "distill.on_policy.max_tokens=6"]
     report = _distill(tiny_teacher_dir, chat_jsonl, tmp_path / "run", extra)
     expected = sum(is_on_policy(0.5, 0, m) for m in range(4))
     assert 0 < expected < 4
@@ -104,7 +104,7 @@ def test_on_policy_batches_are_the_students_samples(tiny_teacher_dir, chat_jsonl
 @pytest.mark.slow
 def test_self_distillation_trains_on_its_own_samples(tiny_teacher_dir, chat_jsonl, tmp_path):
     run = tmp_path / "run"
-    report = _distill(tiny_teacher_dir, chat_jsonl, run, ["distill.self_distill=true"])
+    report = _distill(tiny_teacher_dir, chat_jsonl, run, ["distill.self_distill.enabled=true"])
     assert report["training"]["sampled_batches_this_run"] == 4
     before = report["quality"]["student before"]
     assert report["quality"]["student after"] != before
