@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from edgekd import data
 from edgekd.benchmark import exact_match
 from edgekd.config import DataSettings, TeacherGenerationSettings
+from edgekd.console import console
 from edgekd.errors import EdgekdError
 
 if TYPE_CHECKING:
@@ -117,8 +118,6 @@ def teacher_rows(ctx: Context, prompts: list[dict]) -> list[dict]:
         row["messages"][0]["content"] = prompt["prompt"]  # the student sees the bare problem
     if not s.cot_filter:
         return answered
-    from edgekd.pipeline import console  # the pipeline imports the context, which imports this
-
     kept, counts = keep_correct(answered)
     console.print(
         f"chain of thought: kept {counts['right']} of {counts['checkable']} checkable traces "

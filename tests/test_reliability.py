@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekd import pipeline
+from edgekd import pipeline, stages
 from edgekd.config import load_profile, load_recipe
 from edgekd.verify import verify
 
@@ -96,7 +96,7 @@ def _manifest_stages(run: Path) -> set[str]:
 
 def _marker(run: Path, stage: str) -> tuple[int, int]:
     """Identity of a stage's .done marker (inode, mtime): unchanged means the stage was reused."""
-    st = (run / pipeline.stage_dirname(stage) / ".done").stat()
+    st = (run / stages.get(stage).folder / ".done").stat()
     return st.st_ino, st.st_mtime_ns
 
 
@@ -106,14 +106,14 @@ def _no_leftovers(run: Path) -> None:
 
 
 def _partial_holds_file(run: Path, stage: str, suffix: str):
-    partial = run / f".{pipeline.stage_dirname(stage)}.partial"
+    partial = run / f".{stages.get(stage).folder}.partial"
     return lambda: any(p.name != ".key" and suffix in p.name for p in partial.glob("*"))
 
 
 def _assert_killed_stage_not_done(run: Path, stage: str) -> None:
-    assert not (run / pipeline.stage_dirname(stage) / ".done").exists()
+    assert not (run / stages.get(stage).folder / ".done").exists()
     assert stage not in _manifest_stages(run)
-    assert (run / f".{pipeline.stage_dirname(stage)}.partial").is_dir()
+    assert (run / f".{stages.get(stage).folder}.partial").is_dir()
 
 
 @pytest.mark.slow
