@@ -33,7 +33,7 @@ class Context:
     run_dir: Path
     profile: Profile
     recipe: Recipe
-    effective: Effective
+    effective: Effective  # the build's quant types, threads and stage chain, resolved once
     state: PartialState = field(default_factory=lambda: PartialState(cpu=not on_gpu()))
     work_dir: Path | None = None  # the running stage's temporary folder, set by the pipeline
     stage_dirs: dict[str, Path] = field(default_factory=dict)

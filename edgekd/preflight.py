@@ -2,8 +2,8 @@
 
 `make_plan` has already resolved the teacher and checked that the student fits the profile; this
 adds what needs more than a config: weights present and whole, room on disk for the stages still
-to run, exportable architecture and tokenizer, usable data, a shared tokenizer, a chat template that
-renders.
+to run, each stage's own check (its spec's: an exportable architecture and tokenizer, the quant type
+qat_kd imitates), usable data, a shared tokenizer, a chat template that renders.
 """
 
 from __future__ import annotations
