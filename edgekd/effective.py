@@ -26,10 +26,6 @@ class Effective:
     bench_threads: int  # bench.threads, else the profile's, at most this host's cores
     chain: tuple[StageSpec, ...]  # every stage of the build, in order
 
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.chain]
-
 
 def build_chain(profile: Profile, recipe: Recipe, requested: list[str]) -> tuple[StageSpec, ...]:
     """Every stage of this build: less the stages the recipe turns off and the exports to formats

@@ -51,7 +51,9 @@ def inputs_of(spec: StageSpec, chain: tuple[StageSpec, ...]) -> list[StageSpec]:
     return [s for s in before if s.kind == "train"][-1:]
 
 
-def _finish_stage(ctx: Context, spec: StageSpec, key: str, result, seconds: float) -> None:
+def _finish_stage(
+    ctx: Context, spec: StageSpec, key: str, result: rundir.StageResult, seconds: float
+) -> None:
     report = {
         "stage": spec.name,
         "key": key,

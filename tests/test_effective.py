@@ -23,9 +23,10 @@ def test_recipe_overrides_the_profile_and_empty_onnx_quant_stays_empty():
 def test_chain_follows_the_profile_formats_and_the_enabled_flags():
     profile = load_profile("phone-1gb").model_copy(update={"formats": ["gguf"]})
     recipe = load_recipe(None, ["qlora.enabled=false"])
-    assert resolve(profile, recipe, []).names == ["distill", "qat_kd", "export_gguf", "bench"]
+    chain = resolve(profile, recipe, []).chain
+    assert [s.name for s in chain] == ["distill", "qat_kd", "export_gguf", "bench"]
     # Asked for by name, a stage runs whatever the profile or the recipe says.
-    asked = resolve(profile, recipe, ["qlora", "export_onnx"]).names
+    asked = [s.name for s in resolve(profile, recipe, ["qlora", "export_onnx"]).chain]
     assert asked == ["distill", "qlora", "qat_kd", "export_gguf", "export_onnx", "bench"]
 
 

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from edgekd.rundir import StageResult
 
 Kind = Literal["train", "export", "bench"]
-Format = Literal["hf", "gguf", "onnx"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class StageSpec:
     folder: its run-folder name, "NN-name"; written here, never derived from a position, so that
         inserting a stage renames nothing.
     produces: the format of what it writes ("hf" model folder, "gguf", "onnx"), or None. An export
-        stage is in the build when the profile lists its format, or when asked for by name.
+        stage is in the build when the profile's `formats` lists it, or when asked for by name.
     disk_bytes: its peak size in the run folder, estimated before the build.
     run: run(ctx, settings) -> StageResult, in its partial folder `ctx.work_dir`.
     check: check(plan, tokenizer), what the stage needs of the student before any work; raises
@@ -73,7 +72,7 @@ class StageSpec:
     settings: type[BaseModel]
     kind: Kind
     folder: str
-    produces: Format | None
+    produces: str | None
     disk_bytes: Callable[[SizeInputs], int]
     run: Callable[[Context, BaseModel], StageResult]
     check: Callable[[Plan, object], None] | None = None

@@ -22,8 +22,9 @@ SHIPPED = {
 
 def test_folders_are_stable_and_in_build_order():
     assert {name: stages.get(name).folder for name in SHIPPED} == SHIPPED
-    numbers = [int(spec.folder[:2]) for spec in stages.SPECS]
-    assert numbers == sorted(set(numbers))  # unique, increasing along the build
+    # A stage inserted later takes the next free number, wherever it runs.
+    numbers = [spec.folder[:2] for spec in stages.SPECS]
+    assert len(set(numbers)) == len(numbers)
     assert len(set(stages.NAMES)) == len(stages.SPECS)
 
 
