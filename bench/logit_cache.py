@@ -83,6 +83,7 @@ def main() -> None:
     from edgekd import pipeline
     from edgekd.config import load_profile, load_recipe
     from edgekd.context import Context
+    from edgekd.effective import resolve
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="phone-1gb")
@@ -109,7 +110,7 @@ def main() -> None:
         recipe = load_recipe(None, [*SMALL, *args.overrides, *extra])
         if "cache" in name:
             k = recipe.logit_cache.top_k
-            ctx = Context(run_dir=run, profile=profile, recipe=recipe)
+            ctx = Context(run, profile, recipe, resolve(profile, recipe, ["distill"]))
             start = time.perf_counter()
             cache = ctx.logit_cache
             if k not in caches:
@@ -149,7 +150,7 @@ def main() -> None:
     live_run = base.with_name(f"{base.name}-{arms[0][0].replace(' ', '').replace('=', '')}")
     student_dir = str(live_run / "01-distill" / "model")
     recipe = load_recipe(None, [*SMALL, *args.overrides])
-    ctx = Context(run_dir=live_run, profile=profile, recipe=recipe)
+    ctx = Context(live_run, profile, recipe, resolve(profile, recipe, ["distill"]))
     examples = ctx.train_examples
     spawn = mp.get_context("spawn")
     print(f"\nstep cost: batch 4, {args.steps} timed steps, median; fresh process per arm")

@@ -21,6 +21,7 @@ import torch
 from edgekd.config import load_profile, load_recipe
 from edgekd.context import Context
 from edgekd.data import collate
+from edgekd.effective import resolve
 from edgekd.logit_cache import dense_logprobs, top_k_entries, trained_positions
 
 SMALL = ["data.num_prompts=96", "data.generation.max_tokens=64"]
@@ -45,7 +46,8 @@ def main() -> None:
     shared = Path("export") / f"{profile.name}-logits-cache"
     if shared.exists():
         shutil.copytree(shared, run / "cache", dirs_exist_ok=True)
-    ctx = Context(run, profile, load_recipe(None, [*SMALL, *args.overrides]))
+    recipe = load_recipe(None, [*SMALL, *args.overrides])
+    ctx = Context(run, profile, recipe, resolve(profile, recipe, ["distill"]))
     examples = ctx.train_examples[: args.examples]
     batch = collate(examples, 0)
     with torch.no_grad():

@@ -14,8 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from edgekd import pipeline
+from edgekd import pipeline, stages
 from edgekd.config import load_profile, load_recipe
+from edgekd.effective import build_chain
 
 
 def main() -> None:
@@ -27,9 +28,9 @@ def main() -> None:
     profile = load_profile(args.profile)
     recipe = load_recipe(None, args.overrides)
     run = args.out or Path("export") / profile.name
-    stages = [s for s in pipeline.build_chain(profile, recipe, []) if s in pipeline.TRAINING]
-    pipeline.build(profile, recipe, run, stages)
-    report = json.loads((run / pipeline.stage_dirname("qat_kd") / "report.json").read_text())
+    trained = [s.name for s in build_chain(profile, recipe, []) if s.kind == "train"]
+    pipeline.build(profile, recipe, run, trained)
+    report = json.loads((run / stages.get("qat_kd").folder / "report.json").read_text())
     rec = report["recovery"]
     print(f"\nmeasured in {rec['measured_in']}; held-out kld to the teacher")
     print(f"full-precision student   {rec['kld_full_precision']:.4f}")

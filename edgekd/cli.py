@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekd.config import known_profiles, load_profile, load_recipe
+from edgekd.console import console
 from edgekd.errors import EdgekdError
 
 # bitsandbytes offers, at import on AVX512-BF16 CPUs, a kernel it would download from the hub;
@@ -26,7 +27,6 @@ if not sys.stderr.isatty():
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles.")
 app.add_typer(profiles_app, name="profiles")
-console = Console()
 
 
 def _fail(err: EdgekdError) -> None:
@@ -81,13 +81,13 @@ def build(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a build's run folder")]) -> None:
     """Print a build's summary again: verdict, speed, memory and accuracy."""
-    from edgekd.pipeline import BUILD_FILE
     from edgekd.report import summary
+    from edgekd.rundir import BUILD_FILE, REPORT_HTML
 
     try:
         if not (run_dir / BUILD_FILE).is_file():
             raise EdgekdError(f"{run_dir} holds no edgekd build (no build.json); pass a run folder")
-        html = run_dir / summary.REPORT_HTML
+        html = run_dir / REPORT_HTML
         summary.print_summary(summary.gather(run_dir), console, html if html.is_file() else None)
     except EdgekdError as e:
         _fail(e)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import PartialState
@@ -17,6 +18,9 @@ from accelerate import PartialState
 from edgekd import data, logit_cache, models, teacher_data
 from edgekd.config import Profile, Recipe, settings_hash
 from edgekd.evaluate import HeldOut, load_reference, save_reference, torch_logprobs
+
+if TYPE_CHECKING:
+    from edgekd.effective import Effective
 
 
 def on_gpu() -> bool:
@@ -29,6 +33,7 @@ class Context:
     run_dir: Path
     profile: Profile
     recipe: Recipe
+    effective: Effective  # the build's quant types, threads and stage chain, resolved once
     state: PartialState = field(default_factory=lambda: PartialState(cpu=not on_gpu()))
     work_dir: Path | None = None  # the running stage's temporary folder, set by the pipeline
     stage_dirs: dict[str, Path] = field(default_factory=dict)
@@ -56,7 +61,7 @@ class Context:
 
     @property
     def threads(self) -> int:
-        return self.recipe.eval.threads or torch.get_num_threads()
+        return self.effective.eval_threads
 
     @cached_property
     def heldout_texts(self) -> list[str]:

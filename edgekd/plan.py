@@ -12,15 +12,20 @@ import torch
 
 from edgekd import architectures, models, train_memory
 from edgekd.config import Profile, Recipe
+from edgekd.effective import Effective, resolve
 from edgekd.errors import EdgekdError
+from edgekd.stages import get as spec_of
+from edgekd.stages import of_kind
+from edgekd.stages.spec import SizeInputs
+from edgekd.student import MB, layer_count
 
-MB = 1024 * 1024
 GB = 1024 * MB
 
 
 @dataclass
 class Plan:
     stages: list[str]
+    effective: Effective
     teacher: models.ModelSource
     teacher_config: object
     student_config: object
@@ -42,6 +47,7 @@ class Plan:
     def lines(self, profile: Profile) -> list[str]:
         t, s = self.teacher_config, self.student_config
         need = (self.student_q_bytes + self.kv_bytes) / MB
+        quant = self.effective.gguf_quant
         lines = [
             f"profile   {profile.name}: {profile.description}",
             f"stages    {' -> '.join(self.stages)}",
@@ -49,7 +55,7 @@ class Plan:
             f"{t.num_hidden_layers} layers",
             f"student   {models.param_count(s) / 1e6:.1f}M params, {s.num_hidden_layers} layers "
             f"({self.student_layers_note})",
-            f"size      {profile.gguf_quant} ~{self.student_q_bytes / MB:.0f} MB (estimate) + KV "
+            f"size      {quant} ~{self.student_q_bytes / MB:.0f} MB (estimate) + KV "
             f"cache {self.kv_bytes / MB:.0f} MB at {profile.context_length} tokens = {need:.0f} MB "
             f"of {profile.memory_budget_mb} MB budget: {'fits' if self.fits else 'DOES NOT FIT'}",
         ]
@@ -88,53 +94,14 @@ def _host_gflops(seconds: float = 0.3) -> float:
     return 2 * 512**3 * n / (time.perf_counter() - start) / 1e9
 
 
-def disk_estimate(
-    student_config, stages: list[str], recipe: Recipe, q_bytes: int, onnx_kinds: list[str]
-) -> dict[str, int]:
-    """Bytes each stage leaves in the run folder at its peak, from the student's config alone.
-
-    fp32 weights are 4 bytes a parameter; a training checkpoint adds the weights again and AdamW's
-    two moments (12); the teacher's held-out log-probs are fp16 over the whole vocabulary."""
-    p = models.param_count(student_config)
-    scored = recipe.data.max_heldout * recipe.data.max_seq_len
-    sizes = {
-        "distill": 16 * p + 2 * student_config.vocab_size * scored,
-        "qlora": 5 * p,  # merged fp32 weights, adapters and their small checkpoint
-        "qat_kd": 16 * p + 2 * (2 * p + q_bytes),  # + before/after GGUFs it measures
-        "export_gguf": 2 * p + q_bytes,
-        "export_onnx": 4 * p
-        + sum({"int4": p * 5 // 8, "int8": p}[k] for k in onnx_kinds)
-        + (p * 5 // 8 if recipe.export_onnx.genai else 0),
-    }
-    return {s: sizes[s] for s in stages if s in sizes}
-
-
-def student_layer_count(teacher_config, recipe: Recipe, profile: Profile) -> tuple[int, str]:
-    """How many teacher layers the student keeps, and why."""
-    budget = profile.memory_budget_mb * MB
-    fit = models.layers_that_fit(teacher_config, budget, profile.context_length, profile.gguf_quant)
-    s = recipe.student
-    if s.num_layers is not None:
-        if s.num_layers > teacher_config.num_hidden_layers:
-            raise EdgekdError(
-                f"student.num_layers={s.num_layers} exceeds the teacher's "
-                f"{teacher_config.num_hidden_layers} layers; set a smaller value"
-            )
-        return s.num_layers, "student.num_layers"
-    wanted = max(1, round(s.layer_fraction * teacher_config.num_hidden_layers))
-    if fit < wanted:
-        return max(fit, 0), f"largest count that fits {profile.name}'s budget"
-    return wanted, f"student.layer_fraction={s.layer_fraction:.2f} of the teacher"
-
-
 def fit_error(plan: Plan, profile: Profile) -> EdgekdError:
     """What to say when the student does not fit the profile's budget."""
     s = plan.student_config
     fix = "lower student.num_layers" if plan.student_source is None else "pick a smaller student"
     return EdgekdError(
         f"the student ({s.num_hidden_layers} layers, {plan.student_layers_note}) needs about "
-        f"{(plan.student_q_bytes + plan.kv_bytes) / MB:.0f} MB ({profile.gguf_quant} weights "
-        f"+ KV cache at {profile.context_length} tokens) but {profile.name} allows "
+        f"{(plan.student_q_bytes + plan.kv_bytes) / MB:.0f} MB ({plan.effective.gguf_quant} "
+        f"weights + KV cache at {profile.context_length} tokens) but {profile.name} allows "
         f"{profile.memory_budget_mb} MB; {fix} or pick a larger profile"
     )
 
@@ -149,6 +116,7 @@ def make_plan(
 ) -> Plan:
     """Shapes and sizes from configs; raises EdgekdError if the student cannot fit the budget
     (unless not `strict`: a dry run shows the whole plan, then says so)."""
+    effective = resolve(profile, recipe, stages)
     teacher = models.resolve_source(recipe.teacher.source, role="teacher")
     teacher_config = models.load_config(teacher)
     student_source = None
@@ -157,7 +125,7 @@ def make_plan(
         student_config = models.load_config(student_source)
         note = f"given: {student_source.describe()}"
     else:
-        n, note = student_layer_count(teacher_config, recipe, profile)
+        n, note = layer_count(teacher_config, recipe, profile, effective.gguf_quant)
         if n == 0:
             raise EdgekdError(
                 f"no student pruned from {teacher.describe()} fits {profile.name}'s "
@@ -169,12 +137,13 @@ def make_plan(
     budget = profile.memory_budget_mb * MB
     plan = Plan(
         stages=stages,
+        effective=effective,
         teacher=teacher,
         teacher_config=teacher_config,
         student_config=student_config,
         student_source=student_source,
         student_layers_note=note,
-        student_q_bytes=models.gguf_bytes_estimate(student_config, profile.gguf_quant),
+        student_q_bytes=models.gguf_bytes_estimate(student_config, effective.gguf_quant),
         kv_bytes=models.kv_cache_bytes(student_config, profile.context_length),
         budget_bytes=budget,
     )
@@ -189,20 +158,20 @@ def make_plan(
             recipe.distill,
             recipe.data.max_seq_len,
         )
-    plan.disk_bytes = disk_estimate(
-        student_config,
-        stages,
-        recipe,
-        plan.student_q_bytes,
-        recipe.export_onnx.quant or profile.onnx_quant,
+    # Bytes each stage leaves in the run folder at its peak, from the student's config alone.
+    sizes = SizeInputs(
+        student_config=student_config,
+        params=models.param_count(student_config),
+        gguf_bytes=plan.student_q_bytes,
+        recipe=recipe,
+        effective=effective,
     )
+    plan.disk_bytes = {s: spec_of(s).disk_bytes(sizes) for s in stages}
     train_flops = 6 * models.param_count(student_config) + 2 * models.param_count(teacher_config)
     if timing:
         plan.host_gflops = _host_gflops()
-    for stage in stages:
-        settings = getattr(recipe, stage, None)
-        if settings is None or not hasattr(settings, "max_steps"):
-            continue
+    for stage in of_kind("train", stages):
+        settings = getattr(recipe, stage)
         n = settings.max_steps * settings.batch_size * settings.grad_accum
         plan.tokens[stage] = n * recipe.data.max_seq_len
         if plan.host_gflops:

@@ -2,8 +2,8 @@
 
 `make_plan` has already resolved the teacher and checked that the student fits the profile; this
 adds what needs more than a config: weights present and whole, room on disk for the stages still
-to run, exportable architecture and tokenizer, usable data, a shared tokenizer, a chat template that
-renders.
+to run, each stage's own check (its spec's: an exportable architecture and tokenizer, the quant type
+qat_kd imitates), usable data, a shared tokenizer, a chat template that renders.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from edgekd import data, models, pipeline, teacher_data
 from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.feature_kd import layer_pairs
-from edgekd.formats import gguf, onnx
 from edgekd.on_policy import self_distilling
 from edgekd.plan import GB, Plan
-from edgekd.quant.gguf_k import q4_k_m_types
+from edgekd.stages import SPECS, of_kind
 from edgekd.train import check_strategy
 
 
@@ -52,14 +51,11 @@ def check_data(recipe: Recipe) -> None:
         )
 
 
-TRAINING_STAGES = ("distill", "qlora", "qat_kd")
-
-
 def check_layer_maps(recipe: Recipe, plan: Plan) -> None:
     """Every feature/attention layer map fits the student's and the teacher's layer counts."""
     n_s = plan.student_config.num_hidden_layers
     n_t = plan.teacher_config.num_hidden_layers
-    for stage in (s for s in plan.stages if s in TRAINING_STAGES):
+    for stage in of_kind("train", plan.stages):
         settings = getattr(recipe, stage)
         for name, group, on in (
             ("feature", settings.feature, settings.feature.weight),
@@ -78,7 +74,7 @@ def check_layer_maps(recipe: Recipe, plan: Plan) -> None:
 
 def check_logit_cache(recipe: Recipe, plan: Plan) -> None:
     """The logit cache holds the teacher's view of the corpus: it cannot score other text."""
-    for stage in (s for s in plan.stages if s in TRAINING_STAGES):
+    for stage in of_kind("train", plan.stages):
         s = getattr(recipe, stage)
         if s.teacher_logits != "cache":
             continue
@@ -93,7 +89,7 @@ def guidance(recipe: Recipe, plan: Plan) -> list[str]:
     """Warnings for training settings outside the ranges the literature found to work."""
     out = []
     ratio = models.param_count(plan.student_config) / models.param_count(plan.teacher_config)
-    for stage in (s for s in plan.stages if s in TRAINING_STAGES):
+    for stage in of_kind("train", plan.stages):
         s = getattr(recipe, stage)
         if s.kd.alpha > 0 and not 1 <= s.kd.temperature <= 20:
             why = (
@@ -158,7 +154,7 @@ def check_launch(recipe: Recipe, plan: Plan, environ: Mapping[str, str]) -> None
     """The training stages can run under the `accelerate launch` setup in `environ`."""
     fsdp = environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     deepspeed = environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    for stage in (s for s in plan.stages if s in TRAINING_STAGES):
+    for stage in of_kind("train", plan.stages):
         check_strategy(
             stage,
             getattr(recipe, stage),
@@ -216,17 +212,8 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
             teacher_name=plan.teacher.describe(),
             student_name=plan.student_source.describe(),
         )
-    if "qat_kd" in plan.stages:
-        quant = recipe.export_gguf.quant or profile.gguf_quant
-        if quant != "Q4_K_M":
-            raise EdgekdError(
-                f"qat_kd imitates llama.cpp's Q4_K_M, but this build exports {quant}; "
-                "set qat_kd.enabled=false or export Q4_K_M"
-            )
-        q4_k_m_types(plan.student_config)
-    if "export_gguf" in plan.stages:
-        gguf.check_exportable(plan.student_config, tokenizer)
-    if "export_onnx" in plan.stages:
-        onnx.check_exportable(plan.student_config)
+    for spec in SPECS:
+        if spec.check is not None and spec.name in plan.stages:
+            spec.check(plan, tokenizer)
     check_data(recipe)
     check_chat_template(tokenizer, recipe)

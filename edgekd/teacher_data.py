@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from edgekd.benchmark import exact_match
 from edgekd.config import DataSettings
+from edgekd.console import console
 from edgekd.errors import EdgekdError
 from edgekd.formats.hf_torch import HfTorch
 from edgekd.formats.registry import open_runtime
@@ -142,8 +143,6 @@ def teacher_rows(ctx: Context, prompts: list[dict]) -> list[dict]:
         row["messages"][0]["content"] = prompt["prompt"]  # the student sees the bare problem
     if not cot.filter:
         return answered
-    from edgekd.pipeline import console  # the pipeline imports the context, which imports this
-
     kept, counts = keep_correct(answered)
     console.print(
         f"chain of thought: kept {counts['right']} of {counts['checkable']} checkable traces "

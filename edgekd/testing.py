@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edgekd import pipeline
+from edgekd import rundir, stages
 
 # Settings that make a whole `edgekd build --stages distill` of a tiny teacher take seconds.
 FAST_BUILD = [
@@ -149,11 +149,11 @@ class Build:
 
 
 def stage_folder(run: Path, stage: str) -> Path:
-    return run / pipeline.stage_dirname(stage)
+    return run / stages.get(stage).folder
 
 
 def partial_folder(run: Path, stage: str) -> Path:
-    return run / f".{pipeline.stage_dirname(stage)}.partial"
+    return rundir.partial_dir(run, stages.get(stage).folder)
 
 
 def manifest_stages(run: Path) -> set[str]:

@@ -32,8 +32,8 @@ from edgekd.data import collate, padding_id
 from edgekd.errors import EdgekdError
 from edgekd.feature_kd import MethodLosses
 from edgekd.losses import IGNORE_INDEX, Divergence, KDLossOutput, kd_loss, shift_for_next_token
+from edgekd.rundir import CHECKPOINT
 
-CHECKPOINT = "checkpoint"
 # Passed as logits_to_keep: the student's forward computes no logits, the chunked loss does.
 _NO_LOGITS = torch.empty(0, dtype=torch.long)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgekd import atomic
 from edgekd.errors import EdgekdError
+from edgekd.rundir import MANIFEST
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ def verify(run_dir: Path) -> tuple[int, list[Finding]]:
     """Re-hash every artifact listed in `run_dir`/manifest.json; returns how many were checked
     and those that are missing or differ."""
     run_dir = Path(run_dir)
-    manifest = run_dir / "manifest.json"
+    manifest = run_dir / MANIFEST
     try:
         stages = json.loads(manifest.read_text())["stages"]
     except FileNotFoundError:

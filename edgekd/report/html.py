@@ -11,7 +11,7 @@ import math
 from html import escape
 
 from edgekd.benchmark import MIB
-from edgekd.report.summary import mb, speculative_line, spread_text, verdict_line
+from edgekd.report.text import mb, speculative_line, spread_text, verdict_line
 
 _PALETTE = ("#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#be123c", "#854d0e")
 _MEASURED, _LIMIT, _PROJECTION = "#2563eb", "#94a3b8", "#f59e0b"

@@ -16,19 +16,20 @@ from rich.table import Table
 from edgekd import atomic
 from edgekd.benchmark import MIB, budget_verdict
 from edgekd.config import Profile, known_profiles, load_profile
-from edgekd.pipeline import BUILD_FILE, STAGES, TRAINING, read_done, stage_dirname
-
-REPORT_JSON = "report.json"
-REPORT_HTML = "report.html"
+from edgekd.report.html import render
+from edgekd.report.text import mb, speculative_line, spread_text, verdict_line
+from edgekd.rundir import BUILD_FILE, REPORT_HTML, REPORT_JSON, read_done
+from edgekd.stages import SPECS
+from edgekd.stages import get as spec_of
 
 
 def finished_stages(run_dir: Path) -> dict[str, Path]:
     """The stage folders of a run that hold a finished stage, in stage order."""
     found = {}
-    for stage in STAGES:
-        folder = Path(run_dir) / stage_dirname(stage)
+    for spec in SPECS:
+        folder = Path(run_dir) / spec.folder
         if read_done(folder) is not None and (folder / REPORT_JSON).is_file():
-            found[stage] = folder
+            found[spec.name] = folder
     return found
 
 
@@ -106,7 +107,7 @@ def gather(run_dir: Path) -> dict:
     curves = {
         s: _read_curve(f / "loss_curve.jsonl")
         for s, f in folders.items()
-        if s in TRAINING and (f / "loss_curve.jsonl").is_file()
+        if spec_of(s).kind == "train" and (f / "loss_curve.jsonl").is_file()
     }
     keys = {s: read_done(f)["key"] for s, f in folders.items()}
     profiles = {name: load_profile(name) for name in sorted(known_profiles())}
@@ -117,8 +118,6 @@ def gather(run_dir: Path) -> dict:
 
 def write(run_dir: Path) -> tuple[dict, Path]:
     """Write the build's report.json and report.html; returns the report and the HTML path."""
-    from edgekd.report.html import render
-
     run_dir = Path(run_dir)
     report = gather(run_dir)
     atomic.write_json(run_dir / REPORT_JSON, report)
@@ -129,43 +128,6 @@ def write(run_dir: Path) -> tuple[dict, Path]:
 
 # ---------------------------------------------------------------------------------------------
 # Terminal
-
-
-def mb(n: float) -> str:
-    return f"{n / MIB:.1f}"
-
-
-def _num(x: float) -> str:
-    return f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
-
-
-def spread_text(s: dict) -> str:
-    """'median (min-max)' of a spread."""
-    return f"{_num(s['median'])} ({_num(s['min'])}-{_num(s['max'])})"
-
-
-def verdict_line(row: dict) -> str:
-    """'PASS/FAIL name: weights + KV = need of budget, margin' for one artifact."""
-    b = row["budget"]
-    margin = b["margin_bytes"]
-    how = f"{mb(margin)} MB to spare" if margin >= 0 else f"over by {mb(-margin)} MB"
-    return (
-        f"{'PASS' if b['fits'] else 'FAIL'} {row['name']}: weights {mb(b['weights_bytes'])} MB "
-        f"+ KV cache {mb(b['kv_bytes'])} MB at {b['context_length']} tokens = "
-        f"{mb(b['need_bytes'])} MB of the {mb(b['budget_bytes'])} MB budget, {how}"
-    )
-
-
-def speculative_line(spec: dict) -> str:
-    """One sentence on the student as a speculative-decoding draft model for the teacher."""
-    k = spec["draft_len"]
-    return (
-        f"speculative decoding, student drafting {k} tokens for the teacher (greedy, "
-        f"{spec['prompts']} held-out prompts, {spec['rounds']} teacher passes, {spec['note']}): "
-        f"{100 * spec['acceptance_rate']:.0f}% of drafted tokens accepted, mean accepted length "
-        f"{spec['mean_accepted_length']:.2f} of {k}, {spec['tokens_per_target_forward']:.2f} "
-        "tokens per teacher pass"
-    )
 
 
 def _table(title: str, cols: list[str], rows: list[list[str]]) -> Table:

@@ -13,14 +13,16 @@ import torch
 from edgekd import benchmark, data, models, speculative
 from edgekd.benchmark import Artifact
 from edgekd.config import BenchSettings
+from edgekd.console import console
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
 from edgekd.formats.registry import runtime_of
-from edgekd.pipeline import StageResult, console, read_done
+from edgekd.rundir import REPORT_JSON, StageResult, read_done
+from edgekd.stages.spec import SizeInputs, StageSpec
 
 
 def _stage_report(ctx: Context, stage: str) -> dict:
-    path = ctx.stage_dirs[stage] / "report.json"
+    path = ctx.stage_dirs[stage] / REPORT_JSON
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -44,20 +46,12 @@ def _teacher(ctx: Context) -> Artifact:
 def artifacts(ctx: Context) -> list[Artifact]:
     """The teacher, the full-precision student and every export, in build order."""
     found = [_teacher(ctx), Artifact("student", "torch", ctx.latest_model(), role="student")]
-    if "export_gguf" in ctx.stage_dirs:
-        shipped = _stage_report(ctx, "export_gguf").get("quant")
-        for path in sorted(ctx.stage_dirs["export_gguf"].glob("model-*.gguf")):
-            quant = path.stem.removeprefix("model-")
-            found.append(
-                Artifact(f"student GGUF {quant}", "llama.cpp", path, shipped=quant == shipped)
-            )
-    if "export_onnx" in ctx.stage_dirs:
-        shipped = _stage_report(ctx, "export_onnx").get("quant") or []
-        folders = [p.parent for p in ctx.stage_dirs["export_onnx"].glob("*/model.onnx")]
-        for folder in sorted(folders, key=lambda f: (f.name != "fp32", f.name)):  # fp32 first
-            runtime = runtime_of(folder)  # a genai folder holds a model.onnx too
-            name = f"student ONNX {folder.name}"
-            found.append(Artifact(name, runtime, folder, shipped=folder.name in shipped))
+    for spec in ctx.effective.chain:
+        if spec.kind != "export" or spec.name not in ctx.stage_dirs:
+            continue
+        for out in spec.outputs(ctx.stage_dirs[spec.name], _stage_report(ctx, spec.name)):
+            runtime = runtime_of(out.path)
+            found.append(Artifact(out.name, runtime, out.path, shipped=out.shipped))
     return found
 
 
@@ -103,8 +97,6 @@ def _speculative(ctx: Context, settings: BenchSettings, threads: int) -> dict:
 
 
 def run(ctx: Context, settings: BenchSettings) -> StageResult:
-    if not ctx.is_main:
-        return StageResult(artifacts=[])
     profile = ctx.profile
     if settings.prompt_tokens + settings.decode_tokens >= profile.context_length:
         raise EdgekdError(
@@ -112,7 +104,7 @@ def run(ctx: Context, settings: BenchSettings) -> StageResult:
             f"({settings.decode_tokens}) must stay below the profile's context_length "
             f"({profile.context_length}); lower them with --set bench.prompt_tokens=..."
         )
-    threads = benchmark.bench_threads(profile.threads, settings.threads)
+    threads = ctx.effective.bench_threads
     found = artifacts(ctx)
     questions, questions_note = _questions(ctx, settings.questions)
     prompt = benchmark.prompt_ids(ctx.heldout.sequences, settings.prompt_tokens)
@@ -147,3 +139,20 @@ def run(ctx: Context, settings: BenchSettings) -> StageResult:
         report["speculative"] = _speculative(ctx, settings, threads)
     quality = {f"{r['name']} ({r['runtime']})": r["quality"] for r in rows}
     return StageResult(artifacts=[], report=report, quality=quality)
+
+
+def disk_bytes(s: SizeInputs) -> int:
+    """Nothing that stays: its scratch copy of the held-out slice goes when it ends."""
+    return 0
+
+
+SPEC = StageSpec(
+    name="bench",
+    settings=BenchSettings,
+    kind="bench",
+    folder="06-bench",
+    produces=None,
+    disk_bytes=disk_bytes,
+    run=run,
+    main_only=True,
+)

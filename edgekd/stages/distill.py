@@ -10,15 +10,16 @@ from edgekd.config import DistillSettings
 from edgekd.context import Context
 from edgekd.data import collate, padding_id
 from edgekd.evaluate import evaluate_torch
-from edgekd.pipeline import StageResult
-from edgekd.plan import student_layer_count
+from edgekd.rundir import StageResult
+from edgekd.stages.spec import SizeInputs, StageSpec
+from edgekd.student import layer_count
 from edgekd.train import save_curve, train_kd
 
 
 def _choose_layers(ctx: Context, teacher) -> tuple[list[int], dict]:
     """Keep the layers whose contiguous complement changes the teacher's output least (kld)."""
     total = teacher.config.num_hidden_layers
-    n_keep, why = student_layer_count(teacher.config, ctx.recipe, ctx.profile)
+    n_keep, why = layer_count(teacher.config, ctx.recipe, ctx.profile, ctx.effective.gguf_quant)
     n_drop = total - n_keep
     calib = ctx.train_examples[: ctx.recipe.student.calibration_examples]
     pad = padding_id(ctx.tokenizer)
@@ -78,3 +79,21 @@ def run(ctx: Context, settings: DistillSettings) -> StageResult:
         report={"student": student_report, "training": train_report},
         quality=quality,
     )
+
+
+def disk_bytes(s: SizeInputs) -> int:
+    """The student and its checkpoint; the teacher's held-out log-probs (fp16, whole vocabulary)."""
+    scored = s.recipe.data.max_heldout * s.recipe.data.max_seq_len
+    return 16 * s.params + 2 * s.student_config.vocab_size * scored
+
+
+SPEC = StageSpec(
+    name="distill",
+    settings=DistillSettings,
+    kind="train",
+    folder="01-distill",
+    produces="hf",
+    disk_bytes=disk_bytes,
+    run=run,
+    keyed_with=("student",),
+)

@@ -4,6 +4,8 @@ and prove in llama.cpp that the file is the model it came from."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgekd import models
 from edgekd.config import ExportGgufSettings
@@ -11,14 +13,16 @@ from edgekd.context import Context
 from edgekd.evaluate import quality, torch_logprobs
 from edgekd.formats import gguf
 from edgekd.formats.registry import open_runtime
-from edgekd.pipeline import StageResult
 from edgekd.report.export_readme import gguf_readme
+from edgekd.rundir import StageResult
+from edgekd.stages.spec import Output, SizeInputs, StageSpec
+
+if TYPE_CHECKING:
+    from edgekd.plan import Plan
 
 
 def run(ctx: Context, settings: ExportGgufSettings) -> StageResult:
-    if not ctx.is_main:
-        return StageResult(artifacts=[])
-    quant = settings.quant or ctx.profile.gguf_quant
+    quant = ctx.effective.gguf_quant
     model_dir, out = ctx.latest_model(), ctx.work_dir
     heldout, threads = ctx.heldout, ctx.threads
 
@@ -59,3 +63,36 @@ def run(ctx: Context, settings: ExportGgufSettings) -> StageResult:
         f16.unlink()
     (out / "README.md").write_text(gguf_readme(artifacts, ctx.profile))
     return StageResult(artifacts=[*artifacts, "README.md"], report=report, quality=rows)
+
+
+def disk_bytes(s: SizeInputs) -> int:
+    """The F16 GGUF and the quantized one."""
+    return 2 * s.params + s.gguf_bytes
+
+
+def check(plan: Plan, tokenizer) -> None:
+    gguf.check_exportable(plan.student_config, tokenizer)
+
+
+def outputs(folder: Path, report: dict) -> list[Output]:
+    """Every GGUF the stage kept; the one of the build's quant type is what it ships."""
+    found = []
+    for path in sorted(folder.glob("model-*.gguf")):
+        quant = path.stem.removeprefix("model-")
+        found.append(Output(f"student GGUF {quant}", path, shipped=quant == report.get("quant")))
+    return found
+
+
+SPEC = StageSpec(
+    name="export_gguf",
+    settings=ExportGgufSettings,
+    kind="export",
+    folder="04-export-gguf",
+    produces="gguf",
+    disk_bytes=disk_bytes,
+    run=run,
+    check=check,
+    outputs=outputs,
+    main_only=True,
+    keyed_with=("eval",),
+)

@@ -4,6 +4,8 @@ quantizers, and prove in onnxruntime that each folder is the model it came from.
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,8 +15,12 @@ from edgekd.context import Context
 from edgekd.evaluate import at_positions, quality
 from edgekd.formats import onnx
 from edgekd.formats.registry import open_runtime
-from edgekd.pipeline import StageResult
 from edgekd.report.export_readme import onnx_readme
+from edgekd.rundir import StageResult
+from edgekd.stages.spec import Output, SizeInputs, StageSpec
+
+if TYPE_CHECKING:
+    from edgekd.plan import Plan
 
 
 def _max_logit_diff(student, sequences: list[list[int]], onnx_logits) -> float:
@@ -27,9 +33,7 @@ def _max_logit_diff(student, sequences: list[list[int]], onnx_logits) -> float:
 
 
 def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
-    if not ctx.is_main:
-        return StageResult(artifacts=[])
-    kinds = settings.quant if settings.quant is not None else ctx.profile.onnx_quant
+    kinds = list(ctx.effective.onnx_quant)
     model_dir, out = ctx.latest_model(), ctx.work_dir
     heldout, threads = ctx.heldout, ctx.threads
     chat = [{"role": "user", "content": ctx.recipe.eval.sample_prompt}]
@@ -87,3 +91,39 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
         report=report,
         quality=rows,
     )
+
+
+def disk_bytes(s: SizeInputs) -> int:
+    """The fp32 export, each quantized copy and the genai int4 folder."""
+    p = s.params
+    quantized = sum({"int4": p * 5 // 8, "int8": p}[k] for k in s.effective.onnx_quant)
+    return 4 * p + quantized + (p * 5 // 8 if s.recipe.export_onnx.genai else 0)
+
+
+def check(plan: Plan, tokenizer) -> None:
+    onnx.check_exportable(plan.student_config)
+
+
+def outputs(folder: Path, report: dict) -> list[Output]:
+    """Every ONNX folder the stage wrote, fp32 first; the quantized kinds asked for are shipped."""
+    shipped = report.get("quant") or []
+    folders = [p.parent for p in folder.glob("*/model.onnx")]  # a genai folder holds one too
+    return [
+        Output(f"student ONNX {f.name}", f, shipped=f.name in shipped)
+        for f in sorted(folders, key=lambda f: (f.name != "fp32", f.name))
+    ]
+
+
+SPEC = StageSpec(
+    name="export_onnx",
+    settings=ExportOnnxSettings,
+    kind="export",
+    folder="05-export-onnx",
+    produces="onnx",
+    disk_bytes=disk_bytes,
+    run=run,
+    check=check,
+    outputs=outputs,
+    main_only=True,
+    keyed_with=("eval",),
+)

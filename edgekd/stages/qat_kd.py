@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -16,12 +17,17 @@ from torch.nn.utils import parametrize
 from edgekd import models
 from edgekd.config import QatKdSettings
 from edgekd.context import Context
+from edgekd.errors import EdgekdError
 from edgekd.evaluate import evaluate_torch, quality
 from edgekd.formats import gguf
 from edgekd.formats.registry import open_runtime
-from edgekd.pipeline import StageResult
 from edgekd.quant.gguf_k import fake_quantize, q4_k_m_types
+from edgekd.rundir import StageResult
+from edgekd.stages.spec import SizeInputs, StageSpec
 from edgekd.train import full_state_dict, save_curve, train_kd
+
+if TYPE_CHECKING:
+    from edgekd.plan import Plan
 
 
 class FakeQuant(nn.Module):
@@ -121,3 +127,32 @@ def run(ctx: Context, settings: QatKdSettings) -> StageResult:
             "recovered_own_weights": 1 - gap_own / gap_before if gap_before > 0 else None,
         }
     return StageResult(artifacts=artifacts, report=report, quality=quality_rows)
+
+
+def disk_bytes(s: SizeInputs) -> int:
+    """The student and its checkpoint, plus the F16 and quantized GGUFs it measures before and
+    after."""
+    return 16 * s.params + 2 * (2 * s.params + s.gguf_bytes)
+
+
+def check(plan: Plan, tokenizer) -> None:
+    """The build exports the type qat_kd imitates, and the student's tensors have its layout."""
+    quant = plan.effective.gguf_quant
+    if quant != "Q4_K_M":
+        raise EdgekdError(
+            f"qat_kd imitates llama.cpp's Q4_K_M, but this build exports {quant}; "
+            "set qat_kd.enabled=false or export Q4_K_M"
+        )
+    q4_k_m_types(plan.student_config)
+
+
+SPEC = StageSpec(
+    name="qat_kd",
+    settings=QatKdSettings,
+    kind="train",
+    folder="03-qat-kd",
+    produces="hf",
+    disk_bytes=disk_bytes,
+    run=run,
+    check=check,
+)

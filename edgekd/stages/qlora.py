@@ -12,7 +12,8 @@ from edgekd import models
 from edgekd.config import QLoraSettings
 from edgekd.context import Context
 from edgekd.evaluate import evaluate_torch
-from edgekd.pipeline import StageResult
+from edgekd.rundir import StageResult
+from edgekd.stages.spec import SizeInputs, StageSpec
 from edgekd.train import save_curve, train_kd
 
 
@@ -83,3 +84,19 @@ def run(ctx: Context, settings: QLoraSettings) -> StageResult:
         "training": train_report,
     }
     return StageResult(artifacts=artifacts, report=report, quality=quality)
+
+
+def disk_bytes(s: SizeInputs) -> int:
+    """Merged fp32 weights, the adapters and their small checkpoint."""
+    return 5 * s.params
+
+
+SPEC = StageSpec(
+    name="qlora",
+    settings=QLoraSettings,
+    kind="train",
+    folder="02-qlora",
+    produces="hf",
+    disk_bytes=disk_bytes,
+    run=run,
+)

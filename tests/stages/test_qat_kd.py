@@ -5,10 +5,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from edgekd import pipeline
-from edgekd.config import load_profile
+from edgekd.config import load_profile, load_recipe
+from edgekd.errors import EdgekdError
+from edgekd.plan import make_plan
 from edgekd.quant.gguf_k import fake_quantize
-from edgekd.stages.qat_kd import attach_fake_quant, detach_fake_quant
+from edgekd.stages.qat_kd import attach_fake_quant, check, detach_fake_quant
 from tests.stages.conftest import fast_recipe
+
+
+def test_check_refuses_an_export_other_than_q4_k_m(tiny_teacher_dir):
+    profile = load_profile("phone-1gb")
+    recipe = load_recipe(None, ["export_gguf.quant=Q8_0"], str(tiny_teacher_dir))
+    with pytest.raises(EdgekdError, match="this build exports Q8_0"):
+        check(make_plan(profile, recipe, ["qat_kd"], timing=False), None)
+    check(
+        make_plan(profile, load_recipe(None, [], str(tiny_teacher_dir)), ["qat_kd"], timing=False),
+        None,
+    )
 
 
 def test_fake_quant_parametrization_round_trip(tiny_teacher_dir):
