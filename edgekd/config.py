@@ -42,7 +42,7 @@ class Profile(Strict):
     threads: int = Field(gt=0)
     memory_bandwidth_gbs: float = Field(gt=0)
     context_length: int = Field(gt=0)
-    formats: list[Literal["gguf", "onnx"]]
+    formats: list[str] = Field(description="formats to export, each one an export stage writes")
     gguf_quant: GgufQuant = "Q4_K_M"
     onnx_quant: list[OnnxQuant] = ["int4"]
 

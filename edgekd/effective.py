@@ -14,7 +14,8 @@ import torch
 
 from edgekd.benchmark import bench_threads
 from edgekd.config import Profile, Recipe
-from edgekd.stages import SPECS
+from edgekd.errors import EdgekdError
+from edgekd.stages import FORMATS, SPECS
 from edgekd.stages.spec import StageSpec
 
 
@@ -41,8 +42,19 @@ def build_chain(profile: Profile, recipe: Recipe, requested: list[str]) -> tuple
     return tuple(s for s in SPECS if included(s))
 
 
+def check_formats(profile: Profile) -> None:
+    """Every format the profile asks for is written by an export stage."""
+    unknown = [f for f in profile.formats if f not in FORMATS]
+    if unknown:
+        raise EdgekdError(
+            f"profile {profile.name!r}: formats lists {unknown[0]!r}, which no export stage "
+            f"writes; use {', '.join(FORMATS)}"
+        )
+
+
 def resolve(profile: Profile, recipe: Recipe, requested: list[str]) -> Effective:
     """The effective values of a build of `requested` stages (all of the chain when empty)."""
+    check_formats(profile)
     onnx_quant = recipe.export_onnx.quant
     return Effective(
         gguf_quant=recipe.export_gguf.quant or profile.gguf_quant,

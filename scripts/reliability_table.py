@@ -273,6 +273,18 @@ CASES = [
         "'name' = '../../outside'",
     ),
     Case(
+        "profile asking for a format no export stage writes (`formats: [gguf, tflite]`)",
+        lambda ws: _with(
+            ws.build(),
+            "--profile",
+            _write(
+                ws.path("tflite.yaml"),
+                PROFILE.replace("formats: [gguf, onnx]", "formats: [gguf, tflite]"),
+            ),
+        ),
+        "which no export stage writes",
+    ),
+    Case(
         "profile budget too small for any student (1 MB)",
         lambda ws: _with(
             ws.build(),

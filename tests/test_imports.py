@@ -1,7 +1,8 @@
 """The package's import graph has no cycle, deferred (function-level) imports included.
 
 Imports under `if TYPE_CHECKING:` never run, so they are left out; so is the implicit import of a
-package's __init__ by its submodules (a package listing its submodules is no cycle).
+package's __init__ by its submodules (a package listing its submodules is no cycle). A package that
+discovers its submodules (`pkgutil.iter_modules(__path__)`, as edgekd.stages does) imports each.
 """
 
 import ast
@@ -60,7 +61,10 @@ def _imported(module: str, path: Path, modules: set[str]) -> set[str]:
         for child in ast.iter_child_nodes(node):
             visit(child)
 
-    visit(ast.parse(path.read_text(), str(path)))
+    source = path.read_text()
+    visit(ast.parse(source, str(path)))
+    if path.name == "__init__.py" and "iter_modules(__path__)" in source:
+        found.update(m for m in modules if m.rpartition(".")[0] == module)
     return {m for m in found if m in modules and m != module}
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from edgekd.rundir import StageResult
 
 Kind = Literal["train", "export", "bench"]
+KINDS: tuple[Kind, ...] = ("train", "export", "bench")  # the order a build runs them in
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,9 @@
 """The stage registry: one ordered tuple of specs, stable folder names, a Recipe section each."""
 
-import typing
-
 import pytest
 
 from edgekd import stages
-from edgekd.config import Profile, Recipe
+from edgekd.config import Recipe
 from edgekd.stages import export_gguf, export_onnx
 from edgekd.stages.spec import StageSpec
 
@@ -29,7 +27,8 @@ def test_folders_are_stable_and_in_build_order():
 
 
 def test_each_stage_has_its_recipe_section_and_exports_a_profile_format():
-    formats = set(typing.get_args(typing.get_args(Profile.model_fields["formats"].annotation)[0]))
+    formats = {"gguf", "onnx"}  # what shipped profiles ask for
+    assert formats <= set(stages.FORMATS)
     for spec in stages.SPECS:
         assert Recipe.model_fields[spec.name].annotation is spec.settings, spec.name
         assert all(name in Recipe.model_fields for name in spec.keyed_with)
@@ -63,3 +62,12 @@ def test_exports_list_what_bench_measures(tmp_path):
         ("student ONNX int4", True),
         ("student ONNX int8", False),
     ]
+
+
+def test_stages_run_by_kind_then_folder_number():
+    kinds = [spec.kind for spec in stages.SPECS]
+    assert kinds == sorted(kinds, key=("train", "export", "bench").index)
+    for kind in ("train", "export"):
+        folders = [spec.folder for spec in stages.SPECS if spec.kind == kind]
+        assert folders == sorted(folders)
+    assert stages.FORMATS == ("gguf", "onnx")
