@@ -64,10 +64,6 @@ FEATURES = {
 }
 
 
-# The stages that need a feature beyond sizing.
-STAGE_FEATURES = {"qat_kd": "qat", "export_gguf": "gguf", "export_onnx": "onnx"}
-
-
 def of(config) -> Architecture | None:
     """The entry for a model config: by its HF class when it names one, else by model_type."""
     if config.architectures:
@@ -92,11 +88,3 @@ def check(config, feature: str) -> Architecture:
             f"{', '.join(supported(feature))}); {instead}"
         )
     return arch
-
-
-def check_stages(config, stages: list[str]) -> None:
-    """EdgekdError, naming the first stage's missing feature, unless every stage supports the
-    student's architecture."""
-    for stage in stages:
-        if stage in STAGE_FEATURES:
-            check(config, STAGE_FEATURES[stage])

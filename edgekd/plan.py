@@ -106,6 +106,14 @@ def fit_error(plan: Plan, profile: Profile) -> EdgekdError:
     )
 
 
+def check_architecture(student_config, stage_names: list[str]) -> None:
+    """EdgekdError in one line, naming the first stage whose needs the student's architecture
+    lacks."""
+    for name in stage_names:
+        if (feature := spec_of(name).needs) is not None:
+            architectures.check(student_config, feature)
+
+
 def make_plan(
     profile: Profile,
     recipe: Recipe,
@@ -133,7 +141,7 @@ def make_plan(
                 "and KV cache is too large; choose a smaller teacher or a larger profile"
             )
         student_config = models.with_layers(teacher_config, n)
-    architectures.check_stages(student_config, stages)
+    check_architecture(student_config, stages)
     budget = profile.memory_budget_mb * MB
     plan = Plan(
         stages=stages,

@@ -6,6 +6,7 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 from edgekd import architectures, models
 from edgekd.errors import EdgekdError
 from edgekd.formats import gguf as gguf_format
+from edgekd.plan import check_architecture
 from edgekd.quant.gguf_k import q4_k_m_types
 
 SMALL = {"vocab_size": 64, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2}
@@ -48,12 +49,12 @@ def test_the_hf_class_decides_when_the_config_names_one():
 
 def test_plan_refuses_a_stage_the_architecture_lacks_in_one_line():
     qwen3 = CONFIGS["qwen3"]
-    architectures.check_stages(qwen3, ["distill", "qlora", "export_onnx", "bench"])
+    check_architecture(qwen3, ["distill", "qlora", "export_onnx", "bench"])
     with pytest.raises(EdgekdError) as err:
-        architectures.check_stages(qwen3, ["distill", "export_gguf", "bench"])
+        check_architecture(qwen3, ["distill", "export_gguf", "bench"])
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("model_type 'qwen3' (Qwen3ForCausalLM): the GGUF export")
     assert "supported are llama, mistral, qwen2)" in message
     with pytest.raises(EdgekdError, match="qat_kd does not know .*set qat_kd.enabled=false"):
-        architectures.check_stages(qwen3, ["distill", "qat_kd", "export_gguf"])
+        check_architecture(qwen3, ["distill", "qat_kd", "export_gguf"])

@@ -95,4 +95,5 @@ SPEC = StageSpec(
     outputs=outputs,
     main_only=True,
     keyed_with=("eval",),
+    needs="gguf",
 )

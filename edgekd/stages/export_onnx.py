@@ -126,4 +126,5 @@ SPEC = StageSpec(
     outputs=outputs,
     main_only=True,
     keyed_with=("eval",),
+    needs="onnx",
 )

@@ -155,4 +155,5 @@ SPEC = StageSpec(
     disk_bytes=disk_bytes,
     run=run,
     check=check,
+    needs="qat",
 )

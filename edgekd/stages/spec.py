@@ -67,6 +67,8 @@ class StageSpec:
     outputs: export stages: outputs(folder, report) lists the device artifacts bench measures.
     main_only: run on the main process only (the others get an empty result).
     keyed_with: other recipe sections that change its output; they join its key.
+    needs: the architecture feature it needs of the student ('gguf', 'onnx', 'qat': see
+        edgekd.architectures), checked by the planner before any work.
     """
 
     name: str
@@ -80,6 +82,7 @@ class StageSpec:
     outputs: Callable[[Path, dict], list[Output]] | None = None
     main_only: bool = False
     keyed_with: tuple[str, ...] = ()
+    needs: str | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"\d\d-[a-z0-9-]+", self.folder):

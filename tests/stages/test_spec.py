@@ -71,3 +71,11 @@ def test_stages_run_by_kind_then_folder_number():
         folders = [spec.folder for spec in stages.SPECS if spec.kind == kind]
         assert folders == sorted(folders)
     assert stages.FORMATS == ("gguf", "onnx")
+
+
+def test_what_a_stage_needs_of_the_architecture_is_a_known_feature():
+    from edgekd.architectures import FEATURES
+
+    needs = {spec.name: spec.needs for spec in stages.SPECS if spec.needs}
+    assert needs == {"qat_kd": "qat", "export_gguf": "gguf", "export_onnx": "onnx"}
+    assert set(needs.values()) <= set(FEATURES)
