@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # the child process stays free of anything its runtime does n
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 MIB = 1 << 20
+# Prompt tokens whose logits `edgekd bench` checks for NaN and inf (no held-out slice checks them).
+_FINITE_CHECK_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -456,6 +458,19 @@ def _quality(job: Job, runtime: Runtime) -> dict:
     return quality(runtime.heldout_logprobs(heldout), reference, heldout.targets).as_dict()
 
 
+def _check_finite_logits(job: Job, runtime: Runtime) -> None:
+    """Refuse a model whose weights hold NaN or inf: it runs at full speed, but its numbers would
+    describe nothing. Asked after the measures, so its own load is not in the peak memory."""
+    import torch
+
+    logits = runtime.logits([job.prompt[:_FINITE_CHECK_TOKENS]])[0]
+    if not bool(torch.isfinite(logits).all()):
+        raise EdgekdError(
+            f"{job.path}: its logits on the benchmark prompt hold NaN or inf, so its weights are "
+            "broken and nothing is reported for it"
+        )
+
+
 def _answers(job: Job, runtime: Runtime) -> list[str]:
     """Greedy chat answers to the questions, through the runtime's own generation path."""
     conversations = [[{"role": "user", "content": q["prompt"]}] for q in job.questions]
@@ -476,7 +491,11 @@ def _child(job: Job) -> dict:
         "ttft_s": ttft,
         "decode_s": decode,
     }
-    result["quality"] = _quality(job, runtime) if job.heldout else None
+    if job.heldout:
+        result["quality"] = _quality(job, runtime)  # refuses non-finite log-probs
+    else:
+        _check_finite_logits(job, runtime)
+        result["quality"] = None
     replies = _answers(job, runtime) if job.questions else []
     items = [
         {**q, "reply": r, "correct": exact_match(r, str(q["answer"]))}
@@ -495,7 +514,10 @@ def _main(argv: list[str]) -> None:
     job = Job(**json.loads(Path(job_path).read_text()))
     if job.runtime not in RUNTIMES:
         raise SystemExit(f"unknown runtime {job.runtime!r}; one of {', '.join(RUNTIMES)}")
-    result = _child(job)
+    try:
+        result = _child(job)
+    except EdgekdError as e:  # the parent shows the last lines of stderr: the message alone
+        raise SystemExit(str(e)) from None
     tmp = Path(out_path).with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out_path)

@@ -29,7 +29,9 @@ OnnxQuant = Literal["int4", "int8"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and NaN pass every bound (`inf > 0`; NaN fails no comparison pydantic makes) and would
+    # reach training or a report: no setting takes them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Profile(Strict):

@@ -8,6 +8,7 @@ computed the same way.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgekd.atomic import atomic_path
+from edgekd.errors import EdgekdError
+
+# The largest x whose exp is a float: a mean nll above it has no perplexity.
+_MAX_LOG_FLOAT = math.log(sys.float_info.max)
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,31 @@ def quality(
     """ppl (of the targets), mean KL(reference || model) and top1 agreement, over all positions."""
     nll = kld = agree = 0.0
     n = 0
-    for lp, ref, tgt in zip(model_logprobs, reference_logprobs, targets, strict=True):
+    for i, (lp, ref, tgt) in enumerate(
+        zip(model_logprobs, reference_logprobs, targets, strict=True)
+    ):
         lp, ref = _common_vocab(lp.float(), ref.float())
-        nll += -lp.gather(-1, tgt.view(-1, 1)).sum().item()
-        kld += (ref.exp() * (ref - lp)).sum().item()
+        seq_nll = -lp.gather(-1, tgt.view(-1, 1)).sum().item()
+        seq_kld = (ref.exp() * (ref - lp)).sum().item()
+        if not (math.isfinite(seq_nll) and math.isfinite(seq_kld)):
+            broken_ref = bool(torch.isfinite(lp).all()) and not bool(torch.isfinite(ref).all())
+            side = "reference's" if broken_ref else "model's"
+            raise EdgekdError(
+                f"held-out quality: the {side} log-probs of held-out sequence {i} hold NaN or inf "
+                f"(nll {seq_nll}, kld {seq_kld}): its weights are broken, so no ppl, kld or top1 "
+                "is reported for it"
+            )
+        nll, kld = nll + seq_nll, kld + seq_kld
         agree += (lp.argmax(-1) == ref.argmax(-1)).sum().item()
         n += len(tgt)
     if n == 0:
         raise ValueError("no scored positions in the held-out slice")
+    if nll / n > _MAX_LOG_FLOAT:
+        raise EdgekdError(
+            f"held-out quality: the model's mean negative log-likelihood is {nll / n:.4g} nats "
+            f"per token (a uniform guess scores {math.log(lp.shape[-1]):.3g}), beyond any "
+            "perplexity: its weights are broken (a training that diverged?)"
+        )
     return Quality(ppl=math.exp(nll / n), kld=kld / n, top1=agree / n, tokens=n)
 
 

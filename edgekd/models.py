@@ -7,7 +7,7 @@ import importlib.util
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,12 +312,48 @@ def load_model(
     return model.eval()
 
 
+def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _saved_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a saved model folder's safetensors files, one at a time, as file:name."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield f"{path.name}:{key}", f.get_tensor(key)
+
+
+def check_finite_weights(folder: Path) -> None:
+    """Refuse to export a saved model whose weights hold NaN or inf."""
+    bad = first_non_finite(_saved_tensors(folder))
+    if bad is not None:
+        raise EdgekdError(
+            f"{folder}: {bad} holds NaN or inf, so the model is broken and is not exported; "
+            f"rebuild the stage that wrote it ({folder.parent.name}) with other settings (a lower "
+            "lr), or delete that folder and rerun"
+        )
+
+
 def save_model(model, tokenizer, folder: Path) -> list[str]:
     """Save in Hugging Face layout (safetensors, config, tokenizer.json); returns the file names.
 
     A tokenizer rebuilt from a GGUF also writes a tokenizer.model that is not a valid
-    SentencePiece file, and converters that see it fail: keep the fast tokenizer alone.
+    SentencePiece file, and converters that see it fail: keep the fast tokenizer alone. A model
+    whose weights hold NaN or inf is refused: nothing after it could use it.
     """
+    bad = first_non_finite(model.state_dict().items())
+    if bad is not None:
+        raise EdgekdError(
+            f"{folder}: not saved: the model's weight {bad} holds NaN or inf (its training "
+            "diverged or its input was broken); lower the stage's lr and rerun"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

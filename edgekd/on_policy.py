@@ -75,6 +75,15 @@ def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
+@torch.no_grad()
+def _finite_logits(model: torch.nn.Module, prompts: list[list[int]], device) -> bool:
+    """Whether `model`'s logits on every prompt are finite (asked only after a failed sample)."""
+    return all(
+        bool(torch.isfinite(model(input_ids=torch.tensor([p], device=device)).logits).all())
+        for p in prompts
+    )
+
+
 def sampled_examples(
     model: torch.nn.Module,
     examples: list[TokenizedExample],
@@ -87,7 +96,8 @@ def sampled_examples(
 ) -> list[TokenizedExample]:
     """Each example's prompt followed by a sample of `model` at `temperature` (at most
     max_tokens, the whole example at most max_len tokens); only the sample is a target.
-    Examples whose prompt leaves no room are returned unchanged."""
+    Examples whose prompt leaves no room are returned unchanged. FloatingPointError if `model`'s
+    logits are not finite."""
     prompts = [prompt_part(e) for e in examples]
     room = min(max_tokens, max_len - max(len(p) for p in prompts))
     if room <= 0:
@@ -99,14 +109,21 @@ def sampled_examples(
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        samples = generate_token_ids(
-            model,
-            prompts,
-            max_tokens=room,
-            pad_id=pad_id,
-            decoding=decoding_options(temperature=temperature, num_beams=1),
-            batch_size=len(prompts),
-        )
+        try:
+            samples = generate_token_ids(
+                model,
+                prompts,
+                max_tokens=room,
+                pad_id=pad_id,
+                decoding=decoding_options(temperature=temperature, num_beams=1),
+                batch_size=len(prompts),
+            )
+        except RuntimeError:
+            # torch cannot sample from NaN or infinite probabilities: a student whose last update
+            # broke it. Said as such (the training loop stops the stage); anything else goes on up.
+            if _finite_logits(model, prompts, device):
+                raise
+            raise FloatingPointError("the sampled model's logits are not finite") from None
     model.train(was_training)
     out = []
     for prompt, sample in zip(prompts, samples, strict=True):

@@ -307,6 +307,12 @@ def train_kd(
         progress = json.loads((ckpt / "progress.json").read_text())
         step, curve = progress["step"], progress["curve"]
         accelerator.print(f"{name}: resuming from the checkpoint at step {step}")
+    checkpoint_step = step
+    # Under fp16's loss scaling a non-finite gradient is an overflow the scaler skips the step for
+    # (and lowers its scale); DeepSpeed clips inside its own step and reports a stale norm here.
+    check_norm = accelerator.scaler is None and (
+        accelerator.distributed_type != DistributedType.DEEPSPEED
+    )
 
     tokens_done, sampled_batches, start = 0, 0, time.perf_counter()
     window_loss = window_kd = window_ce = 0.0
@@ -323,15 +329,21 @@ def train_kd(
                     accelerator.process_index,
                     accelerator.num_processes,
                 )
-                chosen, sampled = on_policy.training_examples(
-                    [examples[i] for i in idx],
-                    settings,
-                    student=accelerator.unwrap_model(student),
-                    teacher=teacher,
-                    micro_step=step * settings.grad_accum + micro,
-                    max_len=ctx.recipe.data.max_seq_len,
-                    pad_id=pad_id,
-                )
+                try:
+                    chosen, sampled = on_policy.training_examples(
+                        [examples[i] for i in idx],
+                        settings,
+                        student=accelerator.unwrap_model(student),
+                        teacher=teacher,
+                        micro_step=step * settings.grad_accum + micro,
+                        max_len=ctx.recipe.data.max_seq_len,
+                        pad_id=pad_id,
+                    )
+                except FloatingPointError:
+                    raise _diverged(
+                        name, settings, step + 1, "sampled model's logits", math.nan,
+                        first=step == 0 and micro == 0, checkpoint=checkpoint_step,
+                    ) from None  # fmt: skip
                 # Sampled answers are scored by the divergence alone (see edgekd.on_policy).
                 alpha = 1.0 if sampled else settings.kd.alpha
                 sampled_batches += sampled
@@ -356,11 +368,24 @@ def train_kd(
                             extra_loss=extra_loss,
                         )
                     accelerator.backward(out.loss)
+                    grad_norm = None
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(
+                            student.parameters(), settings.max_grad_norm
+                        )
                     optimizer.step()
                     optimizer.zero_grad()
-                window_loss += out.loss.item()
+                loss, norm = _host_values(out.loss, grad_norm if check_norm else None)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    # The step is applied, but only in memory: the stage stops before any save.
+                    what, value = (
+                        ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+                    )
+                    raise _diverged(
+                        name, settings, step + 1, what, value,
+                        first=step == 0 and micro == 0, checkpoint=checkpoint_step,
+                    )  # fmt: skip
+                window_loss += loss
                 for k, v in terms.items():
                     window_terms[k] = window_terms.get(k, 0.0) + v
                 window_kd += float(out.kd)
@@ -397,6 +422,7 @@ def train_kd(
                 on_step(step, accelerator.unwrap_model(student))
             if step % settings.checkpoint_every == 0 and step < settings.max_steps:
                 _save_checkpoint(accelerator, ckpt, step, curve)
+                checkpoint_step = step
     accelerator.wait_for_everyone()
     methods.detach()
     seconds = time.perf_counter() - start
@@ -423,6 +449,47 @@ def train_kd(
         "sampled_batches_this_run": sampled_batches,
     }
     return curve, summary
+
+
+def _host_values(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> tuple[float, float]:
+    """The micro-batch's loss and the clipped gradient's norm (0 when not given) as floats, in
+    the one device sync the loss's logging already costs."""
+    if grad_norm is None:
+        return loss.item(), 0.0
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    value, norm = torch.stack([loss.detach().float(), grad_norm.float().to(loss.device)]).tolist()
+    return value, norm
+
+
+def _diverged(
+    name: str,
+    settings: TrainSettings,
+    step: int,
+    what: str,
+    value: float,
+    *,
+    first: bool,
+    checkpoint: int,
+) -> EdgekdError:
+    """The one line for `what` (the loss, the gradient norm...) NaN or infinite at `step`."""
+    kept = f"the checkpoint of step {checkpoint} is kept" if checkpoint else "no checkpoint yet"
+    if first:
+        # No update has happened yet: the learning rate cannot be the cause.
+        advice = (
+            "no update had happened yet, so the starting student, the teacher or the data give "
+            f"non-finite values: check their weights and {name}.kd.temperature "
+            f"({settings.kd.temperature:g})"
+        )
+    else:
+        advice = f"lower {name}.lr ({settings.lr:g})"
+        if settings.scale.mixed_precision == "fp16":
+            advice += f" or set {name}.scale.mixed_precision=bf16 (fp16 overflows)"
+        advice += " and rerun"
+    return EdgekdError(
+        f"{name}: the {what} became {value} at step {step} of {settings.max_steps}; "
+        f"training stopped, nothing saved or marked done ({kept}): {advice}"
+    )
 
 
 def save_curve(folder, curve: list[dict]) -> str:

@@ -248,6 +248,50 @@ def _recipe(ws: Workspace, name: str, text: str) -> list[str]:
     return ws.build("--recipe", str(_write(ws.path(name), text)))
 
 
+# 20b: no silent NaN models.
+def _diverged_not_done(ws: Workspace, name: str) -> str:
+    run = ws.path(name)
+    assert_killed_stage_not_done(run, "distill")
+    assert not (run / ".01-distill.partial" / "model").exists(), "a diverged model was saved"
+    return "distill not marked done, no model saved"
+
+
+def _nan_weights(folder: Path) -> None:
+    """Set one weight of a saved model to NaN, as a diverged training left it."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _nan_model_export(ws: Workspace) -> list[str]:
+    """A copy of the finished run whose distill model holds NaN (an older edgekd marked such a
+    model done), then its ONNX export."""
+    copy = ws.path("run-nan")
+    shutil.copytree(ws.run, copy)
+    _nan_weights(copy / "01-distill" / "model")
+    return _with(ws.build(out=copy), "--stages", "export_onnx")
+
+
+def _export_not_done(ws: Workspace) -> str:
+    run = ws.path("run-nan")
+    assert_killed_stage_not_done(run, "export_onnx")
+    assert [p.name for p in (run / ".05-export-onnx.partial").iterdir()] == [".key"]
+    return "export_onnx not marked done, nothing written"
+
+
+def _nan_gguf_bench(ws: Workspace) -> list[str]:
+    from edgekd.formats import gguf
+
+    folder = ws.path("nan-model")
+    shutil.copytree(ws.teacher, folder)
+    _nan_weights(folder)
+    path = gguf.write_gguf(folder, ws.path("nan-F32.gguf"), dtype="F32")
+    sets = set_args(["bench.runs=1", "bench.warmup_runs=0", "bench.questions=1"])
+    return ["bench", str(path), "--profile", "phone-1gb", *sets]
+
+
 PROFILE = (ROOT / "edgekd" / "profiles" / "phone-1gb.yaml").read_text()
 
 CASES = [
@@ -452,6 +496,53 @@ CASES = [
         "manifest.json deleted, then `edgekd verify`",
         lambda ws: _corrupt(ws, "no-manifest"),
         "manifest.json does not exist",
+    ),
+    # 20b: no silent NaN models.
+    Case(
+        "`--set distill.lr=inf` (passes `> 0`)",
+        lambda ws: ws.build("--set", "distill.lr=inf"),
+        "'distill.lr' = 'inf': Input should be a finite number",
+    ),
+    Case(
+        "profile with `memory_bandwidth_gbs: .nan`",
+        lambda ws: _with(
+            ws.build(),
+            "--profile",
+            _write(
+                ws.path("nan-bw.yaml"),
+                PROFILE.replace("memory_bandwidth_gbs:", "memory_bandwidth_gbs: .nan #"),
+            ),
+        ),
+        "'memory_bandwidth_gbs' = nan: Input should be a finite number",
+    ),
+    Case(
+        "learning rate that diverges (`distill.lr=1e30`)",
+        lambda ws: ws.build(
+            "--set", "distill.lr=1e30", "--set", "distill.max_steps=4", out=ws.path("diverged")
+        ),
+        "distill: the gradient norm became nan at step 3 of 4",
+        intact=lambda ws: _diverged_not_done(ws, "diverged"),
+    ),
+    Case(
+        "on-policy KD sampling from a student a large update broke (`distill.lr=1e15`)",
+        lambda ws: ws.build(
+            *set_args(["distill.lr=1e15", "distill.on_policy.fraction=1", "distill.max_steps=4"]),
+            out=ws.path("diverged-on-policy"),
+        ),
+        "distill: the sampled model's logits became nan at step 3 of 4",
+        intact=lambda ws: _diverged_not_done(ws, "diverged-on-policy"),
+    ),
+    Case(
+        "finished distill whose model holds NaN (marked done by an older edgekd), then its export",
+        _nan_model_export,
+        "holds NaN or inf, so the model is broken and is not exported",
+        intact=_export_not_done,
+    ),
+    Case(
+        "`edgekd bench` on a GGUF whose weights hold NaN",
+        _nan_gguf_bench,
+        "its logits on the benchmark prompt hold NaN or inf",
+        fast=False,
     ),
 ]
 

@@ -383,6 +383,8 @@ def _to_numpy(t: torch.Tensor, qtype, name: str) -> np.ndarray:
         return gguf.quants.quantize(data, qtype)
     half = data.astype(np.float16)
     if not np.isfinite(half).all():
+        if not np.isfinite(data).all():
+            raise EdgekdError(f"tensor {name} holds NaN or inf: the model's weights are broken")
         raise EdgekdError(f"tensor {name} overflows float16: write the GGUF with dtype BF16 or F32")
     return half
 

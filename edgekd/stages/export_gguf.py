@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 def run(ctx: Context, settings: ExportGgufSettings) -> StageResult:
     quant = ctx.effective.gguf_quant
     model_dir, out = ctx.latest_model(), ctx.work_dir
+    models.check_finite_weights(model_dir)
     heldout, threads = ctx.heldout, ctx.threads
 
     start = time.perf_counter()

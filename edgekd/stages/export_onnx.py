@@ -35,6 +35,7 @@ def _max_logit_diff(student, sequences: list[list[int]], onnx_logits) -> float:
 def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
     kinds = list(ctx.effective.onnx_quant)
     model_dir, out = ctx.latest_model(), ctx.work_dir
+    models.check_finite_weights(model_dir)
     heldout, threads = ctx.heldout, ctx.threads
     chat = [{"role": "user", "content": ctx.recipe.eval.sample_prompt}]
     max_tokens = ctx.recipe.eval.sample_max_tokens
