@@ -244,7 +244,7 @@ def checked_cost(artifact: Artifact, context_length: int) -> TokenCost:
     if cls.preallocates_context and free is not None and cost.weights_bytes + kv > free:
         raise EdgekdError(
             f"{artifact.path}: {cls.name} allocates the whole {context_length}-token context when "
-            f"it loads, a KV cache of {kv / GB:.1f} GB beside {cost.weights_bytes / GB:.1f} GB of "
+            f"it loads, a KV cache of {kv / GB:.1f} GB beside {cost.weights_bytes / GB:.2f} GB of "
             f"weights, but this host has {free / GB:.1f} GB available; lower the profile's "
             "context_length"
         )
