@@ -218,6 +218,41 @@ def bench_threads(profile_threads: int, override: int | None) -> int:
     return max(1, min(profile_threads, len(os.sched_getaffinity(0))))
 
 
+GB = 1e9
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this host can give a new process now (MemAvailable), None where unknown."""
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def checked_cost(artifact: Artifact, context_length: int) -> TokenCost:
+    """The artifact's token cost, once its files are whole and, for a runtime that allocates the
+    whole context when it loads, once its weights and that context fit this host's memory."""
+    from edgekd.models import readable
+
+    cls = runtime_class(artifact.runtime)
+    cls.check_files(artifact.path)
+    with readable(f"{artifact.path}"):
+        cost = cls.token_cost(artifact.path)
+    kv = cost.kv_bytes_per_position * context_length
+    free = available_memory()
+    if cls.preallocates_context and free is not None and cost.weights_bytes + kv > free:
+        raise EdgekdError(
+            f"{artifact.path}: {cls.name} allocates the whole {context_length}-token context when "
+            f"it loads, a KV cache of {kv / GB:.1f} GB beside {cost.weights_bytes / GB:.2f} GB of "
+            f"weights, but this host has {free / GB:.1f} GB available; lower the profile's "
+            "context_length"
+        )
+    return cost
+
+
 def benchmark_artifact(
     artifact: Artifact,
     *,
@@ -231,7 +266,7 @@ def benchmark_artifact(
     scratch: Path,
 ) -> dict:
     """Every measure of one artifact against the profile, as one report row."""
-    cost = runtime_class(artifact.runtime).token_cost(artifact.path)
+    cost = checked_cost(artifact, profile.context_length)
     job = Job(
         runtime=artifact.runtime,
         path=str(artifact.path),
@@ -359,6 +394,7 @@ def bench_file(path: Path, profile: Profile, settings: BenchSettings) -> dict:
 
     path = Path(path)
     artifact = Artifact(path.name, runtime_of(path), path, role="export", shipped=True)
+    checked_cost(artifact, profile.context_length)  # a bad file or context: before any work
     threads = bench_threads(profile.threads, settings.threads)
     shipped = default_prompts()
     runtime = open_runtime(path, threads=threads)

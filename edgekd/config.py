@@ -401,9 +401,62 @@ def _describe_errors(err: ValidationError, origin: str) -> str:
     return "; ".join(lines)
 
 
-def _read_yaml(path: Path) -> dict:
+# A recipe or profile holds a few hundred values; aliases (*name) may repeat some, but a few
+# nested ones expand to billions ("billion laughs"), which validating or printing would walk.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_values(node, memo: dict, open_: set) -> int:
+    """How many values `node` holds once every alias is expanded (shared nodes counted once each
+    time they are reached, each computed once)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_:
+        return MAX_YAML_VALUES + 1  # an alias inside its own anchor: infinitely deep
+    open_.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_values(c, memo, open_) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n = 1 + sum(
+            _expanded_values(k, memo, open_) + _expanded_values(v, memo, open_)
+            for k, v in node.value
+        )
+    else:
+        n = 1
+    open_.discard(id(node))
+    memo[id(node)] = n
+    return n
+
+
+def _safe_yaml(text: str, where: str):
+    """yaml.safe_load, refusing a document whose aliases expand past MAX_YAML_VALUES before any
+    of it is built."""
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(path.read_text())
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_values(node, {}, set()) > MAX_YAML_VALUES:
+            raise EdgekdError(
+                f"{where}: its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values "
+                "(nested or recursive anchors); write the values out"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: Path) -> dict:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgekdError(
+            f"{path}: not UTF-8 text (byte {e.start} is {raw[e.start : e.start + 1]!r}); "
+            "save it as UTF-8 YAML"
+        ) from None
+    try:
+        data = _safe_yaml(text, str(path))
     except yaml.YAMLError as e:
         raise EdgekdError(f"{path}: not valid YAML ({e.__class__.__name__}); fix the file") from e
     if data is None:
@@ -452,7 +505,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not all(path):
         raise EdgekdError(f"--set {item!r}: empty part in key '{key}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _safe_yaml(raw, f"--set {item!r}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return path, value

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jinja2.exceptions import SecurityError, TemplateError
 
+from edgekd import chat_template
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
 
@@ -28,17 +28,34 @@ ROW_SHAPE = (
 )
 
 
+def _read_text(path: Path) -> str:
+    """The file as text; bytes that are not UTF-8, or a NUL (binary content), are an error naming
+    the file, the line and the byte offset."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start
+        why = f"not UTF-8 text (byte {bad} is {raw[bad : bad + 1]!r})"
+    else:
+        bad = raw.find(b"\0")
+        if bad < 0:
+            return text
+        why = f"binary content (a NUL byte at byte {bad})"
+    line = raw.count(b"\n", 0, bad) + 1
+    raise EdgekdError(f"{path}:{line}: {why}; pass a UTF-8 text file")
+
+
 def _parsed_lines(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed JSON) for each non-blank line; malformed JSON names file and line."""
     parsed = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                parsed.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise EdgekdError(f"{path}:{n}: malformed JSON ({e.msg}); fix the line") from e
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            parsed.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise EdgekdError(f"{path}:{n}: malformed JSON ({e.msg}); fix the line") from e
     return parsed
 
 
@@ -91,7 +108,7 @@ def _load_jsonl_corpus(path: Path) -> list[dict]:
 def _load_text(path: Path) -> list[dict]:
     # One example per blank-line-separated block: paragraphs keep their meaning, and pack()
     # joins short ones back into full-length sequences.
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    text = _read_text(path).replace("\r\n", "\n")
     blocks = [b.strip() for b in text.split("\n\n")]
     return [{"text": b} for b in blocks if b]
 
@@ -163,26 +180,27 @@ def _tokenizer_name(tokenizer) -> str:
 
 
 def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tokenize=False):
-    """The tokenizer's chat template applied to `messages` (text, or ids with tokenize=True).
-
-    transformers renders templates in jinja2's ImmutableSandboxedEnvironment, so a template that
-    reaches for Python internals stops with a SecurityError: that, and any other template
-    failure, is an EdgekdError naming the tokenizer.
+    """The tokenizer's chat template applied to `messages` (text, or ids with tokenize=True), as
+    transformers' apply_chat_template renders it, but within chat_template's limits: a template
+    that loops, builds without end or reaches for Python internals is an EdgekdError naming the
+    tokenizer and the limit.
     """
+    require_chat_template(tokenizer)
+    name = f"tokenizer {_tokenizer_name(tokenizer)!r}"
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=tokenize, add_generation_prompt=add_generation_prompt
-        )
-    except SecurityError as err:
-        raise EdgekdError(
-            f"the chat template of tokenizer {_tokenizer_name(tokenizer)!r} tried an unsafe "
-            f"operation ({err}) and was stopped by the sandbox; use a tokenizer you trust"
-        ) from err
-    except TemplateError as err:
-        raise EdgekdError(
-            f"the chat template of tokenizer {_tokenizer_name(tokenizer)!r} failed to render a "
-            f"conversation ({type(err).__name__}: {err}); fix the template or use {{'text'}} rows"
-        ) from err
+        template = tokenizer.get_chat_template()
+    except ValueError as err:  # several named templates and no default
+        raise EdgekdError(f"{name}: {err}") from None
+    text = chat_template.render(
+        template,
+        name,
+        messages=messages,
+        tools=None,
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **tokenizer.special_tokens_map,
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if tokenize else text
 
 
 def require_chat_template(tokenizer) -> None:
@@ -326,16 +344,28 @@ def tokenize_rows(rows: list[dict], tokenizer, *, max_len: int) -> list[Tokenize
     """
     if any("messages" in r for r in rows):
         require_chat_template(tokenizer)
-    out = []
-    for row in rows:
-        if "messages" in row:
-            ex = _chat_example(tokenizer, row["messages"])
-        else:
-            ex = _text_example(tokenizer, row["text"])
-        ex = TokenizedExample(ex.input_ids[:max_len], ex.labels[:max_len])
-        if any(t != IGNORE for t in ex.labels):
-            out.append(ex)
-    return out
+    examples = (_example(row, tokenizer, max_len) for row in rows)
+    return [ex for ex in examples if _has_target(ex)]
+
+
+def _example(row: dict, tokenizer, max_len: int) -> TokenizedExample:
+    if "messages" in row:
+        ex = _chat_example(tokenizer, row["messages"])
+    else:
+        ex = _text_example(tokenizer, row["text"])
+    return TokenizedExample(ex.input_ids[:max_len], ex.labels[:max_len])
+
+
+def _has_target(ex: TokenizedExample) -> bool:
+    return any(t != IGNORE for t in ex.labels)
+
+
+def any_trainable(rows: list[dict], tokenizer, *, max_len: int) -> bool:
+    """Whether tokenize_rows would keep at least one of `rows` (tokenizing only until one is
+    found: the first row, as a rule)."""
+    if any("messages" in r for r in rows):
+        require_chat_template(tokenizer)
+    return any(_has_target(_example(row, tokenizer, max_len)) for row in rows)
 
 
 def padding_id(tokenizer) -> int:

@@ -117,7 +117,7 @@ def _local_folder(src: ModelSource) -> Path:
 
 
 @contextmanager
-def _readable(what: str) -> Iterator[None]:
+def readable(what: str) -> Iterator[None]:
     """Turn a library's failure to read a model file into one line that names the file.
 
     transformers, gguf-py and safetensors raise many exception types for a truncated or malformed
@@ -146,10 +146,10 @@ def load_config(src: ModelSource):
 
     Reading a GGUF parses every tensor's header and extent, so a cut-short file fails here."""
     if src.kind == "gguf":
-        with _readable(f"GGUF file {src.path}"):
+        with readable(f"GGUF file {src.path}"):
             return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name)
     folder = _local_folder(src)
-    with _readable(f"model config {folder / 'config.json'}"):
+    with readable(f"model config {folder / 'config.json'}"):
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
 
 
@@ -191,21 +191,22 @@ def _apply_gguf_tokenizer_metadata(tok, path: Path) -> None:
 def load_tokenizer(src: ModelSource):
     """The model's tokenizer (rebuilt from the GGUF metadata for GGUF files)."""
     if src.kind == "gguf":
-        with _readable(f"GGUF file {src.path}"):
+        with readable(f"GGUF file {src.path}"):
             tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
             _apply_gguf_tokenizer_metadata(tok, src.path)
         return tok
     folder = _local_folder(src)
-    with _readable(f"tokenizer in {folder}"):
+    with readable(f"tokenizer in {folder}"):
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
-def _check_safetensors(path: Path, role: str) -> None:
-    """The header parses and the tensors' extents cover the file exactly, as safetensors demands.
+def _check_safetensors(path: Path, role: str) -> int:
+    """The header parses and the tensors' extents cover the file exactly, as safetensors demands;
+    returns how many values the tensors hold.
 
     Read by hand, not with safe_open: that maps the whole file, which a host with little virtual
     memory refuses for a file of tens of GB that is perfectly whole."""
-    with _readable(f"{role} weights {path}"):
+    with readable(f"{role} weights {path}"):
         size = path.stat().st_size
         with path.open("rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -214,9 +215,11 @@ def _check_safetensors(path: Path, role: str) -> None:
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        tensors = [t for k, t in header.items() if k != "__metadata__"]
+        ends = [t["data_offsets"][1] for t in tensors]
         if max(ends, default=0) != size - 8 - n:
             raise ValueError(f"tensors end at byte {8 + n + max(ends, default=0)} of {size}")
+        return sum(math.prod(t["shape"]) for t in tensors)
 
 
 def check_weights(src: ModelSource, *, allow_pickle: bool, role: str) -> bool:
@@ -245,6 +248,40 @@ def check_weights(src: ModelSource, *, allow_pickle: bool, role: str) -> bool:
     for name in sorted(n for n in names if n.endswith(".safetensors")):
         _check_safetensors(src.path / name, role)
     return has_safetensors
+
+
+# How far the values in the weight files may be from the config's parameter count (buffers a
+# checkpoint keeps, say) before the config is taken not to describe them.
+_PARAM_TOLERANCE = 0.1
+
+
+def _values_present(src: ModelSource) -> int | None:
+    """How many values the model's weight files hold, from their headers; None where unknown
+    (pickle weights, a hub model not in the cache)."""
+    if src.kind == "gguf":
+        with readable(f"GGUF file {src.path}"):
+            return sum(int(t.n_elements) for t in GGUFReader(src.path).tensors)
+    try:
+        folder = _local_folder(src)
+    except EdgekdError:
+        return None
+    files = sorted(folder.glob("*.safetensors"))
+    return sum(_check_safetensors(f, "model") for f in files) if files else None
+
+
+def check_weights_match_config(src: ModelSource, config, *, role: str) -> None:
+    """The weight files hold about as many values as the config declares parameters: a config
+    declaring a larger model than its weights is refused before a model of its size is built."""
+    if getattr(config, "quantization_config", None):
+        return  # packed weights hold a fraction of the values
+    declared, present = param_count(config), _values_present(src)
+    if present is None or abs(present - declared) <= _PARAM_TOLERANCE * declared:
+        return
+    raise EdgekdError(
+        f"{role} {src.describe()}: its config declares {declared:,} parameters "
+        f"({declared * 2 / 1e9:.1f} GB in 16 bits) but its weight files hold {present:,} values; "
+        "the config does not describe these weights: fix config.json or download the model again"
+    )
 
 
 def device_map(device: torch.device | None) -> dict:
@@ -296,7 +333,7 @@ def load_model(
         )
         return model.eval()
     if src.kind == "gguf":
-        with _readable(f"GGUF file {src.path}"):
+        with readable(f"GGUF file {src.path}"):
             model = AutoModelForCausalLM.from_pretrained(
                 src.path.parent, gguf_file=src.path.name, dtype=dtype
             )
@@ -305,7 +342,7 @@ def load_model(
     safetensors = check_weights(
         ModelSource("hf_folder", src.ref, folder), allow_pickle=allow_pickle, role=role
     )
-    with _readable(f"{role} weights in {folder}"):
+    with readable(f"{role} weights in {folder}"):
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, use_safetensors=safetensors, trust_remote_code=False
         )

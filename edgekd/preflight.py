@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from edgekd import data, models, pipeline, teacher_data
+from edgekd.chat_template import TemplateRefused
 from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.feature_kd import layer_pairs
@@ -180,13 +181,40 @@ def check_disk(run_dir: Path, need_bytes: int, stages: list[str]) -> None:
 
 
 def check_chat_template(tokenizer, recipe: Recipe) -> None:
-    """A chat corpus (the shipped prompts, or the user's chat rows) renders in the template."""
+    """A chat corpus (the shipped prompts, or the user's chat rows) renders in the template; any
+    template the exports will run is not refused (it loops or builds without end, or reaches for
+    Python internals)."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     if recipe.data.source is not None and not any(
         "messages" in row for row in data.load_corpus(recipe.data.source)
     ):
+        if getattr(tokenizer, "chat_template", None):
+            # Text rows need no template, and one may reject this conversation: only a refusal
+            # stops the build.
+            try:
+                data.render_chat(tokenizer, probe, add_generation_prompt=False)
+            except TemplateRefused:
+                raise
+            except EdgekdError:
+                pass
         return
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     data.render_chat(tokenizer, probe, add_generation_prompt=False)
+
+
+def check_trainable(tokenizer, recipe: Recipe) -> None:
+    """Some training row of the user's corpus keeps a target token once tokenized and cut to
+    data.max_seq_len (the teacher writes the answers of a regenerated corpus)."""
+    s = recipe.data
+    if s.source is None or s.regenerate:
+        return
+    train, _ = data.split_heldout(data.load_corpus(s.source), s.heldout_fraction, s.max_heldout)
+    if not data.any_trainable(train, tokenizer, max_len=s.max_seq_len):
+        raise EdgekdError(
+            f"data {s.source}: none of its {len(train)} training rows has a token to train on "
+            f"within data.max_seq_len={s.max_seq_len} (chat rows train on their assistant turns, "
+            "text rows on their text); add assistant replies, raise data.max_seq_len, or set "
+            "data.regenerate=true to have the teacher answer the prompts"
+        )
 
 
 def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> None:
@@ -199,6 +227,7 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
     check_logit_cache(recipe, plan)
     check_launch(recipe, plan, os.environ)
     models.check_weights(plan.teacher, allow_pickle=recipe.teacher.allow_pickle, role="teacher")
+    models.check_weights_match_config(plan.teacher, plan.teacher_config, role="teacher")
     pending = pipeline.pending_stages(profile, recipe, run_dir, plan.stages, plan.teacher)
     check_disk(run_dir, sum(plan.disk_bytes.get(s, 0) for s in pending), pending)
     tokenizer = models.load_tokenizer(plan.teacher)
@@ -206,6 +235,7 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
         models.check_weights(
             plan.student_source, allow_pickle=recipe.student.allow_pickle, role="student"
         )
+        models.check_weights_match_config(plan.student_source, plan.student_config, role="student")
         models.check_same_tokenizer(
             tokenizer,
             models.load_tokenizer(plan.student_source),
@@ -217,3 +247,4 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
             spec.check(plan, tokenizer)
     check_data(recipe)
     check_chat_template(tokenizer, recipe)
+    check_trainable(tokenizer, recipe)

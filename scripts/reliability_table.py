@@ -248,7 +248,7 @@ def _recipe(ws: Workspace, name: str, text: str) -> list[str]:
     return ws.build("--recipe", str(_write(ws.path(name), text)))
 
 
-# 20b: no silent NaN models.
+# Non-finite numbers: no NaN model saved, exported or reported.
 def _diverged_not_done(ws: Workspace, name: str) -> str:
     run = ws.path(name)
     assert_killed_stage_not_done(run, "distill")
@@ -290,6 +290,57 @@ def _nan_gguf_bench(ws: Workspace) -> list[str]:
     path = gguf.write_gguf(folder, ws.path("nan-F32.gguf"), dtype="F32")
     sets = set_args(["bench.runs=1", "bench.warmup_runs=0", "bench.questions=1"])
     return ["bench", str(path), "--profile", "phone-1gb", *sets]
+
+
+# Untrusted inputs: bounded templates and YAML, weights that match their config, bad files.
+NESTED_LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def _template_teacher(ws: Workspace, name: str, template: str) -> list[str]:
+    t = _teacher_copy(ws, f"t-{name}")
+    (t / "chat_template.jinja").write_text(template)
+    return ws.build(teacher=t)
+
+
+def _huge_config_teacher(ws: Workspace) -> list[str]:
+    """The tiny teacher's weights under a config declaring a 9.5B-parameter model."""
+    t = _teacher_copy(ws, "t-huge-config")
+    config = json.loads((t / "config.json").read_text())
+    config.update(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40)
+    config.update(num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False)
+    (t / "config.json").write_text(json.dumps(config))
+    args = _with(ws.build(teacher=t, out=ws.path("huge-config-run")), "--profile", "laptop-cpu")
+    return [*args, "--set", "student.num_layers=1"]
+
+
+LAUGHS = "".join(
+    f"{x}: &{x} [{', '.join([f'*{p}'] * 9 if p else ['lol'] * 9)}]\n"
+    for p, x in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
+)
+
+
+def _bench_gguf(ws: Workspace, keep: float = 1.0, profile: str | Path = "phone-1gb") -> list[str]:
+    from edgekd.formats.gguf import write_gguf
+
+    whole = ws.path("bench-whole.gguf")
+    if not whole.is_file():
+        write_gguf(ws.teacher, whole, dtype="F16")
+    path = whole
+    if keep < 1:
+        path = ws.path("bench-cut.gguf")
+        path.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * keep)])
+    return ["bench", str(path), "--profile", str(profile)]
+
+
+def _write_bytes(path: Path, raw: bytes) -> Path:
+    path.write_bytes(raw)
+    return path
+
+
+def _bench_random_onnx(ws: Workspace) -> list[str]:
+    folder = _teacher_copy(ws, "onnx-random", drop=("*.safetensors",))
+    (folder / "model.onnx").write_bytes(os.urandom(65536))
+    return ["bench", str(folder), "--profile", "phone-1gb"]
 
 
 PROFILE = (ROOT / "edgekd" / "profiles" / "phone-1gb.yaml").read_text()
@@ -497,7 +548,7 @@ CASES = [
         lambda ws: _corrupt(ws, "no-manifest"),
         "manifest.json does not exist",
     ),
-    # 20b: no silent NaN models.
+    # Non-finite numbers: no NaN model saved, exported or reported.
     Case(
         "`--set distill.lr=inf` (passes `> 0`)",
         lambda ws: ws.build("--set", "distill.lr=inf"),
@@ -543,6 +594,82 @@ CASES = [
         _nan_gguf_bench,
         "its logits on the benchmark prompt hold NaN or inf",
         fast=False,
+    ),
+    # Untrusted inputs: bounded templates and YAML, weights that match their config, bad files.
+    Case(
+        "teacher chat template with nested loops and no attribute access (the sandbox allows it)",
+        lambda ws: _template_teacher(ws, "loops", NESTED_LOOPS),
+        "it took more than 1,000,000 loop iterations and calls",
+    ),
+    Case(
+        "teacher chat template that builds a 10 GB string (`'x' * 10**10`)",
+        lambda ws: _template_teacher(ws, "bomb", "{{ 'x' * 10**10 }}"),
+        "it would build more than 16,000,000 characters",
+    ),
+    Case(
+        "recipe with nested YAML aliases (billion laughs, 9^9 values)",
+        lambda ws: _recipe(ws, "laughs.yaml", LAUGHS + "distill:\n  lr: *i\n"),
+        "its aliases (*name) expand to more than 100,000 values",
+    ),
+    Case(
+        "profile file that is not UTF-8 (a Latin-1 byte)",
+        lambda ws: _with(
+            ws.build(),
+            "--profile",
+            _write_bytes(ws.path("latin1.yaml"), PROFILE.encode() + b"# caf\xe9\n"),
+        ),
+        "latin1.yaml: not UTF-8 text",
+    ),
+    Case(
+        "teacher config.json declaring a 9.5B-parameter model over 13 MB of weights",
+        _huge_config_teacher,
+        "its config declares 9,521,",
+    ),
+    Case(
+        "data file with a byte that is not UTF-8",
+        lambda ws: ws.build(
+            "--data",
+            str(_write_bytes(ws.path("latin1.jsonl"), b'{"text": "ok"}\n{"text": "caf\xe9"}\n')),
+        ),
+        "latin1.jsonl:2: not UTF-8 text (byte 28",
+    ),
+    Case(
+        "data text file with binary content (NUL bytes)",
+        lambda ws: _data(ws, "binary.txt", "notes\n\n" + "\0" * 64),
+        "binary.txt:3: binary content",
+    ),
+    Case(
+        "data whose chat rows have no assistant turn (nothing to train on)",
+        lambda ws: _data(
+            ws,
+            "prompts.jsonl",
+            "".join(
+                json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"}]}) + "\n"
+                for i in range(40)
+            ),
+        ),
+        "has a token to train on",
+    ),
+    Case(
+        "`edgekd bench` on a GGUF cut to half",
+        lambda ws: _bench_gguf(ws, keep=0.5),
+        "llama.cpp could not load GGUF file",
+    ),
+    Case(
+        "`edgekd bench` on a model.onnx of random bytes",
+        _bench_random_onnx,
+        "model.onnx is truncated or malformed",
+    ),
+    Case(
+        "`edgekd bench` with a profile context llama.cpp cannot allocate (2,000,000,000 tokens)",
+        lambda ws: _bench_gguf(
+            ws,
+            profile=_write(
+                ws.path("huge-context.yaml"),
+                PROFILE.replace("context_length: 2048", "context_length: 2000000000"),
+            ),
+        ),
+        "allocates the whole 2000000000-token context",
     ),
 ]
 

@@ -8,7 +8,6 @@ cannot write faithfully, and proves the tokenizer by tokenizing probe texts in l
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import json
@@ -20,7 +19,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from jinja2 import TemplateError
 from safetensors import safe_open
 
 from edgekd import architectures
@@ -416,9 +414,17 @@ def _write(
 def _probe_texts(tokenizer) -> list[str]:
     texts = list(_PROBE_TEXTS)
     if tokenizer.chat_template:
-        # A template that rejects this conversation still exports; its text goes unprobed.
-        with contextlib.suppress(TemplateError):
-            texts.append(tokenizer.apply_chat_template(_PROBE_CHAT, tokenize=False))
+        from edgekd.chat_template import TemplateRefused
+        from edgekd.data import render_chat
+
+        # A template that rejects this conversation still exports, its text unprobed; one that
+        # loops or builds without end, or reaches for Python internals, is refused.
+        try:
+            texts.append(render_chat(tokenizer, _PROBE_CHAT, add_generation_prompt=False))
+        except TemplateRefused:
+            raise
+        except EdgekdError:
+            pass
     return texts
 
 

@@ -24,6 +24,7 @@ from edgekd.formats.runtime import Runtime, TokenCost, next_token, prompt_rng, s
 if TYPE_CHECKING:
     import torch
 
+GB = 1e9
 _GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 
 
@@ -45,14 +46,82 @@ def quiet_llama_cpp():
     return log  # llama.cpp holds a raw pointer to it: keep it alive
 
 
+def _meta_strings(model, wanted) -> dict[str, str]:
+    """The GGUF metadata values whose key `wanted(key)` accepts, as strings."""
+    import llama_cpp
+
+    def text(read, i: int) -> str:
+        size = 1024
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = read(model, i, buffer, size)
+            if n < size:
+                return buffer.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    out = {}
+    for i in range(llama_cpp.llama_model_meta_count(model)):
+        key = text(llama_cpp.llama_model_meta_key_by_index, i)
+        if wanted(key):
+            out[key] = text(llama_cpp.llama_model_meta_val_str_by_index, i)
+    return out
+
+
+def _unloadable(path: Path) -> EdgekdError:
+    return EdgekdError(
+        f"llama.cpp could not load GGUF file {path}: it is truncated, malformed or of an "
+        "architecture this llama.cpp does not know; re-export or re-download it"
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _checked_templates(path: Path, size: int, mtime_ns: int) -> None:
+    """Refuse a GGUF whose chat templates llama-cpp-python could not compile within bounds: it
+    compiles every one whenever it loads the model, folding constant expressions as it goes.
+    Read through llama.cpp's own loader (vocabulary only), which also refuses a cut-short file."""
+    import llama_cpp
+
+    from edgekd.chat_template import check_compiles
+
+    quiet_llama_cpp()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise _unloadable(path)
+    try:
+        templates = _meta_strings(model, lambda key: key.startswith("tokenizer.chat_template"))
+    finally:
+        llama_cpp.llama_model_free(model)
+    for key, template in sorted(templates.items()):
+        check_compiles(template, f"GGUF file {path} ({key})")
+
+
+def _checked(gguf_path: Path) -> Path:
+    """The GGUF's path once it exists and its chat templates are safe to compile."""
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise EdgekdError(f"GGUF file {path} does not exist")
+    stat = path.stat()
+    _checked_templates(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    return path
+
+
 def _llama(gguf_path: Path, **kwargs):
     from llama_cpp import Llama
 
-    quiet_llama_cpp()
-
-    if not Path(gguf_path).is_file():
-        raise EdgekdError(f"GGUF file {gguf_path} does not exist")
-    return Llama(str(gguf_path), verbose=False, **kwargs)
+    path = _checked(gguf_path)
+    try:
+        return Llama(str(path), verbose=False, **kwargs)
+    except ValueError as err:
+        if "context" not in str(err):
+            raise _unloadable(path) from None
+        n_ctx = kwargs.get("n_ctx", 0)
+        kv = _gguf_cost(path).kv_bytes_per_position * n_ctx
+        raise EdgekdError(
+            f"llama.cpp could not allocate a {n_ctx}-token context for {path} (a KV cache of "
+            f"{kv / GB:.1f} GB); lower the profile's context_length"
+        ) from None
 
 
 def _gguf_cost(path: Path) -> TokenCost:
@@ -82,34 +151,49 @@ def _gguf_cost(path: Path) -> TokenCost:
 
 def _chat_prompts(vocab_llm, gguf_path: Path, conversations: list[list[dict]]) -> list[list[int]]:
     """Prompt token ids as create_chat_completion builds them: the GGUF's chat template rendered
-    by llama-cpp-python's Jinja2ChatFormatter, then tokenized with special tokens parsed."""
-    from llama_cpp import llama_chat_format, llama_model_get_vocab, llama_vocab_get_text
-
+    as llama-cpp-python's Jinja2ChatFormatter renders it (within chat_template's limits), then
+    tokenized with special tokens parsed."""
     template = vocab_llm.metadata.get("tokenizer.chat_template")
     if not template:
         raise EdgekdError(
             f"{gguf_path}: the GGUF has no tokenizer.chat_template, so prompts cannot be "
             "formatted; use a GGUF with a chat template or set data.source to a corpus"
         )
-    vocab = llama_model_get_vocab(vocab_llm.model)
+    # The formatter's added_special is True: the template writes BOS itself, none is added.
+    return [
+        vocab_llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        for prompt in _rendered(template, gguf_path, conversations, vocab_llm)
+    ]
+
+
+def _rendered(template: str, gguf_path: Path, conversations, llm) -> list[str]:
+    """Each conversation rendered with a generation prompt and the variables llama-cpp-python's
+    Jinja2ChatFormatter passes, within chat_template's limits."""
+    from llama_cpp import llama_model_get_vocab, llama_vocab_get_text
+
+    from edgekd.chat_template import render
+
+    vocab = llama_model_get_vocab(llm.model)
 
     def text(token: int) -> str:
         return llama_vocab_get_text(vocab, token).decode() if token >= 0 else ""
 
-    formatter = llama_chat_format.Jinja2ChatFormatter(
-        template=template,
-        eos_token=text(vocab_llm.token_eos()),
-        bos_token=text(vocab_llm.token_bos()),
-    )
-    ids = []
-    for messages in conversations:
-        rendered = formatter(messages=messages)
-        ids.append(
-            vocab_llm.tokenize(
-                rendered.prompt.encode(), add_bos=not rendered.added_special, special=True
-            )
+    eos, bos = llm.token_eos(), llm.token_bos()
+    return [
+        render(
+            template,
+            f"GGUF file {gguf_path}",
+            messages=messages,
+            eos_token=text(eos),
+            bos_token=text(bos),
+            add_generation_prompt=True,
+            functions=None,
+            function_call=None,
+            tools=None,
+            tool_choice=None,
         )
-    return ids
+        for messages in conversations
+    ]
 
 
 @dataclass
@@ -187,6 +271,7 @@ class LlamaCpp(Runtime):
     """A GGUF file in llama.cpp."""
 
     name = "llama.cpp"
+    preallocates_context = True
 
     @classmethod
     def holds(cls, path: Path) -> bool:
@@ -195,6 +280,10 @@ class LlamaCpp(Runtime):
     @classmethod
     def weight_files(cls, path: Path) -> list[Path]:
         return [Path(path)]
+
+    @classmethod
+    def check_files(cls, path: Path) -> None:
+        _checked(path)
 
     @classmethod
     def token_cost(cls, path: Path) -> TokenCost:
@@ -235,6 +324,9 @@ class LlamaCpp(Runtime):
             llm = _llama(
                 self.path, n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads
             )
+            if template := llm.metadata.get("tokenizer.chat_template"):
+                # llama-cpp-python renders it without limits: render it within them first.
+                _rendered(template, self.path, [messages], llm)
             reply = llm.create_chat_completion(
                 messages=messages, max_tokens=max_tokens, temperature=0.0
             )
@@ -266,8 +358,7 @@ class LlamaCpp(Runtime):
             raise EdgekdError(f"{self.path}: GGUF teacher not found")
         if not conversations:
             return []
-        quiet_llama_cpp()
-        vocab_llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        vocab_llm = _llama(self.path, vocab_only=True)
         prompt_ids = _chat_prompts(vocab_llm, self.path, conversations)
         parallel = min(parallel, len(conversations), llama_cpp.llama_max_parallel_sequences())
         longest = max(len(ids) for ids in prompt_ids)

@@ -28,6 +28,31 @@ def model_files(folder: Path) -> list[Path]:
     return sorted(f for f in Path(folder).iterdir() if f.name.startswith(MODEL))
 
 
+def check_onnx(folder: Path) -> None:
+    """model.onnx parses and every external weight lies within its data file."""
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx import external_data_helper
+
+    path = Path(folder) / MODEL
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except (DecodeError, OSError, ValueError) as err:
+        raise EdgekdError(
+            f"{path} is truncated or malformed ({type(err).__name__}); re-export it"
+        ) from None
+    for tensor in model.graph.initializer:
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        data = Path(folder) / info["location"]
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if not data.is_file() or data.stat().st_size < end:
+            raise EdgekdError(
+                f"{data} is missing or truncated: {tensor.name} ends at byte {end}; re-export it"
+            )
+
+
 def _initializer_bytes(tensor) -> int:
     from onnx import external_data_helper, numpy_helper
 
@@ -134,6 +159,10 @@ class Ort(Runtime):
     @classmethod
     def weight_files(cls, path: Path) -> list[Path]:
         return model_files(path)
+
+    @classmethod
+    def check_files(cls, path: Path) -> None:
+        check_onnx(path)
 
     @classmethod
     def token_cost(cls, path: Path) -> TokenCost:

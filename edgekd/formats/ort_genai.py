@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgekd.errors import EdgekdError
-from edgekd.formats.ort import model_files, onnx_cost
+from edgekd.formats.ort import check_onnx, model_files, onnx_cost
 from edgekd.formats.runtime import Runtime, TokenCost
 
 if TYPE_CHECKING:
@@ -35,6 +35,10 @@ class OrtGenai(Runtime):
     @classmethod
     def weight_files(cls, path: Path) -> list[Path]:
         return model_files(path)
+
+    @classmethod
+    def check_files(cls, path: Path) -> None:
+        check_onnx(path)
 
     @classmethod
     def token_cost(cls, path: Path) -> TokenCost:

@@ -66,6 +66,8 @@ class Runtime(ABC):
     """One backend running one model. Subclasses set `name` and implement every method."""
 
     name: ClassVar[str]
+    # Whether load() allocates the KV cache of the whole context up front (llama.cpp does).
+    preallocates_context: ClassVar[bool] = False
 
     def __init__(self, path: Path | str, *, threads: int, n_ctx: int = 0, tokenizer=None):
         """`n_ctx` 0: the model's own context; `tokenizer`: the Hugging Face tokenizer for chat
@@ -84,6 +86,12 @@ class Runtime(ABC):
     @abstractmethod
     def weight_files(cls, path: Path) -> list[Path]:
         """The files the runtime loads as the model (tokenizer and config files left out)."""
+
+    @classmethod
+    def check_files(cls, path: Path) -> None:
+        """EdgekdError naming the file unless the model's files are whole and safe to load
+        (what loading would otherwise fail on deep inside the runtime, or hang on)."""
+        return  # a runtime whose loader already fails with a clear line needs nothing more
 
     @classmethod
     @abstractmethod
