@@ -373,7 +373,17 @@ def train_kd(
                         grad_norm = accelerator.clip_grad_norm_(
                             student.parameters(), settings.max_grad_norm
                         )
-                    optimizer.step()
+                    try:
+                        optimizer.step()
+                    except RuntimeError as err:
+                        # torch's float32 scalars overflow on an update (lr / bias correction,
+                        # lr * weight_decay) before any tensor turns non-finite.
+                        if "without overflow" not in str(err):
+                            raise
+                        raise _diverged(
+                            name, settings, step + 1, "optimizer update", math.inf,
+                            first=False, checkpoint=checkpoint_step,
+                        ) from None  # fmt: skip
                     optimizer.zero_grad()
                 loss, norm = _host_values(out.loss, grad_norm if check_norm else None)
                 if not (math.isfinite(loss) and math.isfinite(norm)):

@@ -130,8 +130,10 @@ def test_diverging_lr_stops_distill_and_keeps_the_last_good_checkpoint(
         (["distill.lr=1e15", "distill.on_policy.fraction=1"], "sampled model's logits became nan"),
         (["distill.lr=1e30", "distill.feature.weight=1"], "at step 3 of 8"),
         (["distill.kd.temperature=1e30"], "the loss became nan at step 1 of 8"),
+        # lr / AdamW's bias correction overflows torch's float32 scalar before any weight does.
+        (["distill.lr=3e38"], "the optimizer update became inf at step 2 of 8"),
     ],
-    ids=["on-policy", "feature-term", "first-step"],
+    ids=["on-policy", "feature-term", "first-step", "optimizer-overflow"],
 )
 def test_non_finite_training_terms_stop_distill(
     tiny_teacher_dir, chat_jsonl, tmp_path, extra, expect
