@@ -203,7 +203,9 @@ def check_run_dir(
     if force and others and is_main:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         console.print(
-            f"--force: kept {len(others)} files edgekd did not write: {shown}", highlight=False
+            f"--force: kept {len(others)} file{'s' * (len(others) > 1)} edgekd did not write: "
+            f"{shown}",
+            highlight=False,
         )
     if is_main:
         atomic.write_json(path, identity)

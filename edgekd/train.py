@@ -443,8 +443,9 @@ def _resumable(accelerator: Accelerator, ckpt, key: str | None, name: str) -> di
         return progress
     held = progress.get("key") if isinstance(progress, dict) else None
     accelerator.print(
-        f"{name}: the checkpoint in {ckpt} was made with other settings (key {held!r}, this "
-        f"stage's is {key!r}); not resumed: training starts from step 0"
+        f"{name}: the checkpoint in {ckpt} was made with other settings (key "
+        f"{str(held)[:12]}, this stage's {str(key)[:12]}); not resumed: training starts from "
+        "step 0"
     )
     return None
 

@@ -260,7 +260,7 @@ def test_build_json_that_is_not_json(copy, tiny_teacher_dir, data):
     assert f"{copy / rundir.BUILD_FILE} is not valid JSON" in said and "--force" in said
     assert "Traceback" not in said
     out = Build(copy, [*_args(tiny_teacher_dir, data), "--force"]).finish()
-    assert "kept 1 files edgekd did not write: notes.txt" in out
+    assert "kept 1 file edgekd did not write: notes.txt" in out
     assert json.loads((copy / rundir.BUILD_FILE).read_text())["teacher"] == str(tiny_teacher_dir)
 
 
