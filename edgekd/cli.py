@@ -73,7 +73,7 @@ def build(
         from edgekd.rundir import disk_full_as_error
 
         run_dir = out or Path("export") / prof.name
-        with pipeline.claim(run_dir), disk_full_as_error(run_dir):
+        with disk_full_as_error(run_dir), pipeline.claim(run_dir):
             preflight(prof, rec, plan, run_dir)
             pipeline.build(prof, rec, run_dir, chosen, force=force)
     except EdgekdError as e:

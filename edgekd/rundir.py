@@ -104,6 +104,11 @@ def lock(run_dir: Path) -> Iterator[None]:
                 f"{run_dir} is in use by another edgekd build ({_holder(fd)}); wait for it to "
                 "finish, or pass another --out"
             ) from None
+        except OSError as err:  # a file system without locks (some network mounts)
+            raise EdgekdError(
+                f"cannot lock {path} ({err.strerror}); pass --out on a file system with file "
+                "locks (a local disk)"
+            ) from None
         os.ftruncate(fd, 0)
         holder = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         os.write(fd, json.dumps({**holder, "command": command_line()}).encode() + b"\n")
