@@ -70,12 +70,25 @@ def build(
                 raise fit_error(plan, prof)
             return
         from edgekd.preflight import preflight
+        from edgekd.rundir import disk_full_as_error
 
         run_dir = out or Path("export") / prof.name
-        preflight(prof, rec, plan, run_dir)
-        pipeline.build(prof, rec, run_dir, chosen, force=force)
+        with disk_full_as_error(run_dir), pipeline.claim(run_dir):
+            preflight(prof, rec, plan, run_dir)
+            pipeline.build(prof, rec, run_dir, chosen, force=force)
     except EdgekdError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        from edgekd.rundir import command_line
+
+        # A stage cut short stays in its partial folder, unmarked; the rerun resumes from there.
+        Console(stderr=True).print(
+            "[yellow]stopped:[/] the build was interrupted (SIGINT); nothing unfinished is marked "
+            f"done. Run the same command to resume: {command_line()}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -95,7 +108,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a build's run folder")]
 
 @app.command()
 def verify(run_dir: Annotated[Path, typer.Argument(help="a build's run folder")]) -> None:
-    """Re-hash every artifact against manifest.json; exit 1 if any is missing or differs."""
+    """Re-hash every artifact against manifest.json; exit 1 if any is missing, differs or is a
+    link, or if a stage folder holds a file the manifest does not list."""
+    from edgekd.verify import UNLISTED
     from edgekd.verify import verify as verify_run
 
     try:
@@ -106,7 +121,14 @@ def verify(run_dir: Annotated[Path, typer.Argument(help="a build's run folder")]
         console.print(f"{f.problem}: {f.path}", highlight=False, soft_wrap=True)
     manifest = run_dir / "manifest.json"
     if findings:
-        console.print(f"{len(findings)} of {checked} artifacts do not match {manifest}")
+        bad = sum(f.problem != UNLISTED for f in findings)
+        extra = len(findings) - bad
+        console.print(
+            f"{bad} of {checked} artifacts do not match {manifest}"
+            + (f"; {extra} files in its stage folders are not in it" if extra else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1)
     console.print(f"all {checked} artifacts match {manifest}")
 

@@ -36,6 +36,7 @@ class Context:
     effective: Effective  # the build's quant types, threads and stage chain, resolved once
     state: PartialState = field(default_factory=lambda: PartialState(cpu=not on_gpu()))
     work_dir: Path | None = None  # the running stage's temporary folder, set by the pipeline
+    stage_key: str | None = None  # the running stage's key, which its checkpoints carry
     stage_dirs: dict[str, Path] = field(default_factory=dict)
 
     @property

@@ -8,13 +8,15 @@ skipped; any other is re-run, and every stage after it too, because their keys c
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from accelerate import PartialState
 from rich.table import Table
 
-from edgekd import atomic, data, models, rundir, stages
+from edgekd import data, models, rundir, stages
 from edgekd.config import Profile, Recipe, settings_hash
 from edgekd.console import console
 from edgekd.context import Context, on_gpu
@@ -111,8 +113,18 @@ def pending_stages(
     ]
 
 
+@contextlib.contextmanager
+def claim(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for this build: the main process takes its lock (`rundir.lock`)."""
+    if PartialState(cpu=not on_gpu()).is_main_process:
+        with rundir.lock(run_dir):
+            yield
+    else:
+        yield
+
+
 def _prepare_work_dir(ctx: Context, spec: StageSpec, key: str) -> None:
-    ctx.work_dir = rundir.partial_dir(ctx.run_dir, spec.folder)
+    ctx.work_dir, ctx.stage_key = rundir.partial_dir(ctx.run_dir, spec.folder), key
     if ctx.is_main:
         rundir.prepare_partial(ctx.work_dir, key)
     ctx.barrier()
@@ -135,11 +147,14 @@ def build(
     ctx = Context(run_dir=run_dir, profile=profile, recipe=recipe, effective=effective, state=state)
     # The other processes look only once the main one has written build.json (atomically, through
     # a temporary file they would otherwise take for a foreign one).
+    folders = list(stages.folders().values())
     with ctx.state.main_process_first():
-        rundir.check_run_dir(run_dir, build_identity(profile, recipe), force, ctx.is_main)
+        if ctx.is_main:  # before anything is deleted or written through a link
+            rundir.refuse_links(run_dir, folders)
+        rundir.check_run_dir(run_dir, build_identity(profile, recipe), force, ctx.is_main, folders)
         if ctx.is_main:
-            for folder in (run_dir, run_dir / rundir.CACHE):
-                atomic.remove_temporaries(folder)
+            rundir.remove_temporaries(run_dir)
+            rundir.check_finished(run_dir, folders, force)
     chain = effective.chain
     needed = {dep.name for s in names for dep in inputs_of(stages.get(s), chain)}
     keys = stage_keys(profile, recipe, chain, ctx.teacher_source)

@@ -8,6 +8,8 @@ without either reaching into the other's folder.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -16,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgekd import rundir, stages
@@ -124,15 +126,27 @@ class Build:
     def output(self) -> str:
         return _ANSI.sub("", b"".join(self.chunks).decode(errors="replace"))
 
-    def kill_when(self, seen: Callable[[], bool], timeout: float = 120) -> None:
-        """SIGKILL the build as soon as `seen()` is true; fail if it ended first."""
+    def wait_for(self, seen: Callable[[], bool], timeout: float = 120) -> None:
+        """Return as soon as `seen()` is true; fail if the build ended first."""
         deadline = time.time() + timeout
         while not seen():
             if self.proc.poll() is not None:
-                raise AssertionError(f"build ended before the kill point:\n{self.output}")
+                raise AssertionError(f"build ended before the point waited for:\n{self.output}")
             if time.time() > deadline:
-                raise AssertionError(f"kill point not reached:\n{self.output}")
+                raise AssertionError(f"point waited for not reached:\n{self.output}")
             time.sleep(0.02)
+
+    def interrupt_when(self, seen: Callable[[], bool], timeout: float = 120) -> int:
+        """SIGINT the build (as Ctrl-C would) as soon as `seen()` is true; its exit code."""
+        self.wait_for(seen, timeout)
+        os.kill(self.proc.pid, signal.SIGINT)
+        self.proc.wait(timeout=120)
+        self.reader.join()
+        return self.proc.returncode
+
+    def kill_when(self, seen: Callable[[], bool], timeout: float = 120) -> None:
+        """SIGKILL the build as soon as `seen()` is true; fail if it ended first."""
+        self.wait_for(seen, timeout)
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.reader.join()
@@ -145,6 +159,14 @@ class Build:
         self.reader.join()
         if self.proc.returncode != 0:
             raise AssertionError(self.output[-4000:])
+        return self.output
+
+    def fail(self) -> str:
+        """Wait for the build; its output, or AssertionError unless it exited 2 (refused)."""
+        self.proc.wait(timeout=600)
+        self.reader.join()
+        if self.proc.returncode != 2:
+            raise AssertionError(f"exit {self.proc.returncode}, expected 2:\n{self.output[-4000:]}")
         return self.output
 
 
@@ -187,3 +209,36 @@ def assert_killed_stage_not_done(run: Path, stage: str) -> None:
         raise AssertionError(f"{stage} was killed but is in manifest.json")
     if not partial_folder(run, stage).is_dir():
         raise AssertionError(f"{stage} was killed but left no partial folder")
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size_mb: int, read_only: bool = False) -> Iterator[Path]:
+    """A small real file system mounted at `folder`, to fill up or to make read-only. Needs the
+    right to mount (root); OSError saying why otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"size={size_mb}m" + (",ro" if read_only else "")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise OSError(f"cannot mount a tmpfs at {folder}: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write zeros into `folder` until its file system is full; the filler file."""
+    path = folder / "filler"
+    block = bytes(1 << 20)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(block)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+    return path

@@ -32,7 +32,7 @@ from edgekd.data import collate, padding_id
 from edgekd.errors import EdgekdError
 from edgekd.feature_kd import MethodLosses
 from edgekd.losses import IGNORE_INDEX, Divergence, KDLossOutput, kd_loss, shift_for_next_token
-from edgekd.rundir import CHECKPOINT
+from edgekd.rundir import CHECKPOINT, PROGRESS
 
 # Passed as logits_to_keep: the student's forward computes no logits, the chunked loss does.
 _NO_LOGITS = torch.empty(0, dtype=torch.long)
@@ -302,9 +302,8 @@ def train_kd(
 
     ckpt = ctx.work_dir / CHECKPOINT
     step, curve = 0, []
-    if (ckpt / "progress.json").exists():
+    if (progress := _resumable(accelerator, ckpt, ctx.stage_key, name)) is not None:
         accelerator.load_state(str(ckpt))
-        progress = json.loads((ckpt / "progress.json").read_text())
         step, curve = progress["step"], progress["curve"]
         accelerator.print(f"{name}: resuming from the checkpoint at step {step}")
     checkpoint_step = step
@@ -431,7 +430,7 @@ def train_kd(
             if on_step is not None:
                 on_step(step, accelerator.unwrap_model(student))
             if step % settings.checkpoint_every == 0 and step < settings.max_steps:
-                _save_checkpoint(accelerator, ckpt, step, curve)
+                _save_checkpoint(accelerator, ckpt, step, curve, ctx.stage_key)
                 checkpoint_step = step
     accelerator.wait_for_everyone()
     methods.detach()
@@ -508,14 +507,36 @@ def save_curve(folder, curve: list[dict]) -> str:
     return "loss_curve.jsonl"
 
 
-def _save_checkpoint(accelerator: Accelerator, ckpt, step: int, curve: list[dict]) -> None:
+def _resumable(accelerator: Accelerator, ckpt, key: str | None, name: str) -> dict | None:
+    """The checkpoint's progress if it was made by this stage with these settings (its key);
+    None, saying why, for any other: another build's checkpoint is never resumed."""
+    try:
+        progress = json.loads((ckpt / PROGRESS).read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        progress = None
+    if isinstance(progress, dict) and progress.get("key") == key:
+        return progress
+    held = progress.get("key") if isinstance(progress, dict) else None
+    accelerator.print(
+        f"{name}: the checkpoint in {ckpt} was made with other settings (key "
+        f"{str(held)[:12]}, this stage's {str(key)[:12]}); not resumed: training starts from "
+        "step 0"
+    )
+    return None
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, ckpt, step: int, curve: list[dict], key: str | None
+) -> None:
     tmp = ckpt.with_name(f".{ckpt.name}.tmp")
     if accelerator.is_main_process:
         atomic.remove(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "curve": curve}))
+        (tmp / PROGRESS).write_text(json.dumps({"step": step, "curve": curve, "key": key}))
         atomic.fsync_path(tmp)
         atomic.remove(ckpt)
         os.replace(tmp, ckpt)

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,16 +25,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgekd.atomic import TMP_MARK
+from edgekd.rundir import CACHE, LOCK, PROGRESS
 from edgekd.testing import (
     FAST_BUILD,
     Build,
     assert_killed_stage_not_done,
     assert_no_leftovers,
+    fill,
     marker,
     partial_holds_file,
     save_embedded_tokenizer,
     save_tiny_llama,
     set_args,
+    tmpfs,
     write_chat_jsonl,
 )
 
@@ -341,6 +346,111 @@ def _bench_random_onnx(ws: Workspace) -> list[str]:
     folder = _teacher_copy(ws, "onnx-random", drop=("*.safetensors",))
     (folder / "model.onnx").write_bytes(os.urandom(65536))
     return ["bench", str(folder), "--profile", "phone-1gb"]
+
+
+def _run_copy(ws: Workspace, name: str) -> Path:
+    copy = ws.path(name)
+    shutil.copytree(ws.run, copy, symlinks=True)
+    return copy
+
+
+def _outside(ws: Workspace, name: str) -> Path:
+    """A folder of the user's outside the run, with a file named like an edgekd temporary."""
+    folder = ws.path(name)
+    _write(folder / "notes.txt", "mine")
+    _write(folder / f".notes{TMP_MARK}1", "mine too")
+    return folder
+
+
+def _outside_kept(name: str) -> Callable[[Workspace], str]:
+    def check(ws: Workspace) -> str:
+        folder = ws.path(name)
+        assert sorted(p.name for p in folder.iterdir()) == [f".notes{TMP_MARK}1", "notes.txt"]
+        assert (folder / "notes.txt").read_text() == "mine"
+        return f"both files in <tmp>/{name} untouched"
+
+    return check
+
+
+def _linked_cache(ws: Workspace) -> list[str]:
+    copy = _run_copy(ws, "run-linked-cache")
+    shutil.rmtree(copy / CACHE)
+    (copy / CACHE).symlink_to(_outside(ws, "outside-cache"))
+    return ws.build("--set", "distill.lr=3e-5", out=copy)
+
+
+def _linked_partial(ws: Workspace) -> list[str]:
+    copy = _run_copy(ws, "run-linked-partial")
+    (copy / ".01-distill.partial").symlink_to(_outside(ws, "outside-partial"))
+    return ws.build("--set", "distill.lr=3e-5", out=copy)
+
+
+def _linked_artifact(ws: Workspace) -> list[str]:
+    copy = _run_copy(ws, "run-linked-artifact")
+    weights = copy / "01-distill" / "model" / "model.safetensors"
+    outside = ws.path("outside.safetensors")
+    shutil.move(weights, outside)
+    weights.symlink_to(outside)  # the same bytes: the hash matches, the link is the fault
+    return ["verify", str(copy)]
+
+
+def _manifest_path(ws: Workspace, name: str, bad: str) -> list[str]:
+    copy = _run_copy(ws, name)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["stages"]["distill"]["artifacts"][bad] = {"bytes": 1, "sha256": "0" * 64}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return ["verify", str(copy)]
+
+
+def _unlisted_file(ws: Workspace) -> list[str]:
+    copy = _run_copy(ws, "run-unlisted")
+    _write(copy / "01-distill" / "extra.bin", "x")
+    return ["verify", str(copy)]
+
+
+def _force_other_profile(ws: Workspace) -> list[str]:
+    copy = _run_copy(ws, "run-force")
+    _write(copy / "notes.txt", "mine")
+    return [*_with(ws.build(out=copy), "--profile", "laptop-cpu"), "--force"]
+
+
+def _notes_kept(name: str) -> Callable[[Workspace], str]:
+    def check(ws: Workspace) -> str:
+        assert (ws.path(name) / "notes.txt").read_text() == "mine"
+        return "notes.txt kept"
+
+    return check
+
+
+def _out_is_a_file(ws: Workspace) -> list[str]:
+    return ws.build(out=_write(ws.path("a-file"), "mine"))
+
+
+def _out_read_only(ws: Workspace) -> list[str]:
+    folder = ws.path("read-only")
+    folder.mkdir()
+    if os.geteuid() != 0:  # permissions bind everyone but root
+        folder.chmod(0o555)
+    else:  # a read-only mount, which _read_only_undone takes away
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,ro", "tmpfs", str(folder)])
+        assert done.returncode == 0, "root, but cannot mount a read-only file system"
+    return ws.build(out=folder / "run")
+
+
+def _read_only_undone(ws: Workspace) -> str:
+    folder = ws.path("read-only")
+    assert not (folder / "run").exists()
+    if os.geteuid() == 0:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+    folder.chmod(0o755)
+    return "nothing written"
+
+
+def _not_json(ws: Workspace, name: str, file: str, *extra: str) -> list[str]:
+    copy = _run_copy(ws, name)
+    _write(copy / file, "{ not json")
+    _write(copy / "notes.txt", "mine")
+    return [*ws.build(out=copy), *extra]
 
 
 PROFILE = (ROOT / "edgekd" / "profiles" / "phone-1gb.yaml").read_text()
@@ -671,15 +781,87 @@ CASES = [
         ),
         "allocates the whole 2000000000-token context",
     ),
+    # The run folder: what --out may be, its files, --force, symbolic links, verify.
+    Case(
+        "`--out` an existing regular file",
+        _out_is_a_file,
+        "is a file, not a folder",
+    ),
+    Case(
+        "`--out` on a read-only file system",
+        _out_read_only,
+        "cannot write in",
+        fast=False,  # needs a read-only mount where the user is root
+        intact=_read_only_undone,
+    ),
+    Case(
+        "build.json in the run folder that is not JSON",
+        lambda ws: _not_json(ws, "run-bad-build-json", "build.json"),
+        "build.json is not valid JSON",
+    ),
+    Case(
+        "build.json that is not JSON, with `--force`",
+        lambda ws: _not_json(ws, "run-bad-build-json-force", "build.json", "--force"),
+        "kept 1 file edgekd did not write: notes.txt",
+        exit_code=0,
+        intact=_notes_kept("run-bad-build-json-force"),
+    ),
+    Case(
+        "a finished stage's report.json that is not JSON",
+        lambda ws: _not_json(ws, "run-bad-report", "01-distill/report.json"),
+        "report.json is not valid JSON",
+    ),
+    Case(
+        "`--force` into a folder of another build (another profile) and the user's notes.txt",
+        _force_other_profile,
+        "kept 1 file edgekd did not write: notes.txt",
+        exit_code=0,
+        intact=_notes_kept("run-force"),
+    ),
+    Case(
+        "cache/ a symbolic link to the user's folder outside the run",
+        _linked_cache,
+        "cache is a symbolic link",
+        intact=_outside_kept("outside-cache"),
+    ),
+    Case(
+        "a stage's .partial folder a symbolic link to the user's folder outside the run",
+        _linked_partial,
+        ".01-distill.partial is a symbolic link",
+        intact=_outside_kept("outside-partial"),
+    ),
+    Case(
+        "artifact replaced by a link to an identical file outside the run, then `edgekd verify`",
+        _linked_artifact,
+        "symbolic link",
+        exit_code=1,
+    ),
+    Case(
+        "manifest.json listing `../outside.bin`, then `edgekd verify`",
+        lambda ws: _manifest_path(ws, "run-dotdot", "../outside.bin"),
+        "a path that is not inside the run folder",
+    ),
+    Case(
+        "manifest.json listing an absolute path (`/etc/hostname`), then `edgekd verify`",
+        lambda ws: _manifest_path(ws, "run-absolute", "/etc/hostname"),
+        "a path that is not inside the run folder",
+    ),
+    Case(
+        "a file in a stage folder that the manifest does not list, then `edgekd verify`",
+        _unlisted_file,
+        "not in the manifest: 01-distill/extra.bin",
+        exit_code=1,
+    ),
 ]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder`, by relative path."""
+    """sha256 of every file under `folder`, by relative path; the lock file says who last held
+    the folder (every build that reaches it rewrites it) and is no part of the build."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.relative_to(folder) != Path(LOCK)
     }
 
 
@@ -822,11 +1004,100 @@ def kill_export(ws: Workspace, stage: str, seen: str, expect: str) -> Row:
     return _resumed(f"SIGKILL during {stage} (`{seen}` being written)", run, out, expect, kept)
 
 
+# The run folder: a second build, another build's checkpoint, a full disk, SIGINT.
+
+
+def _line(out: str, expect: str, root: Path) -> str:
+    return " ".join(said(out, expect).split()).replace(str(root), "<tmp>")
+
+
+def second_build(ws: Workspace) -> Row:
+    run = ws.path("locked")
+    args = _kill_args(ws, "distill", ["distill.max_steps=150"])
+    first = Build(run, args)
+    first.wait_for(lambda: "distill: step 1/" in first.output)
+    second = Build(run, args).fail()
+    assert first.proc.poll() is None, "the first build ended before the second was refused"
+    expect = f"is in use by another edgekd build (pid {first.proc.pid}, started"
+    assert expect in second and "Traceback" not in second, second
+    first.finish()
+    line = _line(second, "is in use", ws.root).replace(str(first.proc.pid), "<pid>")
+    line = re.sub(r"started [^)]*\)", "started <time>: <its command line>)", line)
+    intact = "the first build went on and finished (exit 0); the second did nothing"
+    return Row("a second `edgekd build` into a run folder while the first runs", line, 2, intact)
+
+
+def foreign_checkpoint(ws: Workspace) -> Row:
+    run = ws.path("foreign-checkpoint")
+    steps = ["distill.max_steps=30", "distill.checkpoint_every=3"]
+    ours = _kill_args(ws, "distill", steps)
+    theirs = _kill_args(ws, "distill", [*steps, "distill.lr=3e-5"])
+    checkpoint = run / ".01-distill.partial" / "checkpoint"
+    written = (checkpoint / PROGRESS).exists
+    Build(run, theirs).kill_when(written)
+    shutil.move(checkpoint, ws.path("their-checkpoint"))
+    Build(run, ours).kill_when(written)
+    shutil.rmtree(checkpoint)
+    shutil.move(ws.path("their-checkpoint"), checkpoint)
+    out = Build(run, ours).finish()
+    expect = "was made with other settings"
+    assert expect in out and "resuming from the checkpoint" not in out, out
+    fault = "a partial folder holding another build's checkpoint (other `distill.lr`)"
+    line = _line(out, expect, ws.root)
+    return Row(fault, line, 0, "trained from step 0 with its own settings; exit 0")
+
+
+def _verified(run: Path) -> str:
+    """Nothing cut short left in `run`, and every artifact matches its manifest."""
+    from edgekd.verify import verify
+
+    assert_no_leftovers(run)
+    checked, findings = verify(run)
+    assert not findings, findings
+    return f"`edgekd verify`: all {checked} artifacts match"
+
+
+def disk_fills(ws: Workspace) -> Row:
+    mount = ws.path("small-disk")
+    args = _kill_args(ws, "distill", ["distill.max_steps=20", "distill.checkpoint_every=1"])
+    with tmpfs(mount, 300):  # OSError, saying why, where tmpfs cannot be mounted
+        run = mount / "run"
+        build = Build(run, args)
+        build.wait_for(lambda: "distill: running in" in build.output)
+        filler = fill(mount)
+        out = build.fail()
+        assert "Traceback" not in out, out
+        assert_killed_stage_not_done(run, "distill")
+        filler.unlink()
+        Build(run, args).finish()
+        intact = f"distill not marked done; space freed, the rerun exit 0, {_verified(run)}"
+    fault = "the disk fills during a stage (a 300 MB tmpfs, filled once the stage runs)"
+    return Row(fault, _line(out, "disk full", ws.root), 2, intact)
+
+
+def interrupted(ws: Workspace) -> Row:
+    run = ws.path("interrupted")
+    args = _kill_args(ws, "distill", ["distill.max_steps=200", "distill.checkpoint_every=3"])
+    build = Build(run, args)
+    code = build.interrupt_when((run / ".01-distill.partial" / "checkpoint" / PROGRESS).exists)
+    assert code == 130 and "Traceback" not in build.output, build.output
+    assert_killed_stage_not_done(run, "distill")
+    out = Build(run, args).finish()
+    assert "resuming from the checkpoint" in out, out
+    line = _line(build.output, "(SIGINT)", ws.root).split("resume:")[0] + "resume: <command>"
+    intact = f"distill not marked done; the rerun resumed from its checkpoint, {_verified(run)}"
+    return Row("SIGINT (Ctrl-C) mid-training", line, 130, intact)
+
+
 KILLS = [
     kill_generation,
     kill_training,
     lambda ws: kill_export(ws, "export_gguf", ".gguf", "export_gguf: running"),
     lambda ws: kill_export(ws, "export_onnx", "fp32", "export_gguf: up to date"),
+    second_build,
+    foreign_checkpoint,
+    disk_fills,
+    interrupted,
 ]
 
 

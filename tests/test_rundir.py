@@ -56,6 +56,6 @@ def test_finish_refuses_an_artifact_the_stage_did_not_write(tmp_path):
 def test_a_folder_of_something_else_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(EdgekdError, match="holds no edgekd build"):
-        rundir.check_run_dir(tmp_path, {"teacher": "t"}, force=False, is_main=True)
-    rundir.check_run_dir(tmp_path, {"teacher": "t"}, force=True, is_main=True)
+        rundir.check_run_dir(tmp_path, {"teacher": "t"}, force=False, is_main=True, folders=[])
+    rundir.check_run_dir(tmp_path, {"teacher": "t"}, force=True, is_main=True, folders=[])
     assert json.loads((tmp_path / rundir.BUILD_FILE).read_text()) == {"teacher": "t"}

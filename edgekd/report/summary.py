@@ -18,7 +18,7 @@ from edgekd.benchmark import MIB, budget_verdict
 from edgekd.config import Profile, known_profiles, load_profile
 from edgekd.report.html import render
 from edgekd.report.text import mb, speculative_line, spread_text, verdict_line
-from edgekd.rundir import BUILD_FILE, REPORT_HTML, REPORT_JSON, read_done
+from edgekd.rundir import BUILD_FILE, REPORT_HTML, REPORT_JSON, read_done, read_json
 from edgekd.stages import SPECS
 from edgekd.stages import get as spec_of
 
@@ -101,9 +101,10 @@ def gather(run_dir: Path) -> dict:
     """The build report of a run folder, from its finished stages."""
     run_dir = Path(run_dir)
     build_file = run_dir / BUILD_FILE
-    identity = json.loads(build_file.read_text()) if build_file.is_file() else {}
+    changed = "it was changed after edgekd wrote it; rerun the build with --force"
+    identity = read_json(build_file, changed) if build_file.is_file() else {}
     folders = finished_stages(run_dir)
-    stages = {s: json.loads((f / REPORT_JSON).read_text()) for s, f in folders.items()}
+    stages = {s: read_json(f / REPORT_JSON, changed) for s, f in folders.items()}
     curves = {
         s: _read_curve(f / "loss_curve.jsonl")
         for s, f in folders.items()
