@@ -206,14 +206,17 @@ def _user_folder_kept(ws: Workspace) -> str:
 
 
 def _huge_teacher(ws: Workspace) -> list[str]:
-    """A 13B-parameter teacher as a sparse file (valid header, zeros): a run that needs more disk
+    """A 9.5B-parameter teacher as a sparse file (valid header, zeros): a run that needs more disk
     than this machine has, without using any."""
     t = _teacher_copy(ws, "t-huge", drop=("*.safetensors", "config.json"))
     config = json.loads((ws.teacher / "config.json").read_text())
     config.update(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40)
     config.update(num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False)
     (t / "config.json").write_text(json.dumps(config))
-    n = 13_000_000_000
+    # As many values as the config declares: preflight refuses weights that do not match it.
+    from edgekd.models import load_config, param_count, resolve_source
+
+    n = param_count(load_config(resolve_source(str(t), role="teacher")))
     header = json.dumps({"w": {"dtype": "BF16", "shape": [n], "data_offsets": [0, 2 * n]}})
     header += " " * (-len(header) % 8)
     with open(t / "model.safetensors", "wb") as f:
@@ -631,7 +634,7 @@ CASES = [
         intact=_user_folder_kept,
     ),
     Case(
-        "run that needs more disk than is free (13B teacher as a sparse file)",
+        "run that needs more disk than is free (9.5B teacher as a sparse file)",
         _huge_teacher,
         "GB is free",
         fast=False,
