@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import math
@@ -153,6 +154,18 @@ def load_config(src: ModelSource):
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
 
 
+def gguf_reader(path: Path) -> GGUFReader:
+    """A GGUF file's parsed header and tensor index, read once per version of the file: parsing
+    takes seconds, and preflight and the build both need the tokenizer metadata and the sizes."""
+    st = Path(path).stat()
+    return _gguf_reader(Path(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_reader(path: Path, size: int, mtime_ns: int) -> GGUFReader:
+    return GGUFReader(path)
+
+
 # llama.cpp pre-tokenizer names whose digit handling transformers' GGUF loader drops.
 _SPLIT_DIGITS_PRE = {"smollm"}
 
@@ -166,7 +179,7 @@ def _apply_gguf_tokenizer_metadata(tok, path: Path) -> None:
     split of SmolLM2's pre-tokenizer, so its token streams would differ from llama.cpp's and the
     original tokenizer's.
     """
-    fields = GGUFReader(path).fields
+    fields = gguf_reader(path).fields
     pre = fields.get("tokenizer.ggml.pre")
     if pre is not None and str(pre.contents()) in _SPLIT_DIGITS_PRE:
         from tokenizers import pre_tokenizers
@@ -260,7 +273,7 @@ def _values_present(src: ModelSource) -> int | None:
     (pickle weights, a hub model not in the cache)."""
     if src.kind == "gguf":
         with readable(f"GGUF file {src.path}"):
-            return sum(int(t.n_elements) for t in GGUFReader(src.path).tensors)
+            return sum(int(t.n_elements) for t in gguf_reader(src.path).tensors)
     try:
         folder = _local_folder(src)
     except EdgekdError:
