@@ -35,6 +35,8 @@ FAST_BUILD = [
     "eval.sample_max_tokens=4",
     "export_onnx.genai=false",
 ]
+# A short text in the embedded tokenizer's ids, for tests that feed a runtime tokens directly.
+TOKEN_IDS = [1, 504, 3458, 314, 253, 1345, 30, 378, 1812, 28, 2516, 4442, 13]
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from edgekd.formats.gguf import write_gguf
 from edgekd.testing import save_embedded_tokenizer, save_tiny_llama, write_chat_jsonl
 
 # Tiny models gain nothing from threads, and OpenMP threads fighting over two shared cores make a
@@ -30,6 +31,14 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory, tokenizer) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("teacher"), tokenizer, num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """A tiny tied Llama (HF folder) and its F16 GGUF."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    folder = save_tiny_llama(root / "model", tokenizer, num_layers=2)
+    return folder, write_gguf(folder, root / "model-F16.gguf", dtype="F16")
 
 
 @pytest.fixture

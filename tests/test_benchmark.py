@@ -12,19 +12,8 @@ from edgekd.benchmark import Artifact
 from edgekd.cli import app
 from edgekd.config import BenchSettings, load_profile
 from edgekd.errors import EdgekdError
-from edgekd.formats.gguf import write_gguf
 from edgekd.formats.runtime import TokenCost
-from edgekd.testing import save_tiny_llama
-
-SEQ = [1, 504, 3458, 314, 253, 1345, 30, 378, 1812, 28, 2516, 4442, 13]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    """A tiny tied Llama (HF folder) and its F16 GGUF."""
-    root = tmp_path_factory.mktemp("bench")
-    folder = save_tiny_llama(root / "model", tokenizer, num_layers=2)
-    return folder, write_gguf(folder, root / "model-F16.gguf", dtype="F16")
+from edgekd.testing import TOKEN_IDS
 
 
 @pytest.mark.parametrize(
@@ -87,15 +76,15 @@ def _rss(key: str) -> int:
 
 
 @pytest.mark.slow
-def test_child_measures_speed_memory_and_answers(tiny, tmp_path):
-    _, gguf_path = tiny
+def test_child_measures_speed_memory_and_answers(tiny_llama_gguf, tmp_path):
+    _, gguf_path = tiny_llama_gguf
     questions = [{"prompt": "What is 2 plus 2?", "category": "arithmetic", "answer": "4"}]
     job = benchmark.Job(
         runtime="llama.cpp",
         path=str(gguf_path),
         threads=1,
         n_ctx=128,
-        prompt=SEQ * 2,
+        prompt=TOKEN_IDS * 2,
         decode_tokens=6,
         runs=3,
         warmup_runs=1,
@@ -179,8 +168,8 @@ def test_bench_threads():
 
 
 @pytest.mark.slow
-def test_bench_command_on_a_gguf(tiny, tmp_path):
-    _, gguf_path = tiny
+def test_bench_command_on_a_gguf(tiny_llama_gguf, tmp_path):
+    _, gguf_path = tiny_llama_gguf
     out = tmp_path / "bench.json"
     sets = [
         "bench.runs=2",

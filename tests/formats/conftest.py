@@ -3,25 +3,14 @@
 import pytest
 import torch
 
-from edgekd.formats.gguf import write_gguf
-from edgekd.testing import save_tiny_llama
-
-SEQ = [1, 504, 3458, 314, 253, 1345, 30, 378, 1812, 28, 2516, 4442, 13]
+from edgekd.testing import TOKEN_IDS as SEQ
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, tokenizer):
-    """A tiny tied Llama (HF folder) and its F16 GGUF."""
-    root = tmp_path_factory.mktemp("tiny-model")
-    folder = save_tiny_llama(root / "model", tokenizer, num_layers=2)
-    return folder, write_gguf(folder, root / "model-F16.gguf", dtype="F16")
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory, tiny_model):
+def tiny_onnx(tmp_path_factory, tiny_llama_gguf):
     from edgekd.formats.onnx import export_onnx
 
-    return export_onnx(tiny_model[0], tmp_path_factory.mktemp("tiny-onnx") / "fp32")
+    return export_onnx(tiny_llama_gguf[0], tmp_path_factory.mktemp("tiny-onnx") / "fp32")
 
 
 def argmax_is_top(logprobs: torch.Tensor, token: int) -> bool:

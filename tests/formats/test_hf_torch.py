@@ -11,8 +11,8 @@ from edgekd.testing import tiny_llama_config
 from tests.formats.conftest import assert_steps_follow_the_full_pass
 
 
-def test_steps_greedily_with_its_cache(tiny_model):
-    runtime = HfTorch(tiny_model[0], threads=1, n_ctx=64)
+def test_steps_greedily_with_its_cache(tiny_llama_gguf):
+    runtime = HfTorch(tiny_llama_gguf[0], threads=1, n_ctx=64)
 
     def full(seq):
         with torch.no_grad():
@@ -21,8 +21,8 @@ def test_steps_greedily_with_its_cache(tiny_model):
     assert_steps_follow_the_full_pass(runtime, full)
 
 
-def test_token_cost(tiny_model):
-    folder, _ = tiny_model
+def test_token_cost(tiny_llama_gguf):
+    folder, _ = tiny_llama_gguf
     config = LlamaForCausalLM.from_pretrained(folder).config
     cost = HfTorch.token_cost(folder)
     assert cost.weights_read_bytes == 4 * param_count(config)

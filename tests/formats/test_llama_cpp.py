@@ -11,14 +11,14 @@ from edgekd.models import embedded_teacher_gguf, kv_cache_bytes
 from tests.formats.conftest import assert_steps_follow_the_full_pass
 
 
-def test_steps_greedily_with_its_cache(tiny_model):
-    _, gguf_path = tiny_model
+def test_steps_greedily_with_its_cache(tiny_llama_gguf):
+    _, gguf_path = tiny_llama_gguf
     runtime = LlamaCpp(gguf_path, threads=1, n_ctx=64)
     assert_steps_follow_the_full_pass(runtime, lambda seq: runtime.logprobs([seq])[0])
 
 
-def test_token_cost(tiny_model):
-    folder, gguf_path = tiny_model
+def test_token_cost(tiny_llama_gguf):
+    folder, gguf_path = tiny_llama_gguf
     model = LlamaForCausalLM.from_pretrained(folder)
     # F16 matrices and F32 norms, tied embedding read whole (it is the output matrix too)
     expected = sum(p.numel() * (2 if p.dim() == 2 else 4) for p in model.parameters())

@@ -16,9 +16,9 @@ def test_steps_greedily_with_its_cache(tiny_onnx):
 
 
 @pytest.mark.slow
-def test_token_cost(tiny_model, tiny_onnx):
+def test_token_cost(tiny_llama_gguf, tiny_onnx):
     cost = Ort.token_cost(tiny_onnx)
-    config = AutoConfig.from_pretrained(tiny_model[0])
+    config = AutoConfig.from_pretrained(tiny_llama_gguf[0])
     assert cost.kv_bytes_per_position == kv_cache_bytes(config, 1, bytes_per_value=4)
     # fp32 weights, the tied embedding read whole: every parameter once (less the identical
     # all-ones norm weights of a fresh model, which the exporter stores once)

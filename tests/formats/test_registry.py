@@ -14,12 +14,12 @@ from edgekd.formats.gguf import write_gguf
 from edgekd.formats.registry import RUNTIMES, open_runtime, runtime_class, runtime_of
 from edgekd.formats.runtime import Runtime, next_token, prompt_rng, scoring_context
 from edgekd.models import param_count
+from edgekd.testing import TOKEN_IDS as SEQ
 from edgekd.testing import tiny_llama_config
-from tests.formats.conftest import SEQ
 
 
-def test_runtime_of(tiny_model, tmp_path):
-    folder, gguf_path = tiny_model
+def test_runtime_of(tiny_llama_gguf, tmp_path):
+    folder, gguf_path = tiny_llama_gguf
     assert runtime_of(gguf_path) == "llama.cpp"
     assert runtime_of(folder) == "torch"
     onnx = tmp_path / "onnx"
@@ -70,11 +70,11 @@ def test_untied_embedding_is_only_looked_up(tmp_path, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def every_runtime(tiny_model, tiny_onnx, tmp_path_factory):
+def every_runtime(tiny_llama_gguf, tiny_onnx, tmp_path_factory):
     """The tiny model in each registered runtime's format."""
     from edgekd.formats.onnx import build_genai
 
-    folder, gguf_path = tiny_model
+    folder, gguf_path = tiny_llama_gguf
     genai = build_genai(folder, tmp_path_factory.mktemp("tiny-genai") / "genai", precision="fp32")
     paths = {"torch": folder, "llama.cpp": gguf_path, "onnxruntime": tiny_onnx}
     paths["onnxruntime-genai"] = genai
