@@ -4,7 +4,7 @@ Every case runs the real command line (`python -m edgekd.cli ...`) on tiny model
 folder, next to a finished run whose files are hashed before and after: the table's last column
 says whether anything in it changed. Run from the repo root (a few minutes on two cores):
 
-    python scripts/reliability_table.py [--out docs/reliability.md] [--fast]
+    python scripts/reliability_table.py [--out docs/reliability.md] [--fast] [--only TEXT]
 
 tests/test_reliability_table.py runs the cases marked fast through the same code, so the table
 cannot go stale without a test failing.
@@ -1108,18 +1108,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "reliability.md")
     ap.add_argument("--fast", action="store_true", help="only the cases the test runs")
+    ap.add_argument(
+        "--only", metavar="TEXT", help="run the cases whose fault contains TEXT; write nothing"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgekd-reliability-") as tmp:
         ws = make_workspace(Path(tmp))
         rows = []
         for case in CASES:
-            if args.fast and not case.fast:
+            if (args.fast and not case.fast) or (args.only and args.only not in case.fault):
                 continue
             rows.append(run_case(case, ws))
             print(f"{len(rows):2d}. {case.fault}: {rows[-1].said}", flush=True)
-        for kill in [] if args.fast else KILLS:
+        for kill in [] if args.fast or args.only else KILLS:
             rows.append(kill(ws))
             print(f"{len(rows):2d}. {rows[-1].fault}: {rows[-1].said}", flush=True)
+    if args.only:
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(rows))
     print(f"{len(rows)} cases written to {args.out}")
