@@ -4,7 +4,9 @@ per corpus and read by the training stages instead of running the teacher.
 Per position (a logit index t whose next label is not -100, exactly what the KD loss uses) it keeps
 the k largest log-probs at temperature 1 (fp16) with their token ids (int32) and the log of the
 mass outside them (fp32). Training gets dense stand-in logits at its temperature T (see
-dense_logprobs), so every divergence in losses.py applies unchanged. On disk: one safetensors file.
+dense_logprobs), so every divergence in losses.py applies unchanged. On disk: a folder of
+safetensors shards and a manifest (what corpus, tokenizer, top_k and teacher made it, each shard's
+sha256), one format whether the teacher ran in process or was served, made here or elsewhere.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from edgekd import atomic
 from edgekd.atomic import atomic_path
 from edgekd.data import TokenizedExample, collate
+from edgekd.errors import EdgekdError
 from edgekd.losses import IGNORE_INDEX
 
 # log of the mass outside the top k when the top k hold all of it (keeps the rebuilt logits finite).
@@ -130,3 +134,177 @@ class LogitCache:
             rebuilt = dense_logprobs(**t, vocab=self.vocab, temperature=temperature)
             out[row, self.t["positions"][a:b].long()] = rebuilt.to(device)
         return out
+
+
+def from_entries(
+    entries: list[list[list[tuple[int, float]] | None]],
+    targets: list[list[int]],
+    positions: list[list[int]],
+    *,
+    top_k: int,
+    vocab: int,
+) -> dict[str, Tensor]:
+    """The cache's tensors from (id, log-prob) alternatives per position, as a served teacher
+    gives them: fewer than top_k where some could not be mapped, none where the server gave none.
+
+    The mass outside the given alternatives is the rest. Slots left empty take distinct unused ids
+    at the rest's even share (what dense_logprobs assumes of the tail at T = 1, so the rebuilt
+    distribution is unchanged); a position without alternatives puts all its mass on its target
+    token (it trains on the label)."""
+    k = min(top_k, vocab)
+    parts: dict[str, list[Tensor]] = {"ids": [], "logprobs": [], "log_rest": [], "positions": []}
+    counts = []
+    for rows, tgt, pos in zip(entries, targets, positions, strict=True):
+        for pairs, target in zip(rows, tgt, strict=True):
+            pairs = sorted(pairs or [(target, 0.0)], key=lambda p: -p[1])[:k]
+            mass = sum(math.exp(lp) for _, lp in pairs)
+            log_rest = math.log(1 - mass) if mass < 1 else _MIN_LOG_REST
+            log_rest = max(log_rest, _MIN_LOG_REST)
+            used = {i for i, _ in pairs}
+            fill = log_rest - math.log(max(vocab - len(pairs), 1))
+            pad = [i for i in range(vocab) if i not in used][: k - len(pairs)]
+            ids = [i for i, _ in pairs] + pad
+            lps = [lp for _, lp in pairs] + [fill] * len(pad)
+            # The padding ids now carry their share: the rest is what is left for the others.
+            rest = log_rest + math.log(max(vocab - k, 1) / max(vocab - len(pairs), 1))
+            parts["ids"].append(torch.tensor(ids, dtype=torch.int32))
+            parts["logprobs"].append(torch.tensor(lps).to(torch.float16))
+            parts["log_rest"].append(torch.tensor(max(rest, _MIN_LOG_REST)))
+        parts["positions"].append(torch.tensor(pos, dtype=torch.int32))
+        counts.append(len(pos))
+    out = {
+        "ids": torch.stack(parts["ids"]) if parts["ids"] else torch.zeros(0, k, dtype=torch.int32),
+        "logprobs": torch.stack(parts["logprobs"])
+        if parts["logprobs"]
+        else torch.zeros(0, k, dtype=torch.float16),
+        "log_rest": torch.stack(parts["log_rest"]).float() if parts["log_rest"] else torch.zeros(0),
+        "positions": torch.cat(parts["positions"]),
+    }
+    out["offsets"] = torch.tensor([0, *counts], dtype=torch.long).cumsum(0)
+    out["vocab"] = torch.tensor([vocab], dtype=torch.long)
+    return out
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 hex of the vocabulary (piece -> id) and special tokens: what a cache's ids mean."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.all_special_tokens).encode())
+    return h.hexdigest()
+
+
+def dense_reference(tensors: dict[str, Tensor]) -> list[Tensor]:
+    """Per example, [positions, V] log-probs at temperature 1 rebuilt from cache tensors (the
+    held-out reference of a teacher that gives only its top k)."""
+    out = []
+    offsets, vocab = tensors["offsets"], int(tensors["vocab"][0])
+    for i in range(len(offsets) - 1):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        t = {name: tensors[name][a:b] for name in ("ids", "logprobs", "log_rest")}
+        out.append(dense_logprobs(**t, vocab=vocab, temperature=1.0).log_softmax(-1))
+    return out
+
+
+# A cache folder: shards of whole examples and, written last, a manifest naming what made them.
+CACHE_MANIFEST = "manifest.json"
+CACHE_FORMAT = 1
+SHARD_EXAMPLES = 256
+
+
+def _slice(tensors: dict[str, Tensor], a: int, b: int) -> dict[str, Tensor]:
+    """Examples a..b of cache tensors, with offsets from 0."""
+    offsets = tensors["offsets"]
+    lo, hi = int(offsets[a]), int(offsets[b])
+    out = {name: tensors[name][lo:hi].contiguous() for name in ("ids", "logprobs", "log_rest")}
+    out["positions"] = tensors["positions"][lo:hi].contiguous()
+    out["offsets"] = (offsets[a : b + 1] - lo).contiguous()
+    out["vocab"] = tensors["vocab"]
+    return out
+
+
+def write_dir(folder: Path, tensors: dict[str, Tensor], meta: dict) -> None:
+    """Write cache tensors to `folder` as shards of SHARD_EXAMPLES examples and manifest.json
+    (meta: corpus fingerprint, tokenizer hash, top_k, teacher; plus each shard's sha256)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(tensors["offsets"]) - 1
+    shards = []
+    for i, a in enumerate(range(0, max(n, 1), SHARD_EXAMPLES)):
+        b = min(a + SHARD_EXAMPLES, n)
+        name = f"shard-{i:05d}.safetensors"
+        save(folder / name, _slice(tensors, a, b))
+        path = folder / name
+        shards.append(
+            {"file": name, "examples": [a, b], "bytes": path.stat().st_size,
+             "sha256": atomic.sha256_file(path)}
+        )  # fmt: skip
+    manifest = {"format": CACHE_FORMAT, **meta, "examples": n, "shards": shards}
+    atomic.write_json(folder / CACHE_MANIFEST, manifest)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / CACHE_MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["shards"], manifest["corpus"], manifest["tokenizer"], manifest["top_k"]
+    except FileNotFoundError:
+        raise EdgekdError(
+            f"logit cache {folder} has no {CACHE_MANIFEST}; pass a folder written by "
+            "`edgekd teacher-cache` (or one whose writing finished)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise EdgekdError(f"{path} is not a logit cache manifest ({err}); write it again") from None
+    return manifest
+
+
+def check_shards(folder: Path, manifest: dict) -> list[str]:
+    """Problems of the shards against the manifest: missing, truncated or changed files."""
+    problems = []
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if Path(shard["file"]).name != shard["file"]:
+            problems.append(f"{shard['file']}: not a file name inside the cache folder")
+        elif not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != shard["bytes"]:
+            problems.append(
+                f"{path}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} "
+                "(truncated or replaced)"
+            )
+        elif atomic.sha256_file(path) != shard["sha256"]:
+            problems.append(f"{path}: its sha256 differs from the manifest's")
+    return problems
+
+
+def load_dir(folder: Path, *, corpus: str, tokenizer: str, top_k: int) -> LogitCache:
+    """A cache folder, refused (one line naming the mismatch) when it was made for another
+    corpus, tokenizer or top_k, or when a shard is missing, truncated or changed."""
+    manifest = read_manifest(folder)
+    for what, want, key, fix in (
+        ("training corpus", corpus, "corpus", "the same data and data.* settings"),
+        ("tokenizer", tokenizer, "tokenizer", "a teacher and student with the same tokenizer"),
+        ("top_k", top_k, "top_k", f"logit_cache.top_k={manifest['top_k']}"),
+    ):
+        if manifest[key] != want:
+            raise EdgekdError(
+                f"logit cache {folder} was made for another {what} ({key} {manifest[key]!s:.12}, "
+                f"this build's is {want!s:.12}); make it again with `edgekd teacher-cache` for "
+                f"this build, or use {fix}"
+            )
+    if problems := check_shards(folder, manifest):
+        raise EdgekdError(
+            f"logit cache {problems[0]}; copy the folder again or rerun `edgekd teacher-cache`"
+        )
+    parts = [load_file(str(folder / s["file"])) for s in manifest["shards"]]
+    return LogitCache(_concat(parts))
+
+
+def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    out = {name: torch.cat([p[name] for p in parts]) for name in ("ids", "logprobs", "log_rest")}
+    out["positions"] = torch.cat([p["positions"] for p in parts])
+    offsets, base = [torch.zeros(1, dtype=torch.long)], 0
+    for p in parts:
+        offsets.append(p["offsets"][1:] + base)
+        base += int(p["offsets"][-1])
+    out["offsets"] = torch.cat(offsets)
+    out["vocab"] = parts[0]["vocab"]
+    return out
