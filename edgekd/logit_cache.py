@@ -241,6 +241,13 @@ def write_dir(folder: Path, tensors: dict[str, Tensor], meta: dict) -> None:
     atomic.write_json(folder / CACHE_MANIFEST, manifest)
 
 
+def remove_dir(folder: Path) -> None:
+    """Remove a cache folder's manifest (first: without it the folder is no cache) and shards."""
+    atomic.remove(folder / CACHE_MANIFEST)
+    for shard in folder.glob("shard-*.safetensors"):
+        atomic.remove(shard)
+
+
 def read_manifest(folder: Path) -> dict:
     path = folder / CACHE_MANIFEST
     try:

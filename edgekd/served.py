@@ -268,8 +268,12 @@ class TokenMap:
         # A string decoded from several ids (pieces of one UTF-8 character, unrenderable bytes)
         # names none of them.
         self.ids = {text: ids[0] for text, ids in by_text.items() if len(ids) == 1 and text}
+        self._text = {i: text for text, ids in by_text.items() for i in ids}
         self.unmapped = 0
         self.mapped = 0
+
+    def text(self, token_id: int) -> str:
+        return self._text.get(token_id, "")
 
     def id_of(self, token: str) -> int | None:
         m = _TOKEN_ID.match(token)
@@ -305,10 +309,10 @@ def score(
     over sequences[i][t + 1]) of each token sequence, asked teacher.concurrency at a time.
 
     The server tokenizes the decoded text itself; its echoed tokens are aligned to the sequence
-    from the end (a server drops a leading BOS token, as llama.cpp's does, or keeps it). Entry j
-    of the echo is the distribution that predicted echoed token j, that is logit index
-    j + dropped - 1 of the sequence."""
+    token by token (`_align`). Entry j of the echo is the distribution that predicted echoed
+    token j: at logit index i - 1 when that token is sequence token i."""
     tmap = TokenMap(tokenizer)
+    special = set(tokenizer.all_special_ids)
     texts = [tokenizer.decode(s) for s in sequences]
     out: list = [None] * len(sequences)
     lock = threading.Lock()
@@ -320,14 +324,11 @@ def score(
         rows: list = [None] * len(want)
         if got is not None:
             tokens, tops = got
-            dropped = len(seq) - len(tokens)
-            if dropped < 0:  # the completion's own token follows the echo
-                tokens, tops = tokens[: len(seq)], tops[: len(seq)]
-                dropped = 0
-            for n, t in enumerate(want):
-                j = t + 1 - dropped
-                if 0 <= j < len(tops) and tops[j]:
-                    rows[n] = _entries(tops[j], tokens[j], seq[t + 1], tmap)
+            at = {t: n for n, t in enumerate(want)}
+            for j, k in _align(tokens, seq, tmap, special):
+                t = k - 1  # echo entry j is the distribution that predicted seq[k]
+                if t in at and j < len(tops) and tops[j]:
+                    rows[at[t]] = _entries(tops[j], tokens[j], seq[k], tmap)
         with lock:
             out[i] = rows
             finished[0] += 1
@@ -339,6 +340,28 @@ def score(
             future.result()
     missing = sum(r is None for rows in out for r in rows)
     return Scored(out, missing=missing, unmapped=tmap.unmapped, mapped=tmap.mapped)
+
+
+def _align(tokens: list[str], seq: list[int], tmap: TokenMap, special: set[int]):
+    """(echo index j, sequence index i) pairs of the echoed tokens that are the sequence's own.
+
+    Servers echo the text they tokenized themselves: llama.cpp's leaves out every BOS token
+    (the leading one and any later one), and special tokens come back as "" or their text. An
+    echoed token matches the next sequence token of the same text; special tokens it does not
+    show are stepped over. At the first token neither explains, the rest of the sequence is left
+    unscored (those positions train on their labels) rather than guessed."""
+    i = 0
+    for j, token in enumerate(tokens):
+        while (
+            i < len(seq) and token != tmap.text(seq[i]) and not (token == "" and seq[i] in special)
+        ):
+            if seq[i] not in special:
+                return
+            i += 1
+        if i >= len(seq):
+            return
+        yield j, i
+        i += 1
 
 
 def _entries(top: dict, echoed: str, target: int, tmap: TokenMap) -> list[tuple[int, float]]:

@@ -1,0 +1,162 @@
+"""The served teacher against llama-cpp-python's real OpenAI-compatible server on the loopback
+(a tiny GGUF teacher), and behind a proxy that injects faults for the retry and timeout paths."""
+
+import json
+
+import pytest
+import torch
+
+from edgekd import logit_cache, served
+from edgekd.config import TeacherSettings
+from edgekd.data import tokenize_rows
+from edgekd.errors import EdgekdError
+from edgekd.models import load_model, resolve_source
+from edgekd.testing import FaultProxy, llama_server, write_chat_jsonl
+
+
+@pytest.fixture(scope="session")
+def server(tiny_llama_gguf):
+    with llama_server(tiny_llama_gguf[1], alias="tiny") as url:
+        yield url
+
+
+def teacher(url: str, **settings) -> served.Served:
+    return served.Served.open(url, TeacherSettings(source=url, model="tiny", **settings))
+
+
+@pytest.fixture
+def proxy(server):
+    p = FaultProxy(server)
+    yield p
+    p.close()
+
+
+def test_model_name_is_checked_against_the_served_list(server):
+    teacher(server).check_model()
+    with pytest.raises(EdgekdError, match=r"teacher.model=nope is not served at .*it serves: tiny"):
+        served.Served.open(server, TeacherSettings(source=server, model="nope")).check_model()
+    with pytest.raises(EdgekdError, match="teacher.model is unset.*it serves: tiny"):
+        served.Served.open(server, TeacherSettings(source=server)).check_model()
+
+
+def test_probe_finds_the_same_tokenizer_and_prompt_logprobs(server, tokenizer, tmp_path):
+    found = served.probe(teacher(server), tokenizer)
+    assert found.same_tokenizer and found.prompt_logprobs
+    assert found.how == "the server's tokenize endpoint"
+    assert found.lines("x") == []
+
+
+def test_probe_sees_another_tokenizer(server, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    # A word-level tokenizer: no text of the probe tokenizes the same.
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate("the quick brown fox".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    assert not served.probe(teacher(server), other).same_tokenizer
+
+
+def test_missing_api_key_variable_is_one_line(server, monkeypatch):
+    monkeypatch.delenv("EDGEKD_TEST_KEY", raising=False)
+    with pytest.raises(EdgekdError, match="teacher.api_key_env=EDGEKD_TEST_KEY: .* not set"):
+        served.Served.open(server, TeacherSettings(source=server, api_key_env="EDGEKD_TEST_KEY"))
+
+
+def test_generate_journals_answers_and_resumes(proxy, tmp_path):
+    t = teacher(proxy.url, concurrency=2)
+    convs = [[{"role": "user", "content": f"Say {i}."}] for i in range(5)]
+    journal = tmp_path / "answers.jsonl"
+    first = t.generate(convs[:3], max_tokens=4, temperature=0, seed=0, journal=journal)
+    assert len(journal.read_text().splitlines()) == 3
+    asked = proxy.requests["/v1/chat/completions"]
+    # A kill mid-write leaves a torn last line: it is skipped, and only the rest is asked.
+    with journal.open("a") as f:
+        f.write('{"key": "torn')
+    again = t.generate(convs, max_tokens=4, temperature=0, seed=0, journal=journal)
+    assert again[:3] == first
+    assert proxy.requests["/v1/chat/completions"] - asked == 2
+
+
+def test_scores_match_the_in_process_teacher(server, tiny_llama_gguf, tokenizer, tmp_path):
+    """The server's top-k log-probs land at the same logit indices, with the same values, as the
+    teacher's own forward pass in torch (the GGUF is F16 of the same weights)."""
+    rows = [json.loads(line) for line in write_chat_jsonl(tmp_path / "c.jsonl", 3).open()]
+    examples = tokenize_rows(rows, tokenizer, max_len=64)
+    positions = [logit_cache.trained_positions(ex.labels) for ex in examples]
+    scored = served.score(
+        teacher(server), tokenizer, [ex.input_ids for ex in examples], positions, top_k=8
+    )
+    assert scored.missing == 0 and scored.mapped > 0
+    model = load_model(resolve_source(str(tiny_llama_gguf[0]), role="teacher"))
+    checked = 0
+    for ex, pos, rows_ in zip(examples, positions, scored.entries, strict=True):
+        with torch.no_grad():
+            logp = model(torch.tensor([ex.input_ids])).logits[0].float().log_softmax(-1)
+        for t, pairs in zip(pos, rows_, strict=True):
+            for token, lp in pairs:
+                assert abs(logp[t, token].item() - lp) < 0.02, (t, token)
+                checked += 1
+    assert checked >= 8 * sum(len(p) for p in positions) * 0.9
+
+
+def test_from_entries_rebuilds_the_given_distribution():
+    entries = [[[(3, -0.5), (7, -1.5)], None]]
+    tensors = logit_cache.from_entries(entries, [[3, 5]], [[0, 1]], top_k=4, vocab=10)
+    dense = logit_cache.dense_reference(tensors)[0]
+    assert torch.allclose(dense.exp().sum(-1), torch.ones(2), atol=1e-3)
+    assert dense[0, 3].item() == pytest.approx(-0.5, abs=1e-3)
+    assert dense[0, 7].item() == pytest.approx(-1.5, abs=1e-3)
+    assert dense[1].argmax().item() == 5 and dense[1, 5].exp().item() > 0.999
+
+
+@pytest.mark.parametrize(
+    ("fault", "times", "match"),
+    [
+        ("429", 2, None),  # Retry-After honoured, then answered
+        ("drop", 1, None),  # a dropped connection is retried
+        ("500", 99, "answered a chat completion with HTTP 500"),
+        ("malformed", 99, "malformed JSON"),
+        ("401", 99, "HTTP 401"),
+    ],
+)
+def test_faults_are_retried_or_one_line(proxy, tmp_path, fault, times, match):
+    proxy.fault, proxy.times = fault, times
+    t = teacher(proxy.url, max_retries=2)
+    conv = [[{"role": "user", "content": "Hi"}]]
+    if match is None:
+        t.generate(conv, max_tokens=2, temperature=0, seed=0, journal=tmp_path / "j.jsonl")
+        assert proxy.times == 0
+    else:
+        with pytest.raises(EdgekdError, match=match):
+            t.generate(conv, max_tokens=2, temperature=0, seed=0, journal=tmp_path / "j.jsonl")
+
+
+def test_slow_server_times_out_in_one_line(proxy, tmp_path):
+    proxy.fault, proxy.stall_s = "stall", 5
+    t = teacher(proxy.url, max_retries=0, timeout_s=1)
+    with pytest.raises(
+        EdgekdError, match="did not answer a chat completion within teacher.timeout_s"
+    ):
+        t.chat([{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0, seed=0)
+
+
+def test_server_down_is_one_line(tmp_path):
+    from edgekd.testing import free_port
+
+    t = teacher(f"http://127.0.0.1:{free_port()}/v1", max_retries=0)
+    with pytest.raises(EdgekdError, match="cannot be reached for the model list.*start the server"):
+        t.check_model()
+
+
+def test_key_never_in_an_error(proxy, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEKD_TEST_KEY", "sk-secret-123")
+    proxy.fault = "401"
+    t = served.Served.open(
+        proxy.url.replace("http://", "http://user:pw@"),
+        TeacherSettings(source=proxy.url, model="tiny", api_key_env="EDGEKD_TEST_KEY"),
+    )
+    with pytest.raises(EdgekdError) as err:
+        t.chat([{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0, seed=0)
+    assert "sk-secret-123" not in str(err.value) and "pw" not in str(err.value)
