@@ -47,11 +47,11 @@ def test_probe_finds_the_same_tokenizer_and_prompt_logprobs(server, tokenizer, t
 
 
 def test_probe_sees_another_tokenizer(server, tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     # A word-level tokenizer: no text of the probe tokenizes the same.
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate("the quick brown fox".split())}}
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(["the", "quick", "brown", "fox"])}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     other = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
