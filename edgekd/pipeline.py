@@ -80,8 +80,12 @@ def quality_table(title: str, quality: dict[str, dict]) -> Table:
 
 
 def build_identity(profile: Profile, recipe: Recipe) -> dict:
-    """What build.json holds: a run folder serves one profile and teacher."""
-    return {"profile": profile.model_dump(mode="json"), "teacher": recipe.teacher.source}
+    """What build.json holds: a run folder serves one profile and teacher (a served teacher's URL
+    without credentials)."""
+    teacher = recipe.teacher.source
+    if teacher.startswith(("http://", "https://")):
+        teacher = models.public_url(teacher)
+    return {"profile": profile.model_dump(mode="json"), "teacher": teacher}
 
 
 def stage_keys(

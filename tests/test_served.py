@@ -160,3 +160,58 @@ def test_key_never_in_an_error(proxy, tmp_path, monkeypatch):
     with pytest.raises(EdgekdError) as err:
         t.chat([{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0, seed=0)
     assert "sk-secret-123" not in str(err.value) and "pw" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_build_and_teacher_cache_with_a_served_teacher(server, tiny_llama_gguf, tmp_path):
+    """`edgekd build --teacher URL` end to end (answers, cache and reference from the server);
+    then `edgekd teacher-cache` writes a cache another build uses, and refuses what differs."""
+    import subprocess
+    import sys
+
+    from edgekd.testing import Build, set_args
+
+    student = str(tiny_llama_gguf[0])
+    common = [
+        "teacher.model=tiny",
+        f"student.source={student}",
+        "data.num_prompts=16",
+        "data.generation.max_tokens=8",
+        "data.max_seq_len=64",
+        "distill.max_steps=2",
+        "distill.batch_size=2",
+        "logit_cache.top_k=8",
+        "eval.sample_max_tokens=4",
+    ]
+    run = tmp_path / "run"
+    out = Build(run, ["--teacher", server, "--stages", "distill", *set_args(common)]).finish()
+    assert "positions have the server's log-probs" in out
+    assert json.loads((run / "build.json").read_text())["teacher"] == server
+    report = json.loads((run / "01-distill" / "report.json").read_text())
+    assert report["teacher"] == f"served teacher at {server} model tiny"
+    assert "student after" in report["quality"]
+
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "edgekd.cli", "teacher-cache", "--teacher", server]
+    made = subprocess.run(
+        [*cmd, "--out", str(cache), *set_args(common)], capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["teacher"] == f"served teacher at {server} model tiny"
+    assert manifest["top_k"] == 8 and manifest["shards"]
+
+    used = [*common, f"logit_cache.path={cache}"]
+    data = ["--data", str(cache / "corpus.jsonl")]
+    args = ["--teacher", server, "--stages", "distill", *data]
+    Build(tmp_path / "run2", [*args, *set_args(used)]).finish()
+
+    other = Build(
+        tmp_path / "run3", [*args, *set_args([*used, "data.heldout_fraction=0.3"])]
+    ).fail()
+    assert "was made for another training corpus" in other
+
+    shard = cache / manifest["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    cut = Build(tmp_path / "run4", [*args, *set_args(used)]).fail()
+    assert "truncated or replaced" in cut

@@ -76,7 +76,11 @@ def run(ctx: Context, settings: DistillSettings) -> StageResult:
         artifacts.append(save_curve(ctx.work_dir, curve))
     return StageResult(
         artifacts=artifacts,
-        report={"student": student_report, "training": train_report},
+        report={
+            "teacher": ctx.teacher_key,
+            "student": student_report,
+            "training": train_report,
+        },
         quality=quality,
     )
 
