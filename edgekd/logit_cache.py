@@ -263,23 +263,34 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def check_shards(folder: Path, manifest: dict) -> list[str]:
-    """Problems of the shards against the manifest: missing, truncated or changed files."""
+def check_shards(folder: Path, manifest: dict) -> list[tuple[str, str]]:
+    """(shard file, problem) for each shard that is missing, truncated or changed."""
     problems = []
     for shard in manifest["shards"]:
-        path = folder / shard["file"]
-        if Path(shard["file"]).name != shard["file"]:
-            problems.append(f"{shard['file']}: not a file name inside the cache folder")
-        elif not path.is_file():
-            problems.append(f"{path}: missing")
+        name = shard["file"]
+        path = folder / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            problems.append((name, "not a file name inside the cache folder"))
+        elif path.is_symlink() or not path.is_file():
+            problems.append((name, "missing"))
         elif path.stat().st_size != shard["bytes"]:
             problems.append(
-                f"{path}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} "
-                "(truncated or replaced)"
-            )
+                (name, f"{path.stat().st_size} bytes, the manifest says {shard['bytes']} "
+                 "(truncated or replaced)")
+            )  # fmt: skip
         elif atomic.sha256_file(path) != shard["sha256"]:
-            problems.append(f"{path}: its sha256 differs from the manifest's")
+            problems.append((name, "its sha256 differs from the manifest's"))
     return problems
+
+
+def refuse_bad_shards(folder: Path, manifest: dict) -> None:
+    """One line for the first shard that does not match the manifest."""
+    if problems := check_shards(folder, manifest):
+        name, problem = problems[0]
+        raise EdgekdError(
+            f"logit cache {folder / name}: {problem}; copy the folder again or rerun "
+            "`edgekd teacher-cache`"
+        )
 
 
 def load_dir(folder: Path, *, corpus: str, tokenizer: str, top_k: int) -> LogitCache:
@@ -297,10 +308,7 @@ def load_dir(folder: Path, *, corpus: str, tokenizer: str, top_k: int) -> LogitC
                 f"this build's is {want!s:.12}); make it again with `edgekd teacher-cache` for "
                 f"this build, or use {fix}"
             )
-    if problems := check_shards(folder, manifest):
-        raise EdgekdError(
-            f"logit cache {problems[0]}; copy the folder again or rerun `edgekd teacher-cache`"
-        )
+    refuse_bad_shards(folder, manifest)
     parts = [load_file(str(folder / s["file"])) for s in manifest["shards"]]
     return LogitCache(_concat(parts))
 

@@ -91,10 +91,7 @@ def check_cache_folder(recipe: Recipe, tokenizer) -> None:
                 f"logit cache {folder} was made for another {what} ({manifest[key]!s:.12} there, "
                 f"{want!s:.12} here); make it again with `edgekd teacher-cache` for this build"
             )
-    if problems := logit_cache.check_shards(folder, manifest):
-        raise EdgekdError(
-            f"logit cache {problems[0]}; copy the folder again or rerun `edgekd teacher-cache`"
-        )
+    logit_cache.refuse_bad_shards(folder, manifest)
 
 
 def check_logit_cache(recipe: Recipe, plan: Plan) -> None:

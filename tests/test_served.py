@@ -215,3 +215,7 @@ def test_build_and_teacher_cache_with_a_served_teacher(server, tiny_llama_gguf, 
     shard.write_bytes(shard.read_bytes()[:-10])
     cut = Build(tmp_path / "run4", [*args, *set_args(used)]).fail()
     assert "truncated or replaced" in cut
+    verified = subprocess.run(
+        [sys.executable, "-m", "edgekd.cli", "verify", str(cache)], capture_output=True, text=True
+    )
+    assert verified.returncode == 1 and "truncated or replaced" in verified.stdout
