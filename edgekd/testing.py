@@ -255,7 +255,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def llama_server(gguf: Path, alias: str = "tiny", n_ctx: int = 1024) -> Iterator[str]:
+def llama_server(
+    gguf: Path, alias: str = "tiny", n_ctx: int = 1024, threads: int = 1
+) -> Iterator[str]:
     """llama-cpp-python's own OpenAI-compatible server on the loopback, serving `gguf` as
     `alias`; yields its base URL (http://127.0.0.1:PORT/v1) once /v1/models answers."""
     import httpx
@@ -263,7 +265,7 @@ def llama_server(gguf: Path, alias: str = "tiny", n_ctx: int = 1024) -> Iterator
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-         "--port", str(port), "--model_alias", alias, "--n_ctx", str(n_ctx), "--n_threads", "1",
+         "--port", str(port), "--model_alias", alias, "--n_ctx", str(n_ctx), "--n_threads", str(threads),
          "--verbose", "false"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -300,7 +302,7 @@ class FaultProxy:
     `times` requests to `paths` (then passing them on): 'drop' closes the connection unanswered,
     '429' answers Too Many Requests with Retry-After: 1, '500' an internal error, 'stall' waits
     `stall_s` before passing the request on, 'malformed' answers 200 with a body that is not JSON,
-    '401' refuses the key. `requests` counts what reached the proxy per path."""
+    another status (401, 404...) answers that. `requests` counts what reached the proxy per path."""
 
     def __init__(self, upstream: str, fault: str = "", times: int = 1 << 30, paths=("/v1/",)):
         import http.server
@@ -342,7 +344,7 @@ class FaultProxy:
             h.close_connection = True
             h.connection.shutdown(2)
             return
-        if faulty and self.fault in ("429", "500", "401", "malformed"):
+        if faulty and (self.fault.isdigit() or self.fault == "malformed"):
             status = 200 if self.fault == "malformed" else int(self.fault)
             payload = (
                 b'{"choices": [{"text'
