@@ -152,11 +152,11 @@ def main() -> None:
     for name, kld, own in rows_out:
         print(f"| {name} | {kld:.4f} | {own:.4f} | {fills[name]:.1f} s |")
     print(f"\nheld-out kld gap: {100 * gap:.1f}% of the in-process run's")
+    print(f"in-process teacher answers (llama.cpp, batched): {gen_s:.1f} s, {args.prompts} prompts")
     print(
-        f"in-process teacher answers (llama.cpp, batched): {gen_s:.1f} s for {args.prompts} prompts"
+        f"served generation: {one:.1f} tokens/s with 1 request in flight, {many:.1f} tokens/s "
+        f"with {args.concurrency} ({args.speed_prompts} prompts, {args.max_tokens} tokens max)"
     )
-    print(f"served generation: {one:.1f} tokens/s with 1 request in flight, {many:.1f} tokens/s with "
-          f"{args.concurrency} ({args.speed_prompts} prompts, {args.max_tokens} tokens max)")  # fmt: skip
 
 
 if __name__ == "__main__":

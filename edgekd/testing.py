@@ -265,8 +265,8 @@ def llama_server(
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-         "--port", str(port), "--model_alias", alias, "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-         "--verbose", "false"],
+         "--port", str(port), "--model_alias", alias, "--n_ctx", str(n_ctx),
+         "--n_threads", str(threads), "--verbose", "false"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
