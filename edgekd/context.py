@@ -260,5 +260,9 @@ class Context:
                 if not (folder / logit_cache.CACHE_MANIFEST).exists() and self.is_main:
                     self.write_logit_cache(folder)
         return logit_cache.load_dir(
-            folder, corpus=meta["corpus"], tokenizer=meta["tokenizer"], top_k=settings.top_k
+            folder,
+            corpus=meta["corpus"],
+            tokenizer=meta["tokenizer"],
+            top_k=settings.top_k,
+            teacher=meta["teacher"],
         )

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from edgekd import atomic
 from edgekd.atomic import atomic_path
+from edgekd.console import console
 from edgekd.data import TokenizedExample, collate
 from edgekd.errors import EdgekdError
 from edgekd.losses import IGNORE_INDEX
@@ -293,7 +294,9 @@ def refuse_bad_shards(folder: Path, manifest: dict) -> None:
         )
 
 
-def load_dir(folder: Path, *, corpus: str, tokenizer: str, top_k: int) -> LogitCache:
+def load_dir(
+    folder: Path, *, corpus: str, tokenizer: str, top_k: int, teacher: str | None = None
+) -> LogitCache:
     """A cache folder, refused (one line naming the mismatch) when it was made for another
     corpus, tokenizer or top_k, or when a shard is missing, truncated or changed."""
     manifest = read_manifest(folder)
@@ -309,6 +312,14 @@ def load_dir(folder: Path, *, corpus: str, tokenizer: str, top_k: int) -> LogitC
                 f"this build, or use {fix}"
             )
     refuse_bad_shards(folder, manifest)
+    if teacher is not None and manifest.get("teacher") != teacher:
+        # The same teacher may be reached another way (a URL seen from another machine).
+        console.print(
+            f"logit cache {folder}: made by {manifest.get('teacher')}; this build's teacher is "
+            f"{teacher}",
+            highlight=False,
+            soft_wrap=True,
+        )
     parts = [load_file(str(folder / s["file"])) for s in manifest["shards"]]
     return LogitCache(_concat(parts))
 
