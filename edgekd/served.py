@@ -55,7 +55,9 @@ def api_key(settings: TeacherSettings) -> str:
 
 
 @contextmanager
-def answers(url: str, what: str, secret: str = "") -> Iterator[None]:
+def answers(
+    url: str, what: str, secret: str = "", settings: TeacherSettings | None = None
+) -> Iterator[None]:
     """Turn the client's failures into one line naming the server and what was asked."""
     import openai
 
@@ -65,9 +67,11 @@ def answers(url: str, what: str, secret: str = "") -> Iterator[None]:
     except EdgekdError:
         raise
     except openai.APITimeoutError:
+        s = settings or TeacherSettings()
         raise EdgekdError(
-            f"teacher server {where} did not answer {what} within teacher.timeout_s (after "
-            "teacher.max_retries retries); check the server's load or raise teacher.timeout_s"
+            f"teacher server {where} did not answer {what} within teacher.timeout_s="
+            f"{s.timeout_s:g} s (tried {s.max_retries + 1} times); check the server's load or "
+            "raise teacher.timeout_s"
         ) from None
     except openai.APIConnectionError as err:
         cause = " ".join(str(err.__cause__ or err).split())[:120]
@@ -115,7 +119,7 @@ class Served:
         )
 
     def guard(self, what: str):
-        return answers(self.url, what, self._key)
+        return answers(self.url, what, self._key, self.settings)
 
     def served_models(self) -> list[str]:
         with self.guard("the model list (GET /models)"):

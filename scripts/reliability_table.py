@@ -942,7 +942,7 @@ SERVED_CASES = [
     Case(
         "served teacher too slow (answers after teacher.timeout_s)",
         lambda ws: _served(ws, _proxy(ws, "stall"), "teacher.timeout_s=1", "teacher.max_retries=0"),
-        "did not answer the model list within teacher.timeout_s",
+        "did not answer the model list (GET /models) within teacher.timeout_s=1 s",
         fast=False,
     ),
     Case(

@@ -137,7 +137,7 @@ def test_slow_server_times_out_in_one_line(proxy, tmp_path):
     proxy.fault, proxy.stall_s = "stall", 5
     t = teacher(proxy.url, max_retries=0, timeout_s=1)
     with pytest.raises(
-        EdgekdError, match="did not answer a chat completion within teacher.timeout_s"
+        EdgekdError, match="did not answer a chat completion within teacher.timeout_s=1 s"
     ):
         t.chat([{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0, seed=0)
 
@@ -219,3 +219,34 @@ def test_build_and_teacher_cache_with_a_served_teacher(server, tiny_llama_gguf, 
         [sys.executable, "-m", "edgekd.cli", "verify", str(cache)], capture_output=True, text=True
     )
     assert verified.returncode == 1 and "truncated or replaced" in verified.stdout
+
+
+@pytest.mark.slow
+def test_build_killed_during_answers_asks_only_for_the_rest(proxy, tiny_llama_gguf, tmp_path):
+    from edgekd.testing import Build, set_args
+
+    run = tmp_path / "run"
+    sets = [
+        "teacher.model=tiny",
+        f"student.source={tiny_llama_gguf[0]}",
+        "teacher.concurrency=1",
+        "data.num_prompts=24",
+        "data.generation.max_tokens=48",
+        "data.max_seq_len=64",
+        "distill.max_steps=1",
+        "distill.batch_size=2",
+        "logit_cache.top_k=4",
+    ]
+    args = ["--teacher", proxy.url, "--stages", "distill", *set_args(sets)]
+
+    def answers() -> list[str]:
+        return [line for p in (run / "cache").glob("answers-*.jsonl") for line in p.open()]
+
+    Build(run, args).kill_when(lambda: len(answers()) >= 3, timeout=300)
+    kept = len(answers())
+    asked = proxy.requests["/v1/chat/completions"]
+    assert 3 <= kept < 24
+    Build(run, args).finish()
+    assert len(answers()) == 24
+    # Only the answers missing at the kill were asked again (one may have been in flight).
+    assert proxy.requests["/v1/chat/completions"] - asked <= 24 - kept + 1
