@@ -75,6 +75,7 @@ def answers(
         ) from None
     except openai.APIConnectionError as err:
         cause = " ".join(str(err.__cause__ or err).split())[:120]
+        cause = cause.replace(secret, "***") if secret else cause
         raise EdgekdError(
             f"teacher server {where} cannot be reached for {what} ({cause}); start the server, "
             "check --teacher's host and port, then rerun: finished answers are kept"
@@ -99,6 +100,7 @@ class Served:
     url: str
     settings: TeacherSettings
     _key: str = field(default="", repr=False)
+    _client: object = field(default=None, repr=False)
 
     @classmethod
     def open(cls, url: str, settings: TeacherSettings) -> Served:
@@ -108,18 +110,22 @@ class Served:
     def where(self) -> str:
         return public_url(self.url)
 
-    def client(self, timeout: float | None = None):
-        import openai
+    def client(self):
+        """One client (and connection pool) for every request and thread."""
+        if self._client is None:
+            import openai
 
-        return openai.OpenAI(
-            base_url=self.url,
-            api_key=self._key,
-            timeout=timeout or self.settings.timeout_s,
-            max_retries=self.settings.max_retries,
-        )
+            self._client = openai.OpenAI(
+                base_url=self.url,
+                api_key=self._key,
+                timeout=self.settings.timeout_s,
+                max_retries=self.settings.max_retries,
+            )
+        return self._client
 
     def guard(self, what: str):
-        return answers(self.url, what, self._key, self.settings)
+        secret = self._key if self.settings.api_key_env else ""
+        return answers(self.url, what, secret, self.settings)
 
     def served_models(self) -> list[str]:
         with self.guard("the model list (GET /models)"):

@@ -320,11 +320,14 @@ class FaultProxy:
                 pass
 
             def do_GET(self) -> None:
-                proxy.handle(self, None)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    proxy.handle(self, None)
 
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
-                proxy.handle(self, self.rfile.read(n))
+                # A client that gave up (a timeout) has closed its end: nothing to answer.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    proxy.handle(self, self.rfile.read(n))
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
