@@ -114,6 +114,11 @@ class LogitCache:
 
     @classmethod
     def load(cls, path: Path) -> LogitCache:
+        """A cache file, or a cache folder's shards as its manifest lists them (unchecked: see
+        load_dir)."""
+        if Path(path).is_dir():
+            shards = read_manifest(Path(path))["shards"]
+            return cls(_concat([load_file(str(Path(path) / s["file"])) for s in shards]))
         return cls(load_file(str(path)))
 
     @property
