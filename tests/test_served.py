@@ -250,3 +250,38 @@ def test_build_killed_during_answers_asks_only_for_the_rest(proxy, tiny_llama_gg
     assert len(answers()) == 24
     # Only the answers missing at the kill were asked again (one may have been in flight).
     assert proxy.requests["/v1/chat/completions"] - asked <= 24 - kept + 1
+
+
+def test_plan_and_preflight_refuse_what_a_served_teacher_cannot_do(tiny_teacher_dir):
+    from edgekd.config import load_profile, load_recipe
+    from edgekd.plan import make_plan
+    from edgekd.preflight import check_served
+
+    url = "http://127.0.0.1:9/v1"  # nothing is asked of it: each refusal comes first
+    profile = load_profile("phone-1gb")
+    with pytest.raises(EdgekdError, match="its layers are not here to prune.*student.source"):
+        make_plan(profile, load_recipe(None, [], teacher=url), ["distill"], timing=False)
+    for extra, match in [
+        ("distill.on_policy.fraction=0.5", "distill.on_policy.fraction needs the teacher"),
+        ("distill.feature.weight=1", "distill.feature.weight needs the teacher in this process"),
+        ("data.generation.strategy=beam", "have no beam search"),
+    ]:
+        recipe = load_recipe(None, [f"student.source={tiny_teacher_dir}", extra], teacher=url)
+        plan = make_plan(profile, recipe, ["distill"], timing=False)
+        assert plan.teacher_config is None and plan.teacher.kind == "served"
+        with pytest.raises(EdgekdError, match=match):
+            check_served(recipe, plan, None)
+    recipe = load_recipe(None, [f"student.source={tiny_teacher_dir}"], teacher=url)
+    plan = make_plan(profile, recipe, ["distill", "bench"], timing=False)
+    with pytest.raises(EdgekdError, match="the bench stage measures the teacher"):
+        check_served(recipe, plan, None)
+
+
+def test_reports_never_hold_credentials():
+    from edgekd.models import public_url, resolve_source
+
+    url = "https://user:pw@api.example.com:8443/v1?key=sk-1#x"
+    assert public_url(url) == "https://api.example.com:8443/v1"
+    assert "pw" not in resolve_source(url, role="teacher").describe()
+    with pytest.raises(EdgekdError, match="only the teacher may be served"):
+        resolve_source(url, role="student")
