@@ -12,6 +12,7 @@ sha256), one format whether the teacher ran in process or was served, made here 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -168,7 +169,7 @@ def from_entries(
             log_rest = max(log_rest, _MIN_LOG_REST)
             used = {i for i, _ in pairs}
             fill = log_rest - math.log(max(vocab - len(pairs), 1))
-            pad = [i for i in range(vocab) if i not in used][: k - len(pairs)]
+            pad = list(itertools.islice((i for i in range(vocab) if i not in used), k - len(pairs)))
             ids = [i for i, _ in pairs] + pad
             lps = [lp for _, lp in pairs] + [fill] * len(pad)
             # The padding ids now carry their share: the rest is what is left for the others.
