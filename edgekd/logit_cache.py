@@ -30,6 +30,8 @@ from edgekd.losses import IGNORE_INDEX
 
 # log of the mass outside the top k when the top k hold all of it (keeps the rebuilt logits finite).
 _MIN_LOG_REST = -80.0
+# An empty slot's log-prob: the fp16 floor (top_k_entries clamps there too; exp of it is 0).
+_EMPTY = torch.finfo(torch.float16).min
 
 
 def examples_fingerprint(examples: list[TokenizedExample]) -> str:
@@ -63,10 +65,14 @@ def dense_logprobs(
     mass is unknown; it is taken as if the rest mass r sat on r / p_k tokens of the k-th largest
     probability p_k (so r * p_k^(1/T - 1)), the least a tail bounded by p_k can have, and spread
     evenly over the other V - k tokens. At T = 1 that is the top k plus r spread evenly. Spreading
-    r evenly before tempering instead would hand the flat tail most of the mass at T > 1."""
+    r evenly before tempering instead would hand the flat tail most of the mass at T > 1.
+
+    Entries at the fp16 floor are empty slots (a served teacher's alternatives that named no
+    token id): they hold no mass and are not the k-th largest probability."""
     k = ids.shape[-1]
     top = logprobs.float() / temperature
-    log_tail = log_rest.float() + (1 / temperature - 1) * logprobs.float().min(-1).values
+    real = logprobs.float().masked_fill(logprobs <= _EMPTY, math.inf)
+    log_tail = log_rest.float() + (1 / temperature - 1) * real.min(-1).values
     norm = torch.logaddexp(top.logsumexp(-1), log_tail)
     spread = log_tail - norm - math.log(max(vocab - k, 1))
     out = spread[:, None].expand(-1, vocab).clone()
@@ -154,10 +160,10 @@ def from_entries(
     """The cache's tensors from (id, log-prob) alternatives per position, as a served teacher
     gives them: fewer than top_k where some could not be mapped, none where the server gave none.
 
-    The mass outside the given alternatives is the rest. Slots left empty take distinct unused ids
-    at the rest's even share (what dense_logprobs assumes of the tail at T = 1, so the rebuilt
-    distribution is unchanged); a position without alternatives puts all its mass on its target
-    token (it trains on the label)."""
+    The mass outside the given alternatives is the rest, and the smallest given one bounds the
+    tail as in dense_logprobs. Slots left empty take distinct unused ids at the fp16 floor (no
+    mass, and not the k-th largest); a position without alternatives puts all its mass on its
+    target token (it trains on the label)."""
     k = min(top_k, vocab)
     parts: dict[str, list[Tensor]] = {"ids": [], "logprobs": [], "log_rest": [], "positions": []}
     counts = []
@@ -168,12 +174,10 @@ def from_entries(
             log_rest = math.log(1 - mass) if mass < 1 else _MIN_LOG_REST
             log_rest = max(log_rest, _MIN_LOG_REST)
             used = {i for i, _ in pairs}
-            fill = log_rest - math.log(max(vocab - len(pairs), 1))
             pad = list(itertools.islice((i for i in range(vocab) if i not in used), k - len(pairs)))
             ids = [i for i, _ in pairs] + pad
-            lps = [lp for _, lp in pairs] + [fill] * len(pad)
-            # The padding ids now carry their share: the rest is what is left for the others.
-            rest = log_rest + math.log(max(vocab - k, 1) / max(vocab - len(pairs), 1))
+            lps = [lp for _, lp in pairs] + [_EMPTY] * len(pad)
+            rest = log_rest
             parts["ids"].append(torch.tensor(ids, dtype=torch.int32))
             parts["logprobs"].append(torch.tensor(lps).to(torch.float16))
             parts["log_rest"].append(torch.tensor(max(rest, _MIN_LOG_REST)))
