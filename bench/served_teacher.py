@@ -30,6 +30,7 @@ from edgekd.config import load_profile, load_recipe
 from edgekd.context import Context
 from edgekd.effective import resolve
 from edgekd.evaluate import evaluate_torch
+from edgekd.logit_cache import LogitCache
 from edgekd.models import embedded_teacher_gguf
 from edgekd.testing import llama_server, set_args
 
@@ -58,6 +59,20 @@ def distill(run: Path, teacher: str, common: list[str], cache: Path, corpus: Pat
     if proc.returncode != 0:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
     return json.loads((run / "01-distill" / "report.json").read_text())
+
+
+def agreement(a: Path, b: Path) -> tuple[float, float]:
+    """Between two cache folders of one corpus: the share of positions with the same top token,
+    and the mean |difference| of the log-probs both list for the same token id."""
+    ta, tb = LogitCache.load(a).t, LogitCache.load(b).t
+    same_top = (ta["ids"][:, 0] == tb["ids"][:, 0]).float().mean().item()
+    diffs = []
+    rows = zip(ta["ids"], ta["logprobs"], tb["ids"], tb["logprobs"], strict=True)
+    for ids_a, lp_a, ids_b, lp_b in rows:
+        other = dict(zip(ids_b.tolist(), lp_b.float().tolist(), strict=True))
+        mine = zip(ids_a.tolist(), lp_a.float().tolist(), strict=True)
+        diffs += [abs(v - other[i]) for i, v in mine if i in other and other[i] > -1e4]
+    return same_top, sum(diffs) / max(len(diffs), 1)
 
 
 def tokens_per_s(ctx: Context, prompts: list[dict], concurrency: int, max_tokens: int) -> float:
@@ -139,6 +154,7 @@ def main() -> None:
         own = report["quality"]["student after"]["kld"]
         rows_out.append((name, kld, own))
     gap = abs(rows_out[1][1] - rows_out[0][1]) / rows_out[0][1]
+    same_top, mean_diff = agreement(local_cache, remote_cache)
     examples = len(local.train_examples)
     print(f"embedded teacher {gguf.name}; {args.prompts} shipped prompts ({examples} training "
           f"examples), {args.max_tokens}-token answers, distill {args.steps} steps, batch 4, "
@@ -152,6 +168,11 @@ def main() -> None:
     for name, kld, own in rows_out:
         print(f"| {name} | {kld:.4f} | {own:.4f} | {fills[name]:.1f} s |")
     print(f"\nheld-out kld gap: {100 * gap:.1f}% of the in-process run's")
+    print(
+        f"the two caches: same top token at {100 * same_top:.1f}% of positions; log-probs of the "
+        f"same token ids differ by {mean_diff:.3f} on average (llama.cpp computes the Q4_1 "
+        "weights itself; in process they are dequantized to fp32)"
+    )
     print(f"in-process teacher answers (llama.cpp, batched): {gen_s:.1f} s, {args.prompts} prompts")
     print(
         f"served generation: {one:.1f} tokens/s with 1 request in flight, {many:.1f} tokens/s "

@@ -268,13 +268,18 @@ def read_journal(path: Path) -> dict[str, str]:
     return done
 
 
+def _text(tokenizer, ids: list[int]) -> str:
+    # transformers' clean-up would turn " ." into "." and change the text the server tokenizes.
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
 class TokenMap:
     """Token strings, as servers return them, back to the student tokenizer's ids."""
 
     def __init__(self, tokenizer):
         by_text: dict[str, list[int]] = {}
         for i in range(len(tokenizer)):
-            by_text.setdefault(tokenizer.decode([i]), []).append(i)
+            by_text.setdefault(_text(tokenizer, [i]), []).append(i)
         # A string decoded from several ids (pieces of one UTF-8 character, unrenderable bytes)
         # names none of them.
         self.ids = {text: ids[0] for text, ids in by_text.items() if len(ids) == 1 and text}
@@ -323,7 +328,7 @@ def score(
     token j: at logit index i - 1 when that token is sequence token i."""
     tmap = TokenMap(tokenizer)
     special = set(tokenizer.all_special_ids)
-    texts = [tokenizer.decode(s) for s in sequences]
+    texts = [_text(tokenizer, s) for s in sequences]
     out: list = [None] * len(sequences)
     lock = threading.Lock()
     finished = [0]
