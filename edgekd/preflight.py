@@ -134,11 +134,6 @@ def check_served(recipe: Recipe, plan: Plan, tokenizer) -> list[str]:
             f"data.generation.strategy=beam: the {where} answers through chat completions, which "
             "have no beam search; use greedy or sample"
         )
-    if "bench" in plan.stages:
-        raise EdgekdError(
-            f"the bench stage measures the teacher beside the student on this machine, but it is "
-            f"the {where}; pass --stages without bench (edgekd bench measures an export alone)"
-        )
     teacher = served.Served.open(plan.teacher.ref, recipe.teacher)
     teacher.check_model()
     found = served.probe(teacher, tokenizer)

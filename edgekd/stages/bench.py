@@ -44,8 +44,10 @@ def _teacher(ctx: Context) -> Artifact:
 
 
 def artifacts(ctx: Context) -> list[Artifact]:
-    """The teacher, the full-precision student and every export, in build order."""
-    found = [_teacher(ctx), Artifact("student", "torch", ctx.latest_model(), role="student")]
+    """The teacher (unless served: it is not on this machine), the full-precision student and
+    every export, in build order."""
+    found = [] if ctx.is_served else [_teacher(ctx)]
+    found.append(Artifact("student", "torch", ctx.latest_model(), role="student"))
     for spec in ctx.effective.chain:
         if spec.kind != "export" or spec.name not in ctx.stage_dirs:
             continue
@@ -135,7 +137,8 @@ def run(ctx: Context, settings: BenchSettings) -> StageResult:
         for stage, folder in ctx.stage_dirs.items()
         if folder != ctx.work_dir and read_done(folder)
     }
-    if settings.speculative.prompts:
+    # Speculative decoding needs the teacher's logits in this process.
+    if settings.speculative.prompts and not ctx.is_served:
         report["speculative"] = _speculative(ctx, settings, threads)
     quality = {f"{r['name']} ({r['runtime']})": r["quality"] for r in rows}
     return StageResult(artifacts=[], report=report, quality=quality)
