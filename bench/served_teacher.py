@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,14 @@ def tokens_per_s(ctx: Context, prompts: list[dict], concurrency: int, max_tokens
 
 
 def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="edgekd-served-bench-"))
+    try:
+        measure(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # two runs, a student and three caches: ~1 GB
+
+
+def measure(root: Path) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
@@ -105,7 +114,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gguf = embedded_teacher_gguf()
-    root = Path(tempfile.mkdtemp(prefix="edgekd-served-bench-"))
     common = [
         f"data.num_prompts={args.prompts}",
         f"data.generation.max_tokens={args.max_tokens}",
