@@ -144,9 +144,15 @@ def check_served(recipe: Recipe, plan: Plan, tokenizer) -> list[str]:
             if getattr(recipe, stage).kd.alpha > 0
         ]
         if kd:
+            differs = (
+                "gives no way to compare its tokenizer with the student's (no tokenize endpoint, "
+                "no echo)"
+                if found.how.startswith("nothing")
+                else f"tokenizes differently from the student (compared through {found.how})"
+            )
             raise EdgekdError(
                 f"logit KD needs the student to share the teacher's tokenizer, and the {where} "
-                f"tokenizes differently from the student (compared through {found.how}); set "
+                f"{differs}; set "
                 f"{'=0, '.join(kd)}=0 to train on the teacher's answers alone (sequence-level or "
                 "CoT distillation), or use a student of the teacher's family"
             )

@@ -58,6 +58,28 @@ def test_probe_sees_another_tokenizer(server, tmp_path):
     assert not served.probe(teacher(server), other).same_tokenizer
 
 
+def test_another_tokenizer_refuses_logit_kd_not_answers(server, tiny_teacher_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgekd.config import load_profile, load_recipe
+    from edgekd.plan import make_plan
+    from edgekd.preflight import check_served
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    sets = ["teacher.model=tiny", f"student.source={tiny_teacher_dir}"]
+    profile = load_profile("phone-1gb")
+    recipe = load_recipe(None, sets, teacher=server)
+    plan = make_plan(profile, recipe, ["distill"], timing=False)
+    with pytest.raises(EdgekdError, match=r"tokenizes differently.*set distill.kd.alpha=0"):
+        check_served(recipe, plan, other)
+    # The black-box path: the teacher's answers alone.
+    recipe = load_recipe(None, [*sets, "distill.kd.alpha=0"], teacher=server)
+    assert check_served(recipe, plan, other) == []
+
+
 def test_missing_api_key_variable_is_one_line(server, monkeypatch):
     monkeypatch.delenv("EDGEKD_TEST_KEY", raising=False)
     with pytest.raises(EdgekdError, match="teacher.api_key_env=EDGEKD_TEST_KEY: .* not set"):
