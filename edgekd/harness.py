@@ -11,11 +11,17 @@ llama.cpp), and a task that asks for the chat template gets the model's own.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
+import os
+import time
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from lm_eval.api.model import TemplateLM
 
+from edgekd import tasks
 from edgekd.errors import EdgekdError
 
 if TYPE_CHECKING:
@@ -68,7 +74,9 @@ class RuntimeLM(TemplateLM):
         if missing:
             self._encoded.update(zip(missing, self.runtime.tokenize(missing), strict=True))
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs
+    ) -> list[int]:
         """The runtime's tokens, with the specials it adds unless asked not to (or the text
         already starts with BOS), as the `hf` backend's tok_encode."""
         bos = self._specials.bos_text
@@ -149,7 +157,7 @@ class RuntimeLM(TemplateLM):
             if kwargs.get("do_sample") or kwargs.get("temperature", 0) > 0:
                 raise EdgekdError(
                     "edgekd's harness backend decodes greedily; this task samples (do_sample "
-                    "or temperature > 0): pass --gen-kwargs do_sample=false or another task"
+                    "or temperature > 0): pick a task that decodes greedily"
                 )
             until = handle_stop_sequences(kwargs.get("until"), eos=self._specials.eos_text)
             max_tokens = int(kwargs["max_gen_toks"])
@@ -165,3 +173,138 @@ class RuntimeLM(TemplateLM):
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
         return self.runtime.chat_text(chat_history, add_generation_prompt=add_generation_prompt)
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's result on one model: its first metric, the harness's standard error, how many
+    questions were scored and how long it took."""
+
+    task: str
+    metric: str
+    score: float
+    stderr: float | None
+    n: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def share_of_teacher(score: float, teacher: float) -> float | None:
+    """The share of the teacher's score an artifact keeps (1.0: all of it); None where the
+    teacher scores nothing, since no share of nothing means anything."""
+    return score / teacher if teacher > 0 else None
+
+
+def _offline() -> None:
+    """Never reach the network for a dataset or a file: a task whose data is not here fails at
+    once instead of waiting on a connection."""
+    import sys
+
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    if "datasets" in sys.modules:
+        import datasets.config
+
+        datasets.config.HF_DATASETS_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+@functools.cache
+def task_manager():
+    """The harness's task index with edgekd's shipped tasks added (reading it takes seconds)."""
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    _offline()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    return TaskManager(include_path=str(tasks.FOLDER), verbosity="ERROR")
+
+
+def _unknown(name: str, known: list[str]) -> EdgekdError:
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return EdgekdError(
+        f"unknown task {name!r}: {hint}edgekd ships {', '.join(tasks.SHIPPED)} (no download); "
+        "any lm-evaluation-harness task name works where its dataset is on this machine"
+    )
+
+
+def check_tasks(names: list[str], *, limit: int | None, fewshot: int | None) -> None:
+    """EdgekdError unless every task is known and its questions load here, before any model
+    runs: a standard task whose dataset is not on this machine is one line saying how to get
+    it, not a traceback or a wait on the network."""
+    if limit is not None and limit < 1:
+        raise EdgekdError(
+            f"--limit {limit} would score no question; pass a positive number of questions per "
+            "task, or leave it out to score them all"
+        )
+    if fewshot is not None and fewshot < 0:
+        raise EdgekdError(f"--fewshot {fewshot} is negative; pass 0 or more examples")
+    if not names:
+        raise EdgekdError(f"no task given; pass --tasks, e.g. {','.join(tasks.SHIPPED)}")
+    manager = task_manager()
+    known = manager.all_tasks
+    for name in names:
+        if name not in known:
+            raise _unknown(name, known)
+    from lm_eval.tasks import get_task_dict
+
+    for name in names:
+        try:
+            get_task_dict([name], manager)
+        except Exception as err:  # datasets raises many kinds when it cannot reach the hub
+            # The index entry holds the task YAML's fields (the harness version is pinned).
+            entry = manager.task_index.get(name)
+            config = (entry.cfg if entry else None) or {}
+            dataset, subset = config.get("dataset_path", name), config.get("dataset_name")
+            load = f"datasets.load_dataset({dataset!r}" + (f", {subset!r})" if subset else ")")
+            raise EdgekdError(
+                f"task {name}: its dataset {dataset} is not on this machine and edgekd does not "
+                f"download ({type(err).__name__}); on a machine with network run python -c "
+                f'"import datasets; {load}" and copy ~/.cache/huggingface here (or set '
+                "HF_HOME to a copy), or use a shipped task: " + ", ".join(tasks.SHIPPED)
+            ) from None
+
+
+def _primary(name: str, results: dict) -> tuple[str, float, float | None]:
+    """The task's first metric (its YAML's first), its value and its standard error."""
+    row = results["results"][name]
+    for key, value in row.items():
+        metric, _, flt = key.partition(",")
+        if metric in ("alias", "samples") or metric.endswith("_stderr") or not flt:
+            continue
+        err = row.get(f"{metric}_stderr,{flt}")
+        return metric, float(value), (float(err) if isinstance(err, int | float) else None)
+    raise EdgekdError(f"task {name} reported no metric")
+
+
+def run_tasks(
+    runtime: Runtime, names: list[str], *, limit: int | None, fewshot: int | None
+) -> list[TaskScore]:
+    """Every task on one runtime through the harness (one run per task, timed)."""
+    import lm_eval
+
+    lm = RuntimeLM(runtime)
+    scores = []
+    for name in names:
+        start = time.perf_counter()
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[name],
+            num_fewshot=fewshot,
+            limit=limit,
+            task_manager=task_manager(),
+            bootstrap_iters=1000,
+            log_samples=False,
+            verbosity="ERROR",
+        )
+        seconds = time.perf_counter() - start
+        metric, score, stderr = _primary(name, results)
+        n = results.get("n-samples", {}).get(name, {}).get("effective", 0)
+        scores.append(TaskScore(name, metric, score, stderr, int(n), seconds))
+    return scores
