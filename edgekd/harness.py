@@ -17,6 +17,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lm_eval.api.model import TemplateLM
@@ -27,6 +28,7 @@ from edgekd.errors import EdgekdError
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
 
+    from edgekd.benchmark import Artifact
     from edgekd.formats.runtime import Runtime
 
 # The harness's own default context for a model that states none (its `hf` backend's).
@@ -308,3 +310,56 @@ def run_tasks(
         n = results.get("n-samples", {}).get(name, {}).get("effective", 0)
         scores.append(TaskScore(name, metric, score, stderr, int(n), seconds))
     return scores
+
+
+def score_artifacts(
+    found: list[tuple[Artifact, int | None]],
+    names: list[str],
+    *,
+    limit: int | None,
+    fewshot: int | None,
+    threads: int,
+    say=print,
+) -> list[dict]:
+    """Each artifact (with its parameter count) scored on every task in its own runtime, with
+    its share of the teacher's score where a teacher is among them. Every file is checked
+    before the first task runs, so a broken one fails at once."""
+    from edgekd.benchmark import size_on_disk
+    from edgekd.formats.registry import open_runtime, runtime_class
+
+    for artifact, _ in found:
+        runtime_class(artifact.runtime).check_files(Path(artifact.path))
+    rows = []
+    for artifact, params in found:
+        say(f"  eval: {artifact.name} ({artifact.runtime}, {threads} threads): {', '.join(names)}")
+        runtime = open_runtime(Path(artifact.path), threads=threads)
+        try:
+            scores = run_tasks(runtime, names, limit=limit, fewshot=fewshot)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise EdgekdError(
+                f"{artifact.path}: {artifact.runtime} could not run it "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "re-export it or pass another artifact"
+            ) from None
+        rows.append(
+            {
+                "name": artifact.name,
+                "runtime": artifact.runtime,
+                "role": artifact.role,
+                "path": str(artifact.path),
+                "size_bytes": size_on_disk(Path(artifact.path)),
+                "params": params,
+                "tasks": {s.task: s.as_dict() for s in scores},
+            }
+        )
+    add_shares(rows)
+    return rows
+
+
+def add_shares(rows: list[dict]) -> None:
+    """Each row's share of the teacher's score per task (None without a teacher row)."""
+    teacher = next((r for r in rows if r["role"] == "teacher"), None)
+    for row in rows:
+        for task, s in row["tasks"].items():
+            t = teacher["tasks"].get(task) if teacher else None
+            s["share"] = share_of_teacher(s["score"], t["score"]) if t else None

@@ -4,7 +4,6 @@ the device artifacts fit the profile's memory budget."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -16,14 +15,8 @@ from edgekd.config import BenchSettings
 from edgekd.console import console
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
-from edgekd.formats.registry import runtime_of
-from edgekd.rundir import REPORT_JSON, StageResult, read_done
+from edgekd.rundir import StageResult, read_done
 from edgekd.stages.spec import SizeInputs, StageSpec
-
-
-def _stage_report(ctx: Context, stage: str) -> dict:
-    path = ctx.stage_dirs[stage] / REPORT_JSON
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _shown(path: Path, run_dir: Path) -> str:
@@ -31,28 +24,14 @@ def _shown(path: Path, run_dir: Path) -> str:
     return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
 
 
-def _teacher(ctx: Context) -> Artifact:
-    src = ctx.teacher_source
-    if src.kind == "gguf":
-        return Artifact("teacher GGUF", "llama.cpp", src.path, role="teacher")
-    if src.kind == "hf_folder":
-        return Artifact("teacher", "torch", src.path, role="teacher")
-    from huggingface_hub import snapshot_download
-
-    folder = Path(snapshot_download(src.ref, local_files_only=True))
-    return Artifact("teacher", "torch", folder, role="teacher")
-
-
 def artifacts(ctx: Context) -> list[Artifact]:
     """The teacher, the full-precision student and every export, in build order."""
-    found = [_teacher(ctx), Artifact("student", "torch", ctx.latest_model(), role="student")]
-    for spec in ctx.effective.chain:
-        if spec.kind != "export" or spec.name not in ctx.stage_dirs:
-            continue
-        for out in spec.outputs(ctx.stage_dirs[spec.name], _stage_report(ctx, spec.name)):
-            runtime = runtime_of(out.path)
-            found.append(Artifact(out.name, runtime, out.path, shipped=out.shipped))
-    return found
+    exports = [s for s in ctx.effective.chain if s.kind == "export" and s.name in ctx.stage_dirs]
+    return [
+        benchmark.teacher_artifact(ctx.teacher_source),
+        Artifact("student", "torch", ctx.latest_model(), role="student"),
+        *benchmark.export_artifacts(exports, ctx.stage_dirs),
+    ]
 
 
 def _questions(ctx: Context, n: int) -> tuple[list[dict], dict]:
