@@ -13,24 +13,13 @@ from edgekd.formats.registry import runtime_of
 from edgekd.rundir import BUILD_FILE, read_done, read_json
 
 
-def params_of(path: Path) -> int | None:
-    """Parameters of the model at `path`, from its config or GGUF header; None where the files
-    state no config (an onnxruntime-genai folder)."""
-    path = Path(path)
-    if path.is_file() or (path / "config.json").is_file():
-        return models.param_count(
-            models.load_config(models.resolve_source(str(path), role="model"))
-        )
-    return None
-
-
 def of_artifact(path: Path) -> list[tuple[Artifact, int | None]]:
     """One artifact alone, in the runtime its files need (an EdgekdError if none runs it)."""
     path = Path(path)
     if not path.exists():
         raise EdgekdError(f"{path} does not exist; pass a .gguf file, an ONNX or model folder")
     artifact = Artifact(path.name, runtime_of(path), path)
-    return [(artifact, params_of(path))]
+    return [(artifact, models.params_at(path))]
 
 
 def of_run(run_dir: Path) -> list[tuple[Artifact, int | None]]:
@@ -44,7 +33,7 @@ def of_run(run_dir: Path) -> list[tuple[Artifact, int | None]]:
     if not trained:
         return found
     student = done[trained[-1].name] / "model"
-    params = params_of(student)
+    params = models.params_at(student)
     found.append((Artifact("student", "torch", student, role="student"), params))
     exports = [s for s in stages.SPECS if s.kind == "export" and s.name in done]
     found += [(a, params) for a in export_artifacts(exports, done)]

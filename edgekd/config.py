@@ -351,6 +351,17 @@ class BenchSettings(Strict):
     )
     bandwidth_mib: int = Field(256, ge=16, description="buffer copied to measure host bandwidth")
     speculative: SpeculativeSettings = SpeculativeSettings()
+    tasks: list[str] = Field(
+        ["edgekd_choice", "edgekd_answer"],
+        description="lm-evaluation-harness tasks scored on every artifact (edgekd's shipped "
+        "ones need no download; a standard one needs its dataset on this machine); [] for none",
+    )
+    task_limit: int | None = Field(
+        20, gt=0, description="questions per task and artifact; unset: every question"
+    )
+    task_fewshot: int | None = Field(
+        None, ge=0, description="examples before each question; unset: each task's own"
+    )
 
 
 class EvalSettings(Strict):

@@ -242,11 +242,14 @@ def check_tasks(names: list[str], *, limit: int | None, fewshot: int | None) -> 
     it, not a traceback or a wait on the network."""
     if limit is not None and limit < 1:
         raise EdgekdError(
-            f"--limit {limit} would score no question; pass a positive number of questions per "
-            "task, or leave it out to score them all"
+            f"a limit of {limit} questions per task (--limit, bench.task_limit) scores none; "
+            "pass a positive number, or leave it out to score every question"
         )
     if fewshot is not None and fewshot < 0:
-        raise EdgekdError(f"--fewshot {fewshot} is negative; pass 0 or more examples")
+        raise EdgekdError(
+            f"{fewshot} few-shot examples (--fewshot, bench.task_fewshot) is negative; pass 0 "
+            "or more"
+        )
     if not names:
         raise EdgekdError(f"no task given; pass --tasks, e.g. {','.join(tasks.SHIPPED)}")
     manager = task_manager()

@@ -625,6 +625,15 @@ def param_count(config) -> int:
     return sum(t.numel for t in _tensors(config) if t.is_param)
 
 
+def params_at(path: Path) -> int | None:
+    """Parameters of the model at `path` (a GGUF file, or a folder with config.json), from its
+    config or GGUF header; None where the files state no config (an onnxruntime-genai folder)."""
+    path = Path(path)
+    if path.is_file() or (path / "config.json").is_file():
+        return param_count(load_config(resolve_source(str(path), role="model")))
+    return None
+
+
 # GGUF key/value metadata is dominated by the tokenizer's tokens, token types and merges: 36 bytes
 # per vocabulary entry in SmolLM2's GGUF (49152-token BPE); the other keys (architecture, chat
 # template) took 1.7 KB there, rounded up to leave room for longer chat templates.

@@ -75,6 +75,27 @@ def _speculative(ctx: Context, settings: BenchSettings, threads: int) -> dict:
     return {**measured, "note": note}
 
 
+def _score_tasks(
+    ctx: Context, settings: BenchSettings, found: list[Artifact], rows: list[dict], threads: int
+) -> None:
+    """Every artifact's lm-evaluation-harness task scores (and time per task), with its share
+    of the teacher's, added to its bench row."""
+    from edgekd import harness
+
+    student_params = models.params_at(ctx.latest_model())
+    teacher_params = models.param_count(models.load_config(ctx.teacher_source))
+    scored = harness.score_artifacts(
+        [(a, teacher_params if a.role == "teacher" else student_params) for a in found],
+        settings.tasks,
+        limit=settings.task_limit,
+        fewshot=settings.task_fewshot,
+        threads=threads,
+        say=console.print,
+    )
+    for row, s in zip(rows, scored, strict=True):
+        row["params"], row["tasks"] = s["params"], s["tasks"]
+
+
 def run(ctx: Context, settings: BenchSettings) -> StageResult:
     profile = ctx.profile
     if settings.prompt_tokens + settings.decode_tokens >= profile.context_length:
@@ -116,6 +137,8 @@ def run(ctx: Context, settings: BenchSettings) -> StageResult:
     }
     if settings.speculative.prompts:
         report["speculative"] = _speculative(ctx, settings, threads)
+    if settings.tasks:
+        _score_tasks(ctx, settings, found, rows, threads)
     quality = {f"{r['name']} ({r['runtime']})": r["quality"] for r in rows}
     return StageResult(artifacts=[], report=report, quality=quality)
 
