@@ -257,11 +257,9 @@ def check_tasks(names: list[str], *, limit: int | None, fewshot: int | None) -> 
     for name in names:
         if name not in known:
             raise _unknown(name, known)
-    from lm_eval.tasks import get_task_dict
-
     for name in names:
         try:
-            get_task_dict([name], manager)
+            manager.load([name])
         except Exception as err:  # datasets raises many kinds when it cannot reach the hub
             # The index entry holds the task YAML's fields (the harness version is pinned).
             entry = manager.task_index.get(name)
