@@ -215,16 +215,21 @@ def _offline() -> None:
         huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
+def task_manager(names: list[str] = ()):
+    """The harness's task index with edgekd's shipped tasks added; the harness's own thousands
+    of task files are read (seconds) only when a task outside the shipped ones is named."""
+    return _task_manager(standard=any(n not in tasks.SHIPPED for n in names))
+
+
 @functools.cache
-def task_manager():
-    """The harness's task index with edgekd's shipped tasks added (reading it takes seconds)."""
+def _task_manager(*, standard: bool):
     import logging
 
     from lm_eval.tasks import TaskManager
 
     _offline()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    return TaskManager(include_path=str(tasks.FOLDER), verbosity="ERROR")
+    return TaskManager(include_path=str(tasks.FOLDER), include_defaults=standard)
 
 
 def _unknown(name: str, known: list[str]) -> EdgekdError:
@@ -252,7 +257,7 @@ def check_tasks(names: list[str], *, limit: int | None, fewshot: int | None) -> 
         )
     if not names:
         raise EdgekdError(f"no task given; pass --tasks, e.g. {','.join(tasks.SHIPPED)}")
-    manager = task_manager()
+    manager = task_manager(names)
     known = manager.all_tasks
     for name in names:
         if name not in known:
@@ -301,7 +306,7 @@ def run_tasks(
             tasks=[name],
             num_fewshot=fewshot,
             limit=limit,
-            task_manager=task_manager(),
+            task_manager=task_manager(names),
             bootstrap_iters=1000,
             log_samples=False,
             verbosity="ERROR",

@@ -68,7 +68,7 @@ def test_the_harness_loads_both_shipped_tasks_offline():
     from edgekd import harness
 
     assert tasks.SHIPPED == ("edgekd_answer", "edgekd_choice")
-    loaded = harness.task_manager().load(list(tasks.SHIPPED))["tasks"]
+    loaded = harness.task_manager(tasks.SHIPPED).load(list(tasks.SHIPPED))["tasks"]
     rows = _rows()
     for name in tasks.SHIPPED:
         task = loaded[name]

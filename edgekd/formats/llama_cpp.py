@@ -278,6 +278,15 @@ def _decode_continuously(
     return answers
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class LlamaCpp(Runtime):
     """A GGUF file in llama.cpp."""
 
@@ -307,8 +316,9 @@ class LlamaCpp(Runtime):
         # add_bos=True: "add the specials the vocab asks for", none unless add_bos_token is set.
         return [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in texts]
 
-    def _each_logits(self, sequences: list[list[int]]):
-        """The logits of each sequence in turn, from one model loaded for all of them."""
+    def _each_logits(self, sequences: list[list[int]], reuse: bool = False):
+        """The logits of each sequence in turn, from one model loaded for all of them; with
+        `reuse`, a prefix shared with the sequence before is not run again."""
         import torch
 
         if not sequences:
@@ -323,17 +333,23 @@ class LlamaCpp(Runtime):
             n_threads_batch=self.threads,
             logits_all=True,
         )
+        previous: list[int] = []
         for seq in sequences:
-            llm.reset()  # eval then clears the KV cache from position 0
-            llm.eval(seq)
+            # A prefix the last sequence shared (a question's context before each of its
+            # choices) keeps its cache and its logits; eval clears the cache past n_tokens.
+            llm.n_tokens = min(_common_prefix(previous, seq), len(seq) - 1) if reuse else 0
+            llm.eval(seq[llm.n_tokens :])
+            previous = seq
             yield torch.from_numpy(np.array(llm.scores[: len(seq)], dtype=np.float32))
 
     def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         return list(self._each_logits(sequences))
 
     def continuations(self, requests: list[tuple[list[int], int]]) -> list[Continuation]:
-        """One sequence at a time through one loaded model (only its logits held at once)."""
-        rows = self._each_logits([ids[:-1] for ids, _ in requests])
+        """One sequence at a time through one loaded model (only its logits held at once), the
+        prefix it shares with the one before taken from the cache: the harness asks for a
+        question's choices one after another."""
+        rows = self._each_logits([ids[:-1] for ids, _ in requests], reuse=True)
         return [
             score_continuation(logits[start - 1 :], ids[start:])
             for (ids, start), logits in zip(requests, rows, strict=True)
