@@ -171,7 +171,8 @@ def reasoning(rng: random.Random, n: int) -> list[dict]:
         if kind == 0:
             a, b, c, other = rng.sample(NAMES, 4)
             young = rng.random() < 0.5
-            q = f"{a} is older than {b}. {b} is older than {c}. Who is the {'youngest' if young else 'oldest'}?"
+            who = "youngest" if young else "oldest"
+            q = f"{a} is older than {b}. {b} is older than {c}. Who is the {who}?"
             answer, choices = (c if young else a), [a, b, c, other]
         elif kind == 1:
             start, step = rng.randint(1, 30), rng.randint(2, 11)

@@ -340,6 +340,12 @@ def _bench_gguf(ws: Workspace, keep: float = 1.0, profile: str | Path = "phone-1
     return ["bench", str(path), "--profile", str(profile)]
 
 
+def _eval_gguf(ws: Workspace, *args: str, keep: float = 1.0) -> list[str]:
+    """`edgekd eval` on the tiny teacher's GGUF (cut to `keep` of its bytes)."""
+    path = _bench_gguf(ws, keep=keep)[1]
+    return ["eval", path, *args, "--set", "eval.threads=1"]
+
+
 def _write_bytes(path: Path, raw: bytes) -> Path:
     path.write_bytes(raw)
     return path
@@ -783,6 +789,26 @@ CASES = [
             ),
         ),
         "allocates the whole 2000000000-token context",
+    ),
+    Case(
+        "`edgekd eval` with a misspelt task name (edgekd_choise)",
+        lambda ws: _eval_gguf(ws, "--tasks", "edgekd_choise"),
+        "did you mean edgekd_choice",
+    ),
+    Case(
+        "`edgekd eval` on a standard task whose dataset is not on this machine (arc_easy)",
+        lambda ws: _eval_gguf(ws, "--tasks", "arc_easy"),
+        "its dataset allenai/ai2_arc is not on this machine",
+    ),
+    Case(
+        "`edgekd eval --limit 0`",
+        lambda ws: _eval_gguf(ws, "--tasks", "edgekd_choice", "--limit", "0"),
+        "scores none",
+    ),
+    Case(
+        "`edgekd eval` on a GGUF cut to half",
+        lambda ws: _eval_gguf(ws, "--tasks", "edgekd_choice", "--limit", "1", keep=0.5),
+        "is truncated or malformed",
     ),
     # The run folder: what --out may be, its files, --force, symbolic links, verify.
     Case(
