@@ -24,6 +24,7 @@ from edgekd.formats.runtime import (
     Runtime,
     Specials,
     TokenCost,
+    common_prefix,
     next_token,
     prompt_rng,
     score_continuation,
@@ -278,15 +279,6 @@ def _decode_continuously(
     return answers
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class LlamaCpp(Runtime):
     """A GGUF file in llama.cpp."""
 
@@ -337,7 +329,7 @@ class LlamaCpp(Runtime):
         for seq in sequences:
             # A prefix the last sequence shared (a question's context before each of its
             # choices) keeps its cache and its logits; eval clears the cache past n_tokens.
-            llm.n_tokens = min(_common_prefix(previous, seq), len(seq) - 1) if reuse else 0
+            llm.n_tokens = min(common_prefix(previous, seq), len(seq) - 1) if reuse else 0
             llm.eval(seq[llm.n_tokens :])
             previous = seq
             yield torch.from_numpy(np.array(llm.scores[: len(seq)], dtype=np.float32))

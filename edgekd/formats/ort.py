@@ -18,6 +18,7 @@ from edgekd.formats.runtime import (
     Continuation,
     Runtime,
     TokenCost,
+    common_prefix,
     cut_at_stop,
     next_token,
     prompt_rng,
@@ -193,12 +194,24 @@ class Ort(Runtime):
         return out
 
     def continuations(self, requests: list[tuple[list[int], int]]) -> list[Continuation]:
-        """One sequence at a time through one session."""
+        """One sequence at a time through one session; the prefix a sequence shares with the
+        one before (a question's context before each of its choices) is taken from that one's
+        cache, cut to the prefix along its positions axis ([batch, heads, positions, size])."""
         import torch
 
         session, out = _Session(self.path, self.threads), []
+        before: list[int] = []
+        logits, cache = np.zeros((0, 0), np.float32), session.empty_past()
         for ids, start in requests:
-            logits, _ = session.step(list(ids[:-1]), session.empty_past(), 0)
+            seq = list(ids[:-1])
+            n = min(common_prefix(before, seq), len(seq) - 1)
+            if n:
+                past = {k: v[:, :, :n] for k, v in cache.items()}
+                new, cache = session.step(seq[n:], past, n)
+                logits = np.concatenate([logits[:n], new])
+            else:
+                logits, cache = session.step(seq, session.empty_past(), 0)
+            before = seq
             out.append(score_continuation(torch.from_numpy(logits[start - 1 :]), ids[start:]))
         return out
 
