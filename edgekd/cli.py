@@ -174,6 +174,9 @@ def eval_(
     fewshot: Annotated[
         int | None, typer.Option(help="examples before each question [default: the task's]")
     ] = None,
+    chat_template: Annotated[
+        bool, typer.Option(help="prompts through each model's own chat template")
+    ] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override, e.g. eval.threads=4")
     ] = None,
@@ -193,14 +196,27 @@ def eval_(
         found = build_artifacts.find(artifact)
         threads = rec.eval.threads or os.cpu_count() or 1
         rows = harness.score_artifacts(
-            found, names, limit=limit, fewshot=fewshot, threads=threads, say=console.print
+            found,
+            names,
+            limit=limit,
+            fewshot=fewshot,
+            threads=threads,
+            chat_template=chat_template,
+            say=console.print,
         )
     except EdgekdError as e:
         _fail(e)
     console.print(task_table(rows))
     if json_out is not None:
         atomic.write_json(
-            json_out, {"tasks": names, "limit": limit, "fewshot": fewshot, "artifacts": rows}
+            json_out,
+            {
+                "tasks": names,
+                "limit": limit,
+                "fewshot": fewshot,
+                "chat_template": chat_template,
+                "artifacts": rows,
+            },
         )
 
 

@@ -292,9 +292,16 @@ def _primary(name: str, results: dict) -> tuple[str, float, float | None]:
 
 
 def run_tasks(
-    runtime: Runtime, names: list[str], *, limit: int | None, fewshot: int | None
+    runtime: Runtime,
+    names: list[str],
+    *,
+    limit: int | None,
+    fewshot: int | None,
+    chat_template: bool = False,
 ) -> list[TaskScore]:
-    """Every task on one runtime through the harness (one run per task, timed)."""
+    """Every task on one runtime through the harness (one run per task, timed); with
+    `chat_template`, each prompt (and its few-shot examples, as turns) goes through the model's
+    own chat template, as the harness's --apply_chat_template does."""
     import lm_eval
 
     lm = RuntimeLM(runtime)
@@ -308,6 +315,7 @@ def run_tasks(
             limit=limit,
             task_manager=task_manager(names),
             bootstrap_iters=1000,
+            apply_chat_template=chat_template,
             log_samples=False,
             verbosity="ERROR",
         )
@@ -325,6 +333,7 @@ def score_artifacts(
     limit: int | None,
     fewshot: int | None,
     threads: int,
+    chat_template: bool = False,
     say=print,
 ) -> list[dict]:
     """Each artifact (with its parameter count) scored on every task in its own runtime, with
@@ -340,7 +349,9 @@ def score_artifacts(
         say(f"  eval: {artifact.name} ({artifact.runtime}, {threads} threads): {', '.join(names)}")
         runtime = open_runtime(Path(artifact.path), threads=threads)
         try:
-            scores = run_tasks(runtime, names, limit=limit, fewshot=fewshot)
+            scores = run_tasks(
+                runtime, names, limit=limit, fewshot=fewshot, chat_template=chat_template
+            )
         except (OSError, ValueError, RuntimeError) as err:
             raise EdgekdError(
                 f"{artifact.path}: {artifact.runtime} could not run it "

@@ -13,7 +13,7 @@ from edgekd.formats.registry import open_runtime
 LIMIT = 8
 
 
-def _samples(lm, task: str, limit: int = LIMIT) -> tuple[dict, list[dict]]:
+def _samples(lm, task: str, limit: int = LIMIT, chat: bool = False) -> tuple[dict, list[dict]]:
     import lm_eval
 
     out = lm_eval.simple_evaluate(
@@ -22,6 +22,7 @@ def _samples(lm, task: str, limit: int = LIMIT) -> tuple[dict, list[dict]]:
         limit=limit,
         task_manager=harness.task_manager([task]),
         log_samples=True,
+        apply_chat_template=chat,
         bootstrap_iters=0,
         verbosity="ERROR",
     )
@@ -38,12 +39,12 @@ def hf_choice(tiny_llama_gguf):
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=str(tiny_llama_gguf[0]), device="cpu", batch_size=4)
-    return _samples(lm, "edgekd_choice"), _samples(lm, "edgekd_answer", 3)
+    return _samples(lm, "edgekd_choice"), _samples(lm, "edgekd_answer", 3), lm
 
 
 @pytest.mark.slow
 def test_torch_backend_gives_the_hf_backends_loglikelihoods(tiny_llama_gguf, hf_choice):
-    (hf_result, hf_samples), (hf_gen, hf_gen_samples) = hf_choice
+    (hf_result, hf_samples), (hf_gen, hf_gen_samples), _ = hf_choice
     lm = harness.RuntimeLM(open_runtime(tiny_llama_gguf[0], threads=1))
     result, samples = _samples(lm, "edgekd_choice")
     assert [s["arguments"] for s in samples] == [s["arguments"] for s in hf_samples]
@@ -60,11 +61,26 @@ def test_torch_backend_gives_the_hf_backends_loglikelihoods(tiny_llama_gguf, hf_
 
 @pytest.mark.slow
 def test_gguf_f16_in_llama_cpp_agrees_with_torch(tiny_llama_gguf, hf_choice):
-    (_, hf_samples), _ = hf_choice
+    (_, hf_samples), _, _ = hf_choice
     lm = harness.RuntimeLM(open_runtime(tiny_llama_gguf[1], threads=1))
     _, samples = _samples(lm, "edgekd_choice")
     ours = _loglikelihoods(samples)
     assert np.abs(ours - _loglikelihoods(hf_samples)).max() < 1e-2
+
+
+@pytest.mark.slow
+def test_chat_template_prompts_match_the_hf_backend(tiny_llama_gguf, hf_choice):
+    """With the chat template on, the few-shot examples become turns rendered by the model's
+    own template, in torch as in the hf backend, and in llama.cpp from the GGUF's template."""
+    hf = hf_choice[2]
+    _, theirs = _samples(hf, "edgekd_choice", 3, chat=True)
+    for path in tiny_llama_gguf:
+        lm = harness.RuntimeLM(open_runtime(path, threads=1))
+        _, ours = _samples(lm, "edgekd_choice", 3, chat=True)
+        assert [s["arguments"] for s in ours] == [s["arguments"] for s in theirs]
+        assert "<|im_start|>user" in ours[0]["arguments"][0][0]
+        gap = np.abs(_loglikelihoods(ours) - _loglikelihoods(theirs)).max()
+        assert gap < (1e-4 if path.is_dir() else 1e-2)
 
 
 @pytest.mark.slow
