@@ -38,10 +38,12 @@ DEFAULT_MAX_LENGTH = 2048
 class RuntimeLM(TemplateLM):
     """The harness's model interface over one opened runtime."""
 
-    def __init__(self, runtime: Runtime, *, max_length: int = DEFAULT_MAX_LENGTH):
+    def __init__(self, runtime: Runtime, *, max_length: int | None = None):
+        """`max_length`: the longest sequence scored (the left is cut); default the context the
+        runtime was opened with, else the harness's default."""
         super().__init__()
         self.runtime = runtime
-        self._max_length = max_length
+        self._max_length = max_length or runtime.n_ctx or DEFAULT_MAX_LENGTH
         self._specials = runtime.specials()
         self._encoded: dict[str, list[int]] = {}
         # What the runtime's tokenizer adds around any text (BOS where the model adds it).
@@ -107,7 +109,7 @@ class RuntimeLM(TemplateLM):
         scored = []
         for _, context, continuation in requests:
             whole = (context + continuation)[-(self.max_length + 1) :]
-            scored.append((whole, len(whole) - len(continuation)))
+            scored.append((whole, max(1, len(whole) - len(continuation))))
         results = []
         for (key, _, _), c in zip(requests, self.runtime.continuations(scored), strict=True):
             result = (c.logprob, c.greedy)

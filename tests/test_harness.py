@@ -84,6 +84,23 @@ def test_chat_template_prompts_match_the_hf_backend(tiny_llama_gguf, hf_choice):
 
 
 @pytest.mark.slow
+def test_rolling_loglikelihoods_match_the_hf_backend_across_windows(tiny_llama_gguf):
+    """A text longer than max_length, cut into the hf backend's disjoint windows."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    requests = [Instance("loglikelihood_rolling", {}, (t,), 0) for t in (text, "Hello there.")]
+    hf = HFLM(pretrained=str(tiny_llama_gguf[0]), device="cpu", batch_size=2, max_length=16)
+    theirs = hf.loglikelihood_rolling(requests, disable_tqdm=True)
+    for path, tolerance in zip(tiny_llama_gguf, (1e-4, 1e-2), strict=True):
+        lm = harness.RuntimeLM(open_runtime(path, threads=1), max_length=16)
+        ours = lm.loglikelihood_rolling(requests)
+        # a sum over its ~60 tokens: the per-token bound times 100
+        assert np.abs(np.array(ours) - np.array(theirs)).max() < tolerance * 100
+
+
+@pytest.mark.slow
 def test_run_tasks_reports_the_first_metric_its_stderr_and_time(tiny_llama_gguf):
     runtime = open_runtime(tiny_llama_gguf[1], threads=1)
     [score] = harness.run_tasks(runtime, ["edgekd_choice"], limit=4, fewshot=0)
