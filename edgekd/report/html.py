@@ -303,7 +303,7 @@ def retention_plot(artifacts: list[dict]) -> str:
         params = r.get("params")
         radius = 4 + 10 * math.sqrt((params or 0) / top)
         size = "params unknown" if params is None else f"{params / 1e6:.0f}M params"
-        label = f"{r['name']}: {x:.1f}x smaller, {y:.0f}% of the teacher's score, {size}"
+        label = f"{r['name']}: compression {x:.2f}x, {y:.0f}% of the teacher's score, {size}"
         ly = 40 + 20 * i
         body.append(
             f'<circle cx="{f.x(x):.1f}" cy="{f.y(y):.1f}" r="{radius:.1f}" fill="{colour}" '

@@ -164,7 +164,7 @@ def test_page_has_the_verdict_the_plots_and_nothing_external():
     # the task table: each artifact's score with its stderr and its share of the teacher's
     assert els.ids["task-table"]["tag"] == "table"
     assert "0.400 ± 0.050" in text and "80%" in text
-    assert "1.6x smaller, 80% of the teacher's score, 60M params" in text
+    assert "compression 1.57x, 80% of the teacher's score, 60M params" in text
     # ratios measured in this report: student 2 runs faster than the teacher's median
     assert "2.00x" in text and "decode speed, student GGUF Q4_K_M / teacher" in text
 
