@@ -282,6 +282,13 @@ def _nan_model_export(ws: Workspace) -> list[str]:
     return _with(ws.build(out=copy), "--stages", "export_onnx")
 
 
+def _no_stage_started(ws: Workspace) -> str:
+    run = ws.path("bench-task-run")
+    started = [p.name for p in run.iterdir() if "distill" in p.name] if run.is_dir() else []
+    assert not started, started
+    return "no stage started"
+
+
 def _export_not_done(ws: Workspace) -> str:
     run = ws.path("run-nan")
     assert_killed_stage_not_done(run, "export_onnx")
@@ -809,6 +816,18 @@ CASES = [
         "`edgekd eval` on a GGUF cut to half",
         lambda ws: _eval_gguf(ws, "--tasks", "edgekd_choice", "--limit", "1", keep=0.5),
         "is truncated or malformed",
+    ),
+    Case(
+        "`bench.tasks` naming a task the harness does not know, before any stage runs",
+        lambda ws: ws.build(
+            "--stages",
+            "distill,bench",
+            "--set",
+            "bench.tasks=[edgekd_choise]",
+            out=ws.path("bench-task-run"),
+        ),
+        "unknown task 'edgekd_choise'",
+        intact=_no_stage_started,
     ),
     # The run folder: what --out may be, its files, --force, symbolic links, verify.
     Case(
