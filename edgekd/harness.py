@@ -267,7 +267,7 @@ def check_tasks(names: list[str], *, limit: int | None, fewshot: int | None) -> 
     for name in names:
         try:
             manager.load([name])
-        except Exception as err:  # datasets raises many kinds when it cannot reach the hub
+        except OSError as err:  # datasets' offline and not-found errors are all OSErrors
             # The index entry holds the task YAML's fields (the harness version is pinned).
             entry = manager.task_index.get(name)
             config = (entry.cfg if entry else None) or {}
