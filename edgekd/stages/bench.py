@@ -1,6 +1,7 @@
 """bench: measure every artifact of the build in its own runtime, with the profile's threads and
 context length: size, peak memory, speed, held-out quality and exact-match answers, and whether
-the device artifacts fit the profile's memory budget."""
+the device artifacts fit the profile's memory budget; with `bench.tasks`, each artifact's
+lm-evaluation-harness task scores and its share of the teacher's."""
 
 from __future__ import annotations
 
