@@ -818,6 +818,16 @@ CASES = [
         "is truncated or malformed",
     ),
     Case(
+        "`edgekd eval` on a file no runtime runs (notes.txt)",
+        lambda ws: [
+            "eval",
+            str(_write(ws.path("notes.txt"), "not a model")),
+            "--tasks",
+            "edgekd_choice",
+        ],
+        "is neither a .gguf file",
+    ),
+    Case(
         "`bench.tasks` naming a task the harness does not know, before any stage runs",
         lambda ws: ws.build(
             "--stages",
