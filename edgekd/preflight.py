@@ -308,6 +308,11 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
         models.check_weights_match_config(plan.teacher, plan.teacher_config, role="teacher")
     pending = pipeline.pending_stages(profile, recipe, run_dir, plan.stages, plan.teacher)
     check_disk(run_dir, sum(plan.disk_bytes.get(s, 0) for s in pending), pending)
+    if "bench" in pending and recipe.bench.tasks:
+        from edgekd.harness import check_tasks
+
+        b = recipe.bench
+        check_tasks(b.tasks, limit=b.task_limit, fewshot=b.task_fewshot)
     if is_served:
         models.check_weights(
             plan.student_source, allow_pickle=recipe.student.allow_pickle, role="student"

@@ -17,7 +17,14 @@ from edgekd import atomic
 from edgekd.benchmark import MIB, budget_verdict
 from edgekd.config import Profile, known_profiles, load_profile
 from edgekd.report.html import render
-from edgekd.report.text import mb, speculative_line, spread_text, verdict_line
+from edgekd.report.text import (
+    mb,
+    score_text,
+    share_text,
+    speculative_line,
+    spread_text,
+    verdict_line,
+)
 from edgekd.rundir import BUILD_FILE, REPORT_HTML, REPORT_JSON, read_done, read_json
 from edgekd.stages import SPECS
 from edgekd.stages import get as spec_of
@@ -179,7 +186,32 @@ def bench_tables(bench: dict) -> list[Table]:
         ["artifact", "disk", "weights+KV", "peak RSS", "kld", "top1", "ppl", "exact"],
         rows,
     )
-    return [speed, memory]
+    tables = [speed, memory]
+    if any(r.get("tasks") for r in arts):
+        tables.append(task_table(arts))
+    return tables
+
+
+def task_table(rows: list[dict]) -> Table:
+    """lm-evaluation-harness task scores: one line per artifact and task."""
+    return _table(
+        "task scores (lm-evaluation-harness; ± its standard error)",
+        ["artifact", "runtime", "task", "metric", "score", "of teacher", "n", "seconds"],
+        [
+            [
+                r["name"],
+                r["runtime"],
+                task,
+                s["metric"],
+                score_text(s),
+                share_text(s),
+                str(s["n"]),
+                f"{s['seconds']:.1f}",
+            ]
+            for r in rows
+            for task, s in (r.get("tasks") or {}).items()
+        ],
+    )
 
 
 def print_bench(bench: dict, console: Console) -> None:

@@ -40,3 +40,14 @@ def speculative_line(spec: dict) -> str:
         f"{spec['mean_accepted_length']:.2f} of {k}, {spec['tokens_per_target_forward']:.2f} "
         "tokens per teacher pass"
     )
+
+
+def score_text(s: dict) -> str:
+    """A task score with the harness's standard error: '0.412 ± 0.030'."""
+    err = s.get("stderr")
+    return f"{s['score']:.3f}" + ("" if err is None else f" ± {err:.3f}")
+
+
+def share_text(s: dict) -> str:
+    """The share of the teacher's score kept, as a percentage ('-' without one)."""
+    return "-" if s.get("share") is None else f"{100 * s['share']:.0f}%"
