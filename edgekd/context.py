@@ -157,15 +157,44 @@ class Context:
         return data.pack(examples, s.max_seq_len) if s.pack else examples
 
     @cached_property
-    def heldout(self) -> HeldOut:
+    def _heldout_examples(self) -> list[data.TokenizedExample]:
         examples = data.tokenize_rows(
             self._split[1], self.tokenizer, max_len=self.recipe.data.max_seq_len
         )
-        return HeldOut.from_examples(examples)
+        # The examples HeldOut keeps: those with a scored position.
+        return [ex for ex in examples if logit_cache.trained_positions(ex.labels)]
+
+    @cached_property
+    def heldout(self) -> HeldOut:
+        return HeldOut.from_examples(self._heldout_examples)
+
+    def _cached_reference_dir(self) -> Path | None:
+        """The held-out reference inside the logit cache folder the build reads, if it has one."""
+        path = self.recipe.logit_cache.path
+        if path is None:
+            return None
+        folder = Path(path) / logit_cache.REFERENCE_DIR
+        return folder if (folder / logit_cache.CACHE_MANIFEST).is_file() else None
+
+    @property
+    def reference_source(self) -> str:
+        """Where the held-out reference comes from, for the reports."""
+        if (folder := self._cached_reference_dir()) is not None:
+            return f"logit cache {folder} (the teacher's top {self.recipe.logit_cache.top_k})"
+        if self.is_served:
+            return f"{self.teacher_source.describe()} (its top {self.recipe.logit_cache.top_k})"
+        return f"{self.teacher_source.describe()} (whole vocabulary)"
 
     @cached_property
     def reference(self) -> list[torch.Tensor]:
-        """The teacher's held-out log-probs at temperature 1, computed once per corpus."""
+        """The teacher's held-out log-probs at temperature 1, computed once per corpus; read from
+        the logit cache folder instead when it holds them (its teacher need not be reachable)."""
+        if (folder := self._cached_reference_dir()) is not None:
+            meta = self.reference_meta()
+            cache = logit_cache.load_dir(
+                folder, corpus=meta["corpus"], tokenizer=meta["tokenizer"], top_k=meta["top_k"]
+            )
+            return logit_cache.dense_reference(cache.t)
         key = settings_hash(self.teacher_key, data.fingerprint(self._split[1]), self.recipe.data)
         path = self.cache_path(f"reference-{key[:16]}.safetensors")
         with self.state.main_process_first():
@@ -228,6 +257,28 @@ class Context:
             "top_k": self.recipe.logit_cache.top_k,
             "teacher": self.teacher_key,
         }
+
+    def reference_meta(self) -> dict:
+        """The held-out reference's manifest fields: as the cache's, for the held-out examples."""
+        return {
+            **self.logit_cache_meta(),
+            "corpus": logit_cache.examples_fingerprint(self._heldout_examples),
+        }
+
+    def write_reference(self, folder: Path) -> None:
+        """The teacher's top-k log-probs at the held-out positions into `folder` (cache format)."""
+        settings = self.recipe.logit_cache
+        if self.is_served:
+            tensors = self._served_scores(self.heldout)
+        else:
+            tensors = logit_cache.compute(
+                self.teacher.to(self.state.device),
+                self._heldout_examples,
+                top_k=settings.top_k,
+                batch_size=settings.batch_size,
+                pad_id=data.padding_id(self.tokenizer),
+            )
+        logit_cache.write_dir(folder, tensors, self.reference_meta())
 
     def write_logit_cache(self, folder: Path) -> None:
         """Compute the teacher's top-k log-probs at the training positions into `folder`."""

@@ -219,6 +219,9 @@ def dense_reference(tensors: dict[str, Tensor]) -> list[Tensor]:
 # A cache folder: shards of whole examples and, written last, a manifest naming what made them.
 CACHE_MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
+# The sub-folder holding the teacher's top-k log-probs at the held-out positions (the same format),
+# from which a build that reads the cache takes its held-out reference without the teacher.
+REFERENCE_DIR = "reference"
 SHARD_EXAMPLES = 256
 
 
@@ -257,6 +260,8 @@ def remove_dir(folder: Path) -> None:
     atomic.remove(folder / CACHE_MANIFEST)
     for shard in folder.glob("shard-*.safetensors"):
         atomic.remove(shard)
+    if (folder / REFERENCE_DIR).is_dir():
+        remove_dir(folder / REFERENCE_DIR)
 
 
 def read_manifest(folder: Path) -> dict:

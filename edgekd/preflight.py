@@ -117,6 +117,18 @@ _IN_PROCESS = (
 )
 
 
+def cache_needs_no_teacher(recipe: Recipe) -> bool:
+    """Whether the build reads everything of the teacher from a cache folder (made elsewhere by
+    `edgekd teacher-cache`): its corpus given, its cache and held-out reference in the folder."""
+    path, d = recipe.logit_cache.path, recipe.data
+    return (
+        path is not None
+        and d.source is not None
+        and not d.regenerate
+        and (Path(path) / logit_cache.REFERENCE_DIR / logit_cache.CACHE_MANIFEST).is_file()
+    )
+
+
 def check_served(recipe: Recipe, plan: Plan, tokenizer) -> list[str]:
     """A served teacher: what it cannot do here refused, the API key present, the model served,
     its tokenizer the student's where logit KD needs it; returns what the probe found (lines)."""
@@ -134,6 +146,11 @@ def check_served(recipe: Recipe, plan: Plan, tokenizer) -> list[str]:
             f"data.generation.strategy=beam: the {where} answers through chat completions, which "
             "have no beam search; use greedy or sample"
         )
+    if cache_needs_no_teacher(recipe):
+        return [
+            f"teacher: the {where} is not asked: the corpus is given and the logit cache "
+            f"{recipe.logit_cache.path} holds its log-probs and the held-out reference"
+        ]
     teacher = served.Served.open(plan.teacher.ref, recipe.teacher)
     teacher.check_model()
     found = served.probe(teacher, tokenizer)

@@ -2,8 +2,10 @@
 (beside its server, or with its weights) and copied to the machine that trains.
 
 The folder holds the shards and manifest of `logit_cache.write_dir` and the corpus they score
-(`corpus.jsonl`: the user's rows, or the prompts with the teacher's answers), so the training
-machine reads the same rows with `--data OUT/corpus.jsonl --set logit_cache.path=OUT`.
+(`corpus.jsonl`: the user's rows, or the prompts with the teacher's answers) and, in
+`reference/`, the teacher's top-k log-probs at the held-out positions, so the training machine
+reads the same rows with `--data OUT/corpus.jsonl --set logit_cache.path=OUT` and measures
+held-out kld without the teacher.
 """
 
 from __future__ import annotations
@@ -62,11 +64,14 @@ def write_cache(recipe: Recipe, out: Path) -> Path:
     if (out / logit_cache.CACHE_MANIFEST).exists():
         logit_cache.remove_dir(out)
     data.write_jsonl_atomic(out / CORPUS, ctx.rows)
+    # The reference first: a folder whose top manifest exists is whole.
+    ctx.write_reference(out / logit_cache.REFERENCE_DIR)
     ctx.write_logit_cache(out)
     manifest = logit_cache.read_manifest(out)
     console.print(
         f"wrote {len(manifest['shards'])} shards ({manifest['examples']} examples, top "
-        f"{manifest['top_k']}) and {logit_cache.CACHE_MANIFEST} to {out}, teacher "
+        f"{manifest['top_k']}), the held-out reference and {logit_cache.CACHE_MANIFEST} to "
+        f"{out}, teacher "
         f"{ctx.teacher_source.describe()}; train with: --data {out / CORPUS} "
         f"--set logit_cache.path={out}",
         highlight=False,

@@ -314,3 +314,41 @@ def test_reports_never_hold_credentials():
     assert "pw" not in resolve_source(url, role="teacher").describe()
     with pytest.raises(EdgekdError, match="only the teacher may be served"):
         resolve_source(url, role="student")
+
+
+@pytest.mark.slow
+def test_cache_made_elsewhere_trains_with_the_server_stopped(tiny_llama_gguf, tmp_path):
+    """The cache folder holds the answered corpus, the training log-probs and the held-out
+    reference: a build given it trains and measures held-out kld with the server gone."""
+    import subprocess
+    import sys
+
+    from edgekd.testing import Build, set_args
+
+    common = [
+        "teacher.model=tiny",
+        f"student.source={tiny_llama_gguf[0]}",
+        "data.num_prompts=12",
+        "data.generation.max_tokens=8",
+        "data.max_seq_len=64",
+        "distill.max_steps=2",
+        "distill.batch_size=2",
+        "logit_cache.top_k=8",
+        "eval.sample_max_tokens=4",
+    ]
+    cache = tmp_path / "cache"
+    with llama_server(tiny_llama_gguf[1], alias="tiny") as url:
+        cmd = [sys.executable, "-m", "edgekd.cli", "teacher-cache", "--teacher", url]
+        made = subprocess.run(
+            [*cmd, "--out", str(cache), *set_args(common)], capture_output=True, text=True
+        )
+        assert made.returncode == 0, made.stdout + made.stderr
+    reference = json.loads((cache / "reference" / "manifest.json").read_text())
+    assert reference["examples"] > 0 and all(s["sha256"] for s in reference["shards"])
+    run = tmp_path / "run"
+    args = ["--teacher", url, "--stages", "distill", "--data", str(cache / "corpus.jsonl")]
+    out = Build(run, [*args, *set_args([*common, f"logit_cache.path={cache}"])]).finish()
+    assert "is not asked" in out
+    report = json.loads((run / "01-distill" / "report.json").read_text())
+    assert report["reference"].startswith(f"logit cache {cache / 'reference'}")
+    assert report["quality"]["student after"]["kld"] > 0

@@ -78,6 +78,7 @@ def run(ctx: Context, settings: DistillSettings) -> StageResult:
         artifacts=artifacts,
         report={
             "teacher": ctx.teacher_key,
+            "reference": ctx.reference_source,
             "student": student_report,
             "training": train_report,
         },
