@@ -326,6 +326,7 @@ def score(
     The server tokenizes the decoded text itself; its echoed tokens are aligned to the sequence
     token by token (`_align`). Entry j of the echo is the distribution that predicted echoed
     token j: at logit index i - 1 when that token is sequence token i."""
+    check_starts_with_bos(tokenizer, sequences)
     tmap = TokenMap(tokenizer)
     special = set(tokenizer.all_special_ids)
     texts = [_text(tokenizer, s) for s in sequences]
@@ -355,6 +356,25 @@ def score(
             future.result()
     missing = sum(r is None for rows in out for r in rows)
     return Scored(out, missing=missing, unmapped=tmap.unmapped, mapped=tmap.mapped)
+
+
+def check_starts_with_bos(tokenizer, sequences: list[list[int]]) -> None:
+    """Refuse sequences that do not start with the tokenizer's BOS token: a server reads a text
+    after the BOS it adds (llama.cpp's server always does, and hides it from the echo), or, adding
+    none, pairs each echoed token with the distribution one position on. Either way the
+    log-probs would belong to another context than the student's, so none are guessed."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return
+    bad = [i for i, seq in enumerate(sequences) if seq and seq[0] != bos]
+    if bad:
+        token = tokenizer.convert_ids_to_tokens(bos)
+        raise EdgekdError(
+            f"{len(bad)} of {len(sequences)} sequences (the first: example {bad[0]}) do not start "
+            f"with the tokenizer's BOS token {token!r}, which the served teacher reads every text "
+            "after: its log-probs would be scored one position off; use chat rows (the template "
+            "writes the BOS), a tokenizer that adds it (add_bos_token), or data.regenerate"
+        )
 
 
 def _align(tokens: list[str], seq: list[int], tmap: TokenMap, special: set[int]):
