@@ -100,5 +100,6 @@ SPEC = StageSpec(
     produces="hf",
     disk_bytes=disk_bytes,
     run=run,
-    keyed_with=("student",),
+    # Its KD targets come from the logit cache: another cache folder or top_k is another output.
+    keyed_with=("student", "logit_cache"),
 )
