@@ -316,8 +316,9 @@ def load_dir(
     corpus, tokenizer or top_k, or when a shard is missing, truncated or changed."""
     manifest = read_manifest(folder)
     for what, want, key, fix in (
-        ("training corpus", corpus, "corpus", "the same data and data.* settings"),
+        # The tokenizer first: another one also tokenizes the corpus differently.
         ("tokenizer", tokenizer, "tokenizer", "a teacher and student with the same tokenizer"),
+        ("training corpus", corpus, "corpus", "the same data and data.* settings"),
         ("top_k", top_k, "top_k", f"logit_cache.top_k={manifest['top_k']}"),
     ):
         if manifest[key] != want:

@@ -951,12 +951,12 @@ def _served(ws: Workspace, url: str, *sets: str, name: str = "run-served") -> li
     ]  # fmt: skip
 
 
-def _teacher_cache(ws: Workspace, name: str, data: Path) -> Path:
-    """`edgekd teacher-cache` of the workspace teacher (in process) for `data`."""
+def _teacher_cache(ws: Workspace, name: str, data: Path, teacher: Path | None = None) -> Path:
+    """`edgekd teacher-cache` of the workspace teacher (or `teacher`, in process) for `data`."""
     out = ws.path(name)
     rc, said = run_cli(
-        ["teacher-cache", "--teacher", str(ws.teacher), "--data", str(data), "--out", str(out),
-         *set_args(FAST)]
+        ["teacher-cache", "--teacher", str(teacher or ws.teacher), "--data", str(data),
+         "--out", str(out), *set_args(FAST)]
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"teacher-cache failed:\n{said}")
@@ -966,6 +966,17 @@ def _teacher_cache(ws: Workspace, name: str, data: Path) -> Path:
 def _cache_of_another_corpus(ws: Workspace) -> list[str]:
     other = write_chat_jsonl(ws.path("other-corpus.jsonl"), n=30)
     cache = _teacher_cache(ws, "cache-other", other)
+    return _with_sets(ws, f"logit_cache.path={cache}", "distill.teacher_logits=cache")
+
+
+def _cache_of_another_tokenizer(ws: Workspace) -> list[str]:
+    from transformers import AutoTokenizer
+
+    # The workspace tokenizer with one token more: other ids, another vocabulary hash.
+    tok = AutoTokenizer.from_pretrained(ws.teacher)
+    tok.add_tokens(["<edgekd-extra>"])
+    other = save_tiny_llama(ws.path("teacher-other-tokenizer"), tok)
+    cache = _teacher_cache(ws, "cache-other-tokenizer", ws.data, teacher=other)
     return _with_sets(ws, f"logit_cache.path={cache}", "distill.teacher_logits=cache")
 
 
@@ -1035,6 +1046,12 @@ SERVED_CASES = [
         "logit_cache.path: a cache made by `edgekd teacher-cache` for another corpus",
         _cache_of_another_corpus,
         "was made for another training corpus",
+        fast=False,
+    ),
+    Case(
+        "logit_cache.path: a cache made by `edgekd teacher-cache` with another tokenizer",
+        _cache_of_another_tokenizer,
+        "was made for another tokenizer",
         fast=False,
     ),
     Case(
