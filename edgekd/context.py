@@ -203,6 +203,7 @@ class Context:
                     save_reference(
                         path, logit_cache.dense_reference(self._served_scores(self.heldout))
                     )
+                    self.scores_journal("held-out").unlink(missing_ok=True)
                 else:
                     save_reference(path, torch_logprobs(self.teacher, self.heldout))
         return load_reference(path)
@@ -236,7 +237,12 @@ class Context:
                 entries, targets, positions, top_k=top_k, vocab=len(self.tokenizer)
             )
         scored = served.score(
-            self.served_teacher, self.tokenizer, sequences, positions, top_k=top_k
+            self.served_teacher,
+            self.tokenizer,
+            sequences,
+            positions,
+            top_k=top_k,
+            journal=self.scores_journal(what),
         )
         console.print(
             f"teacher: {total - scored.missing} of {total} positions have the server's log-probs "
@@ -248,6 +254,10 @@ class Context:
         return logit_cache.from_entries(
             scored.entries, targets, positions, top_k=top_k, vocab=len(self.tokenizer)
         )
+
+    def scores_journal(self, what: str) -> Path:
+        """Where the served teacher's scores of `what` are journaled until they are written."""
+        return self.cache_path(f"scores-{what}.jsonl")
 
     def logit_cache_meta(self) -> dict:
         """What the logit cache was made from, for its manifest (no secret: the URL is public)."""
@@ -279,6 +289,7 @@ class Context:
                 pad_id=data.padding_id(self.tokenizer),
             )
         logit_cache.write_dir(folder, tensors, self.reference_meta())
+        self.scores_journal("held-out").unlink(missing_ok=True)
 
     def write_logit_cache(self, folder: Path) -> None:
         """Compute the teacher's top-k log-probs at the training positions into `folder`."""
@@ -296,6 +307,7 @@ class Context:
                 pad_id=data.padding_id(self.tokenizer),
             )
         logit_cache.write_dir(folder, tensors, self.logit_cache_meta())
+        self.scores_journal("training").unlink(missing_ok=True)
 
     @cached_property
     def logit_cache(self) -> logit_cache.LogitCache:

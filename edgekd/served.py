@@ -185,10 +185,7 @@ class Served:
             )
             with lock:
                 done[keys[i]] = text
-                with journal.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": keys[i], "answer": text}) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                append_journal(journal, {"key": keys[i], "answer": text})
                 if on_answer is not None:
                     on_answer(sum(k in done for k in keys), len(keys))
 
@@ -254,18 +251,31 @@ def conversation_key(
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def read_journal(path: Path) -> dict[str, str]:
-    """Answers already received: key -> answer. A line cut short by a kill is skipped."""
-    done: dict[str, str] = {}
+def append_journal(path: Path, row: dict) -> None:
+    """One JSON line appended to a journal and on disk before the next is asked for."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_journal(path: Path, field: str = "answer") -> dict:
+    """What a journal already holds: key -> row[field]. A line cut short by a kill is skipped."""
+    done: dict = {}
     if not path.is_file():
         return done
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
-            done[row["key"]] = row["answer"]
+            done[row["key"]] = row[field]
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return done
+
+
+def score_key(seq: list[int], positions: list[int], top_k: int) -> str:
+    """What one example's scores depend on, as the scoring journal's key."""
+    return hashlib.sha256(json.dumps([seq, positions, top_k]).encode()).hexdigest()[:32]
 
 
 def _text(tokenizer, ids: list[int]) -> str:
@@ -319,20 +329,32 @@ def score(
     *,
     top_k: int,
     on_done: Callable[[int, int], None] | None = None,
+    journal: Path | None = None,
 ) -> Scored:
     """The served teacher's top-k log-probs at `positions` (logit indices t: the distribution
     over sequences[i][t + 1]) of each token sequence, asked teacher.concurrency at a time.
 
     The server tokenizes the decoded text itself; its echoed tokens are aligned to the sequence
     token by token (`_align`). Entry j of the echo is the distribution that predicted echoed
-    token j: at logit index i - 1 when that token is sequence token i."""
+    token j: at logit index i - 1 when that token is sequence token i.
+
+    With a `journal` (JSON lines keyed by example), each example's scores are on disk as soon as
+    they arrive and those already there are not asked again: a killed run keeps them."""
     check_starts_with_bos(tokenizer, sequences)
     tmap = TokenMap(tokenizer)
     special = set(tokenizer.all_special_ids)
     texts = [_text(tokenizer, s) for s in sequences]
-    out: list = [None] * len(sequences)
+    keys = [score_key(s, p, top_k) for s, p in zip(sequences, positions, strict=True)]
+    kept = read_journal(journal, "rows") if journal is not None else {}
+    out: list = [
+        [None if r is None else [tuple(e) for e in r] for r in kept[k]] if k in kept else None
+        for k in keys
+    ]
+    todo = [i for i, rows in enumerate(out) if rows is None]
+    if journal is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
-    finished = [0]
+    finished = [len(sequences) - len(todo)]
 
     def one(i: int) -> None:
         got = served.echo_logprobs(texts[i], top_k)
@@ -347,13 +369,21 @@ def score(
                     rows[at[t]] = _entries(tops[j], tokens[j], seq[k], tmap)
         with lock:
             out[i] = rows
+            if journal is not None:
+                append_journal(journal, {"key": keys[i], "rows": rows})
             finished[0] += 1
             if on_done is not None:
                 on_done(finished[0], len(sequences))
 
     with ThreadPoolExecutor(served.settings.concurrency) as pool:
-        for future in [pool.submit(one, i) for i in range(len(sequences))]:
-            future.result()
+        futures = [pool.submit(one, i) for i in todo]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            # The first failure stops the run, asking for nothing more; the journal keeps the rest.
+            pool.shutdown(cancel_futures=True)
+            raise
     missing = sum(r is None for rows in out for r in rows)
     return Scored(out, missing=missing, unmapped=tmap.unmapped, mapped=tmap.mapped)
 

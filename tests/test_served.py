@@ -152,6 +152,35 @@ def test_scores_match_the_in_process_teacher(
     assert checked >= 8 * (sum(len(p) for p in positions) - scored.missing) * 0.9
 
 
+@pytest.mark.slow
+def test_scoring_killed_midway_asks_only_for_the_rest(proxy, tokenizer, tmp_path):
+    """Each example's scores are journaled as they arrive: a run stopped after two examples
+    keeps them, and the rerun asks the server for the others alone, with the same result."""
+    rows = [json.loads(line) for line in write_chat_jsonl(tmp_path / "c.jsonl", 5).open()]
+    examples = tokenize_rows(rows, tokenizer, max_len=64)
+    seqs = [ex.input_ids for ex in examples]
+    positions = [logit_cache.trained_positions(ex.labels) for ex in examples]
+    journal = tmp_path / "scores.jsonl"
+    one_at_a_time = teacher(proxy.url, concurrency=1)
+
+    def killed(done: int, total: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        served.score(
+            one_at_a_time, tokenizer, seqs, positions, top_k=4, on_done=killed, journal=journal
+        )
+    # The one worker may have taken the next example before the stop reached it.
+    kept = len(journal.read_text().splitlines())
+    assert 2 <= kept < len(seqs)
+    asked = proxy.requests.get("/v1/completions", 0)
+    resumed = served.score(one_at_a_time, tokenizer, seqs, positions, top_k=4, journal=journal)
+    assert proxy.requests["/v1/completions"] - asked == len(seqs) - kept
+    whole = served.score(one_at_a_time, tokenizer, seqs, positions, top_k=4)
+    assert resumed.entries == whole.entries
+
+
 def test_from_entries_rebuilds_the_given_distribution():
     entries = [[[(3, -0.5), (7, -1.5)], None]]
     tensors = logit_cache.from_entries(entries, [[3, 5]], [[0, 1]], top_k=4, vocab=10)
