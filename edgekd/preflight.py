@@ -92,6 +92,9 @@ def check_cache_folder(recipe: Recipe, tokenizer) -> None:
                 f"{want!s:.12} here); make it again with `edgekd teacher-cache` for this build"
             )
     logit_cache.refuse_bad_shards(folder, manifest)
+    reference = folder / logit_cache.REFERENCE_DIR
+    if (reference / logit_cache.CACHE_MANIFEST).is_file():
+        logit_cache.refuse_bad_shards(reference, logit_cache.read_manifest(reference))
 
 
 def check_logit_cache(recipe: Recipe, plan: Plan) -> None:

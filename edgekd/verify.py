@@ -91,7 +91,12 @@ def _verify_cache(folder: Path, prefix: str) -> tuple[int, list[Finding]]:
         for p in sorted(folder.glob("shard-*"))
         if p.name not in listed
     ]
-    return len(manifest["shards"]), findings
+    checked = len(manifest["shards"])
+    reference = folder / logit_cache.REFERENCE_DIR
+    if (reference / logit_cache.CACHE_MANIFEST).is_file():
+        n, found = _verify_cache(reference, f"{prefix}{logit_cache.REFERENCE_DIR}/")
+        checked, findings = checked + n, findings + found
+    return checked, findings
 
 
 def _link_on(run_dir: Path, name: str) -> Path | None:

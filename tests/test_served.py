@@ -410,3 +410,9 @@ def test_cache_made_elsewhere_trains_with_the_server_stopped(tiny_llama_gguf, tm
     report = json.loads((run / "01-distill" / "report.json").read_text())
     assert report["reference"].startswith(f"logit cache {cache / 'reference'}")
     assert report["quality"]["student after"]["kld"] > 0
+    shard = cache / "reference" / reference["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    verified = subprocess.run(
+        [sys.executable, "-m", "edgekd.cli", "verify", str(cache)], capture_output=True, text=True
+    )
+    assert verified.returncode == 1 and "reference/shard-00000" in verified.stdout
