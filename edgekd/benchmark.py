@@ -19,7 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,24 +191,60 @@ def save_heldout(path: Path, heldout, reference) -> None:
     save_file(tensors, str(path))
 
 
-def measure(job: Job, scratch: Path) -> dict:
-    """Run `job` in a child process and return what it measured."""
+def _child(job: Job, scratch: Path) -> tuple[list[str], Path]:
+    """The child's command line for `job`, and where it will write its result."""
     scratch.mkdir(parents=True, exist_ok=True)
     job_path, out_path = scratch / "job.json", scratch / "result.json"
     job_path.write_text(json.dumps(asdict(job)))
     out_path.unlink(missing_ok=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgekd.benchmark", str(job_path), str(out_path)],
-        capture_output=True,
-        text=True,
+    return [sys.executable, "-m", "edgekd.benchmark", str(job_path), str(out_path)], out_path
+
+
+def _failed(job: Job, returncode: int, stderr: str, stdout: str) -> EdgekdError:
+    tail = " | ".join((stderr or stdout).strip().splitlines()[-3:])
+    return EdgekdError(
+        f"benchmark of {job.path} ({job.runtime}) failed with exit code {returncode}: {tail}"
     )
+
+
+def measure(job: Job, scratch: Path) -> dict:
+    """Run `job` in a child process and return what it measured."""
+    argv, out_path = _child(job, scratch)
+    proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0 or not out_path.is_file():
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise EdgekdError(
-            f"benchmark of {job.path} ({job.runtime}) failed with exit code {proc.returncode}: "
-            f"{tail}"
-        )
+        raise _failed(job, proc.returncode, proc.stderr, proc.stdout)
     return json.loads(out_path.read_text())
+
+
+def measure_capped(job: Job, scratch: Path, cap_bytes: int, weight_files: list[Path]) -> dict:
+    """The memory verdict, measured: `job` run again in a child confined to `cap_bytes` (see
+    `memcap`). Where no cap can be set it says why, and the estimate stands, labelled."""
+    from edgekd import memcap
+
+    method, how = memcap.cap_method()
+    out = {"cap_bytes": cap_bytes, "method": method, "how": how, "threads": job.threads}
+    if method is None:
+        return out
+    argv, out_path = _child(job, scratch)
+    memcap.drop_page_cache(weight_files)  # read in by the capped child, charged to its cap
+    done = memcap.run_capped(argv, cap_bytes)
+    if done.killed:
+        return {**out, "fits": False, "killed": True, "peak_bytes": done.peak_bytes}
+    if done.returncode != 0 or not out_path.is_file():
+        return {**out, "error": str(_failed(job, done.returncode, done.stderr, done.stdout))}
+    measured = json.loads(out_path.read_text())
+    peak = max(done.peak_bytes or 0, measured["peak_rss_bytes"])
+    speed = speed_summary(
+        measured["ttft_s"], measured["decode_s"], len(job.prompt), job.decode_tokens
+    )
+    return {
+        **out,
+        "fits": peak <= cap_bytes,
+        "killed": False,
+        "peak_bytes": peak,
+        "peak_rss_bytes": measured["peak_rss_bytes"],
+        "speed": speed,
+    }
 
 
 def bench_threads(profile_threads: int, override: int | None) -> int:
@@ -280,7 +317,7 @@ def benchmark_artifact(
         answer_max_tokens=settings.answer_max_tokens,
         heldout=None if heldout_file is None else str(heldout_file),
     )
-    return artifact_row(
+    row = artifact_row(
         artifact,
         cost=cost,
         measured=measure(job, scratch),
@@ -291,6 +328,13 @@ def benchmark_artifact(
         decode_tokens=settings.decode_tokens,
         size_bytes=size_on_disk(artifact.path),
     )
+    if artifact.shipped and settings.memory_cap:
+        # Speed and load under the cap: no held-out slice or answers (their work is not in the
+        # peak the host child reports either).
+        speed_job = replace(job, questions=[], heldout=None)
+        files = runtime_class(artifact.runtime).weight_files(artifact.path)
+        row["capped"] = measure_capped(speed_job, scratch, profile.memory_budget_mb * MIB, files)
+    return row
 
 
 def artifact_row(
@@ -300,18 +344,19 @@ def artifact_row(
     measured: dict,
     profile: Profile,
     threads: int,
-    host_bandwidth_bps: float,
+    host_bandwidth_bps: float | None,
     prompt_tokens: int,
     decode_tokens: int,
     size_bytes: int,
 ) -> dict:
     """One report row from what the child measured: speeds, the budget verdict, and decode
-    speed against the host's bandwidth limit and the profile's (a projection)."""
+    speed against the host's bandwidth limit (None: measured elsewhere) and the profile's (a
+    projection)."""
     speed = speed_summary(measured["ttft_s"], measured["decode_s"], prompt_tokens, decode_tokens)
     # Decode step i attends to prompt_tokens + i positions: bytes read are taken at the mean.
     at = prompt_tokens + (decode_tokens - 1) // 2
     per_token = cost.read_per_token(at)
-    host_limit = host_bandwidth_bps / per_token
+    host_limit = None if host_bandwidth_bps is None else host_bandwidth_bps / per_token
     device_bps = profile.memory_bandwidth_gbs * 1e9
     budget = budget_verdict(
         cost.weights_bytes,
@@ -344,7 +389,9 @@ def artifact_row(
             "kv_read_bytes": per_token - cost.weights_read_bytes,
             "at_tokens": at,
             "host_limit_tps": host_limit,
-            "host_fraction": speed["decode_tps"]["median"] / host_limit,
+            "host_fraction": (
+                None if host_limit is None else speed["decode_tps"]["median"] / host_limit
+            ),
             "device_projection_tps": device_bps / per_token,
             "device_projection_note": (
                 f"projection, not a measurement: the {profile.name} profile's "
@@ -385,9 +432,15 @@ def bench_report(
     }
 
 
-def bench_file(path: Path, profile: Profile, settings: BenchSettings) -> dict:
+def bench_file(
+    path: Path,
+    profile: Profile,
+    settings: BenchSettings,
+    on_device: Callable[..., dict] | None = None,
+) -> dict:
     """The bench report of one GGUF file, ONNX folder or model folder outside any build: speed,
-    memory, exact-match answers and the budget verdict (no teacher, so no held-out quality)."""
+    memory, exact-match answers and the budget verdict (no teacher, so no held-out quality).
+    `on_device(artifacts, prompt=, questions=)`, if given, measures it on a device too."""
     import tempfile
 
     from edgekd.data import default_prompts
@@ -413,11 +466,14 @@ def bench_file(path: Path, profile: Profile, settings: BenchSettings) -> dict:
             heldout_file=None,
             scratch=Path(tmp),
         )
-    checkable = sum(r.get("answer") is not None for r in shipped)
-    note = questions_note(len(questions), checkable, 0, settings.answer_max_tokens)
-    return bench_report(
-        profile, settings, host_info(threads, bandwidth, settings.bandwidth_mib), [row], note
-    )
+        checkable = sum(r.get("answer") is not None for r in shipped)
+        note = questions_note(len(questions), checkable, 0, settings.answer_max_tokens)
+        report = bench_report(
+            profile, settings, host_info(threads, bandwidth, settings.bandwidth_mib), [row], note
+        )
+        if on_device is not None:
+            report["device"] = on_device([artifact], prompt=prompt, questions=questions)
+    return report
 
 
 def host_info(threads: int, bandwidth_bps: float, mib: int) -> dict:

@@ -143,23 +143,39 @@ def bench(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="also write the report to this file")
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="also measure it on this device: ssh://user@host[:port] (or an alias)"),
+    ] = None,
 ) -> None:
-    """Benchmark one GGUF or ONNX artifact against a device profile."""
+    """Benchmark one GGUF or ONNX artifact against a device profile, on this host and, with
+    --device or the profile's device:, on the device over SSH."""
+    from functools import partial
+
     from edgekd import atomic
     from edgekd.benchmark import bench_file
-    from edgekd.report.summary import print_bench
+    from edgekd.config import with_device
+    from edgekd.report.summary import device_faults, print_bench
 
     try:
         if not artifact.exists():
             raise EdgekdError(f"{artifact} does not exist; pass a .gguf file or an ONNX folder")
-        prof = load_profile(profile)
+        prof = with_device(load_profile(profile), device)
         rec = load_recipe(None, set_ or [])
-        result = bench_file(artifact, prof, rec.bench)
+        on_device = None
+        if prof.device is not None:
+            from edgekd.device import bench_on_device
+
+            on_device = partial(bench_on_device, prof.device, profile=prof, settings=rec.bench)
+        result = bench_file(artifact, prof, rec.bench, on_device)
     except EdgekdError as e:
         _fail(e)
     print_bench(result, console)
     if json_out is not None:
         atomic.write_json(json_out, result)
+    faults = device_faults(result)
+    if faults:  # the host's numbers stand; the device's are missing, and the exit code says so
+        _fail(EdgekdError("; ".join(faults)))
 
 
 @profiles_app.command("list")

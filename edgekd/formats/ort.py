@@ -201,6 +201,20 @@ class Ort(Runtime):
             replies.append(tok.decode(new, skip_special_tokens=True))
         return replies
 
+    def device_chat(self, conversations: list[list[dict]]) -> dict:
+        """The prompts rendered and tokenized here, and the end tokens: the device has no
+        transformers; it decodes greedily and sends the reply tokens back."""
+        from edgekd.data import render_chat
+
+        prompts = [
+            render_chat(self.tokenizer, m, add_generation_prompt=True, tokenize=True)
+            for m in conversations
+        ]
+        return {"chat_ids": [list(p) for p in prompts], "eos": sorted(self._eos_ids())}
+
+    def device_replies(self, result: dict) -> list[str]:
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in result["reply_ids"]]
+
     def chat(self, conversations: list[list[dict]], *, max_tokens: int) -> list[str]:
         return self._replies(conversations, max_tokens, lambda i: lambda x: int(np.argmax(x)))
 

@@ -17,7 +17,15 @@ from edgekd import atomic
 from edgekd.benchmark import MIB, budget_verdict
 from edgekd.config import Profile, known_profiles, load_profile
 from edgekd.report.html import render
-from edgekd.report.text import mb, speculative_line, spread_text, verdict_line
+from edgekd.report.text import (
+    capped_line,
+    mb,
+    projection_line,
+    remote_line,
+    speculative_line,
+    spread_text,
+    verdict_line,
+)
 from edgekd.rundir import BUILD_FILE, REPORT_HTML, REPORT_JSON, read_done, read_json
 from edgekd.stages import SPECS
 from edgekd.stages import get as spec_of
@@ -182,17 +190,93 @@ def bench_tables(bench: dict) -> list[Table]:
     return [speed, memory]
 
 
+def device_faults(bench: dict) -> list[str]:
+    """What kept the device from measuring, one line each (none without a device)."""
+    device = bench.get("device") or {}
+    lines = [device["error"]] if device.get("error") else []
+    return lines + [f"{name}: {line}" for name, line in device.get("errors", {}).items()]
+
+
+def _side_row(where: str, r: dict, speed: dict, peak: int | None) -> list[str]:
+    q, em = r.get("quality"), r.get("exact_match")
+    return [
+        f"{r['name']}, {where}",
+        spread_text(speed["prompt_tps"]),
+        spread_text(speed["decode_tps"]),
+        spread_text(speed["ttft_ms"]),
+        "-" if peak is None else mb(peak),
+        "-" if q is None else f"{q['kld']:.4f}",
+        "-" if q is None else f"{q['top1']:.3f}",
+        "-" if q is None else f"{q['ppl']:.2f}",
+        f"{em['correct']}/{em['total']}" if em and em["total"] else "-",
+    ]
+
+
+def side_by_side(bench: dict) -> Table | None:
+    """Each device artifact on this host, under the budget's cap, and on the device."""
+    device = bench.get("device") or {}
+    on_device = {r["name"]: r for r in device.get("rows", [])}
+    rows = []
+    for r in bench["artifacts"]:
+        if not r["shipped"]:
+            continue
+        rows.append(_side_row("this host", r, r["speed"], r["memory"]["peak_rss_bytes"]))
+        c = r.get("capped") or {}
+        if "speed" in c:
+            cap = f"{c['cap_bytes'] / MIB:.0f} MB cap"
+            rows.append(_side_row(f"host, {cap}", {"name": r["name"]}, c["speed"], c["peak_bytes"]))
+        if r["name"] in on_device:
+            d = on_device[r["name"]]
+            rows.append(_side_row(d["measured_on"], d, d["speed"], d["memory"]["peak_rss_bytes"]))
+    if not any(c.get("speed") for c in (r.get("capped") or {} for r in bench["artifacts"])) and (
+        not on_device
+    ):
+        return None
+    cols = ["artifact, measured on", "prompt tok/s", "decode tok/s", "TTFT ms", "peak MB"]
+    return _table(
+        "host, capped host and device, side by side: median (min-max)",
+        [*cols, "kld", "top1", "ppl", "exact"],
+        rows,
+    )
+
+
+def print_device(bench: dict, console: Console) -> None:
+    """The side-by-side table, the device, its projection error and the remote path's cost."""
+    table = side_by_side(bench)
+    if table is not None:
+        console.print(table)
+    device = bench.get("device")
+    if not device:
+        return
+    if device.get("info_line"):
+        console.print(
+            f"device {device['name']}: {device['info_line']}, {device['threads']} threads",
+            highlight=False,
+        )
+    bandwidth = bench["profile"]["memory_bandwidth_gbs"]
+    for row in device["rows"]:
+        console.print(projection_line(row, bandwidth), highlight=False)
+        console.print(remote_line(device, row), highlight=False)
+    for line in device_faults(bench):
+        console.print(f"[red]device fault:[/] {line}", highlight=False, soft_wrap=True)
+
+
 def print_bench(bench: dict, console: Console) -> None:
     """Verdict lines, the table, the ratios and the host, for one bench report."""
     p = bench["profile"]
     for r in bench["artifacts"]:
         if r["shipped"]:
             colour = "green" if r["budget"]["fits"] else "red"
-            console.print(f"[{colour}]{verdict_line(r)}[/]", highlight=False)
+            console.print(f"[{colour}]{verdict_line(r)} (estimate)[/]", highlight=False)
+            if line := capped_line(r):
+                fits = (r.get("capped") or {}).get("fits")
+                colour = "green" if fits else "red" if fits is False else "yellow"
+                console.print(f"[{colour}]{line}[/]", highlight=False)
     if not any(r["shipped"] for r in bench["artifacts"]):
         console.print("no device artifact (GGUF/ONNX in the profile's formats) was judged")
     for table in bench_tables(bench):
         console.print(table)
+    print_device(bench, console)
     if bench.get("speculative"):
         console.print(speculative_line(bench["speculative"]), highlight=False)
     host = bench["host"]
