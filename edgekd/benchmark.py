@@ -191,7 +191,7 @@ def save_heldout(path: Path, heldout, reference) -> None:
     save_file(tensors, str(path))
 
 
-def _child(job: Job, scratch: Path) -> tuple[list[str], Path]:
+def _child_argv(job: Job, scratch: Path) -> tuple[list[str], Path]:
     """The child's command line for `job`, and where it will write its result."""
     scratch.mkdir(parents=True, exist_ok=True)
     job_path, out_path = scratch / "job.json", scratch / "result.json"
@@ -209,7 +209,7 @@ def _failed(job: Job, returncode: int, stderr: str, stdout: str) -> EdgekdError:
 
 def measure(job: Job, scratch: Path) -> dict:
     """Run `job` in a child process and return what it measured."""
-    argv, out_path = _child(job, scratch)
+    argv, out_path = _child_argv(job, scratch)
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0 or not out_path.is_file():
         raise _failed(job, proc.returncode, proc.stderr, proc.stdout)
@@ -225,7 +225,7 @@ def measure_capped(job: Job, scratch: Path, cap_bytes: int, weight_files: list[P
     out = {"cap_bytes": cap_bytes, "method": method, "how": how, "threads": job.threads}
     if method is None:
         return out
-    argv, out_path = _child(job, scratch)
+    argv, out_path = _child_argv(job, scratch)
     memcap.drop_page_cache(weight_files)  # read in by the capped child, charged to its cap
     done = memcap.run_capped(argv, cap_bytes)
     if done.killed:
