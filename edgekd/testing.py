@@ -324,3 +324,26 @@ def sshd(folder: Path) -> Iterator[SshServer]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def kill_on_device(workdir: Path, what: str, timeout: float = 120) -> threading.Thread:
+    """In the background: once a device runner has started under `workdir` (a loopback device's
+    folder), SIGKILL it ("runner") or the sshd process serving its connection ("connection"),
+    the way a board's out-of-memory killer or a dropped network would."""
+
+    def kill() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = list(Path(workdir).glob("runs/*/pid"))
+            if pids and pids[0].read_text().strip():
+                time.sleep(0.5)  # into its measures
+                pid = int(pids[0].read_text())
+                if what == "connection":
+                    pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
