@@ -19,9 +19,11 @@ from edgekd.config import Profile, known_profiles, load_profile
 from edgekd.report.html import render
 from edgekd.report.text import (
     capped_line,
+    device_faults,
     mb,
     projection_line,
     remote_line,
+    side_by_side,
     speculative_line,
     spread_text,
     verdict_line,
@@ -190,59 +192,18 @@ def bench_tables(bench: dict) -> list[Table]:
     return [speed, memory]
 
 
-def device_faults(bench: dict) -> list[str]:
-    """What kept the device from measuring, one line each (none without a device)."""
-    device = bench.get("device") or {}
-    lines = [device["error"]] if device.get("error") else []
-    return lines + [f"{name}: {line}" for name, line in device.get("errors", {}).items()]
-
-
-def _side_row(where: str, r: dict, speed: dict, peak: int | None) -> list[str]:
-    q, em = r.get("quality"), r.get("exact_match")
-    return [
-        f"{r['name']}, {where}",
-        spread_text(speed["prompt_tps"]),
-        spread_text(speed["decode_tps"]),
-        spread_text(speed["ttft_ms"]),
-        "-" if peak is None else mb(peak),
-        "-" if q is None else f"{q['kld']:.4f}",
-        "-" if q is None else f"{q['top1']:.3f}",
-        "-" if q is None else f"{q['ppl']:.2f}",
-        f"{em['correct']}/{em['total']}" if em and em["total"] else "-",
-    ]
-
-
-def side_by_side(bench: dict) -> Table | None:
+def side_by_side_table(bench: dict) -> Table | None:
     """Each device artifact on this host, under the budget's cap, and on the device."""
-    device = bench.get("device") or {}
-    on_device = {r["name"]: r for r in device.get("rows", [])}
-    rows = []
-    for r in bench["artifacts"]:
-        if not r["shipped"]:
-            continue
-        rows.append(_side_row("this host", r, r["speed"], r["memory"]["peak_rss_bytes"]))
-        c = r.get("capped") or {}
-        if "speed" in c:
-            cap = f"{c['cap_bytes'] / MIB:.0f} MB cap"
-            rows.append(_side_row(f"host, {cap}", {"name": r["name"]}, c["speed"], c["peak_bytes"]))
-        if r["name"] in on_device:
-            d = on_device[r["name"]]
-            rows.append(_side_row(d["measured_on"], d, d["speed"], d["memory"]["peak_rss_bytes"]))
-    if not any(c.get("speed") for c in (r.get("capped") or {} for r in bench["artifacts"])) and (
-        not on_device
-    ):
+    found = side_by_side(bench)
+    if found is None:
         return None
-    cols = ["artifact, measured on", "prompt tok/s", "decode tok/s", "TTFT ms", "peak MB"]
-    return _table(
-        "host, capped host and device, side by side: median (min-max)",
-        [*cols, "kld", "top1", "ppl", "exact"],
-        rows,
-    )
+    cols, rows = found
+    return _table("host, capped host and device, side by side: median (min-max)", cols, rows)
 
 
 def print_device(bench: dict, console: Console) -> None:
     """The side-by-side table, the device, its projection error and the remote path's cost."""
-    table = side_by_side(bench)
+    table = side_by_side_table(bench)
     if table is not None:
         console.print(table)
     device = bench.get("device")

@@ -93,3 +93,50 @@ def remote_line(device: dict, row: dict) -> str:
         f"{r['setup_s']:.1f} s; the run took {r['run_s']:.1f} s there (model load "
         f"{r['load_s']:.2f} s)"
     )
+
+
+def device_faults(bench: dict) -> list[str]:
+    """What kept the device from measuring, one line each (none without a device)."""
+    device = bench.get("device") or {}
+    lines = [device["error"]] if device.get("error") else []
+    return lines + [f"{name}: {line}" for name, line in device.get("errors", {}).items()]
+
+
+def _side_row(where: str, r: dict, speed: dict, peak: int | None) -> list[str]:
+    q, em = r.get("quality"), r.get("exact_match")
+    return [
+        f"{r['name']}, {where}",
+        spread_text(speed["prompt_tps"]),
+        spread_text(speed["decode_tps"]),
+        spread_text(speed["ttft_ms"]),
+        "-" if peak is None else mb(peak),
+        "-" if q is None else f"{q['kld']:.4f}",
+        "-" if q is None else f"{q['top1']:.3f}",
+        "-" if q is None else f"{q['ppl']:.2f}",
+        f"{em['correct']}/{em['total']}" if em and em["total"] else "-",
+    ]
+
+
+def side_by_side(bench: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Columns and rows: each device artifact on this host, under the budget's cap and on the
+    device (None: neither a capped nor a device run)."""
+    device = bench.get("device") or {}
+    on_device = {r["name"]: r for r in device.get("rows", [])}
+    rows, extra = [], False
+    for r in bench["artifacts"]:
+        if not r["shipped"]:
+            continue
+        rows.append(_side_row("this host", r, r["speed"], r["memory"]["peak_rss_bytes"]))
+        c = r.get("capped") or {}
+        if "speed" in c:
+            where = f"this host, {c['cap_bytes'] / MIB:.0f} MB cap"
+            rows.append(_side_row(where, {"name": r["name"]}, c["speed"], c["peak_bytes"]))
+            extra = True
+        if r["name"] in on_device:
+            d = on_device[r["name"]]
+            rows.append(_side_row(d["measured_on"], d, d["speed"], d["memory"]["peak_rss_bytes"]))
+            extra = True
+    if not extra:
+        return None
+    cols = ["artifact, measured on", "prompt tok/s", "decode tok/s", "TTFT ms", "peak MB"]
+    return [*cols, "kld", "top1", "ppl", "exact"], rows
