@@ -172,3 +172,24 @@ def test_settings_refuse_a_bad_address():
     assert argv[-2:] == ["pi@board", "true"] and argv[argv.index("-p") + 1] == "2222"
     assert "BatchMode=yes" in argv and "Foo=bar" in argv
     assert remote.remote_path("~/.cache/edgekd") == '"$HOME"/.cache/edgekd'
+
+
+def test_build_preflight_asks_the_device_before_any_work(
+    ssh_server, tiny_teacher_dir, chat_jsonl, tmp_path
+):
+    profile = tmp_path / "board.yaml"
+    settings = {**ssh_server.device(), "python": "/usr/bin/python3"}  # no numpy, no runtimes
+    if subprocess.run([settings["python"], "-c", "import numpy"]).returncode == 0:
+        pytest.skip("/usr/bin/python3 has numpy here")
+    profile.write_text(
+        (Path(__file__).parents[1] / "edgekd" / "profiles" / "phone-1gb.yaml").read_text()
+        + "device:\n"
+        + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in settings.items())
+    )
+    out = tmp_path / "run"
+    args = ["build", "--profile", str(profile), "--teacher", str(tiny_teacher_dir)]
+    args += ["--data", str(chat_jsonl), "--out", str(out), "--set", "student.num_layers=2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "lacks numpy, llama_cpp" in result.output and "pip install" in result.output
+    assert not (out / "01-distill").exists() and not list(out.glob(".*.partial"))
