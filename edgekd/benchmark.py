@@ -433,46 +433,53 @@ def bench_report(
 
 
 def bench_file(
-    path: Path,
+    path: Path | list[Artifact],
     profile: Profile,
     settings: BenchSettings,
     on_device: Callable[..., dict] | None = None,
 ) -> dict:
-    """The bench report of one GGUF file, ONNX folder or model folder outside any build: speed,
-    memory, exact-match answers and the budget verdict (no teacher, so no held-out quality).
-    `on_device(artifacts, prompt=, questions=)`, if given, measures it on a device too."""
+    """The bench report of one GGUF file, ONNX folder or model folder outside any build (or of a
+    build's artifacts): speed, memory, exact-match answers and the budget verdict (no teacher,
+    so no held-out quality). `on_device(artifacts, prompt=, questions=)`, if given, measures
+    them on a device too."""
     import tempfile
 
     from edgekd.data import default_prompts
 
-    path = Path(path)
-    artifact = Artifact(path.name, runtime_of(path), path, role="export", shipped=True)
-    checked_cost(artifact, profile.context_length)  # a bad file or context: before any work
+    if isinstance(path, list):
+        artifacts = path
+    else:
+        artifacts = [Artifact(Path(path).name, runtime_of(Path(path)), Path(path), shipped=True)]
+    for artifact in artifacts:  # a bad file or context: before any work
+        checked_cost(artifact, profile.context_length)
     threads = bench_threads(profile.threads, settings.threads)
     shipped = default_prompts()
-    runtime = open_runtime(path, threads=threads)
+    runtime = open_runtime(artifacts[0].path, threads=threads)
     prompt = prompt_ids(runtime.tokenize([r["prompt"] for r in shipped]), settings.prompt_tokens)
     questions = pick_questions(shipped, settings.questions)
     bandwidth = host_bandwidth(settings.bandwidth_mib, threads)
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
-        row = benchmark_artifact(
-            artifact,
-            profile=profile,
-            settings=settings,
-            threads=threads,
-            host_bandwidth_bps=bandwidth,
-            prompt=prompt,
-            questions=questions,
-            heldout_file=None,
-            scratch=Path(tmp),
-        )
+        rows = [
+            benchmark_artifact(
+                artifact,
+                profile=profile,
+                settings=settings,
+                threads=threads,
+                host_bandwidth_bps=bandwidth,
+                prompt=prompt,
+                questions=questions,
+                heldout_file=None,
+                scratch=Path(tmp),
+            )
+            for artifact in artifacts
+        ]
         checkable = sum(r.get("answer") is not None for r in shipped)
         note = questions_note(len(questions), checkable, 0, settings.answer_max_tokens)
         report = bench_report(
-            profile, settings, host_info(threads, bandwidth, settings.bandwidth_mib), [row], note
+            profile, settings, host_info(threads, bandwidth, settings.bandwidth_mib), rows, note
         )
         if on_device is not None:
-            report["device"] = on_device([artifact], prompt=prompt, questions=questions)
+            report["device"] = on_device(artifacts, prompt=prompt, questions=questions)
     return report
 
 

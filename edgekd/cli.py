@@ -135,7 +135,9 @@ def verify(run_dir: Annotated[Path, typer.Argument(help="a build's run folder")]
 
 @app.command()
 def bench(
-    artifact: Annotated[Path, typer.Argument(help="a .gguf file or an ONNX export folder")],
+    artifact: Annotated[
+        Path, typer.Argument(help="a .gguf file, an ONNX export folder or a build's run folder")
+    ],
     profile: Annotated[str, typer.Option(help="profile name or path to a profile YAML")],
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override, e.g. bench.runs=3")
@@ -159,15 +161,18 @@ def bench(
 
     try:
         if not artifact.exists():
-            raise EdgekdError(f"{artifact} does not exist; pass a .gguf file or an ONNX folder")
+            raise EdgekdError(
+                f"{artifact} does not exist; pass a .gguf file, an ONNX folder or a run folder"
+            )
         prof = with_device(load_profile(profile), device)
         rec = load_recipe(None, set_ or [])
+        what = _shipped_artifacts(artifact) if (artifact / "build.json").is_file() else artifact
         on_device = None
         if prof.device is not None:
             from edgekd.device import bench_on_device
 
             on_device = partial(bench_on_device, prof.device, profile=prof, settings=rec.bench)
-        result = bench_file(artifact, prof, rec.bench, on_device)
+        result = bench_file(what, prof, rec.bench, on_device)
     except EdgekdError as e:
         _fail(e)
     print_bench(result, console)
@@ -176,6 +181,29 @@ def bench(
     faults = device_faults(result)
     if faults:  # the host's numbers stand; the device's are missing, and the exit code says so
         _fail(EdgekdError("; ".join(faults)))
+
+
+def _shipped_artifacts(run_dir: Path) -> list:
+    """The device artifacts a finished build shipped, from its export stages' reports."""
+    import json
+
+    from edgekd.benchmark import Artifact
+    from edgekd.formats.registry import runtime_of
+    from edgekd.report.summary import finished_stages
+    from edgekd.rundir import REPORT_JSON
+    from edgekd.stages import get
+
+    found = []
+    for stage, folder in finished_stages(run_dir).items():
+        spec = get(stage)
+        if spec.kind == "export":
+            report = json.loads((folder / REPORT_JSON).read_text())
+            for out in spec.outputs(folder, report):
+                if out.shipped:
+                    found.append(Artifact(out.name, runtime_of(out.path), out.path, shipped=True))
+    if not found:
+        raise EdgekdError(f"{run_dir} holds no finished export stage: nothing to benchmark")
+    return found
 
 
 @profiles_app.command("list")

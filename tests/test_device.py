@@ -3,6 +3,7 @@ the device runner's rows must equal the host bench's for the same artifact in ev
 timing, a second bench copies nothing, and nothing is left running or lying on the device."""
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -130,9 +131,23 @@ def test_device_rows_equal_the_host_rows(
     _nothing_left(ssh_server)
 
 
+def _run_folder(gguf: Path, run: Path) -> Path:
+    """A finished build's run folder, as far as `edgekd bench` reads it: its GGUF export."""
+    stage = run / "04-export-gguf"
+    stage.mkdir(parents=True)
+    (run / "build.json").write_text("{}")
+    shutil.copy(gguf, stage / "model-F16.gguf")
+    (stage / "report.json").write_text(json.dumps({"quant": "F16"}))
+    (stage / ".done").write_text(json.dumps({"key": "k", "artifacts": {}}))
+    return run
+
+
 @pytest.mark.slow
-def test_bench_command_with_device(ssh_server, tiny_llama_gguf, tmp_path):
+@pytest.mark.parametrize("what", ["file", "run folder"])
+def test_bench_command_with_device(what, ssh_server, tiny_llama_gguf, tmp_path):
     _, gguf_path = tiny_llama_gguf
+    if what == "run folder":
+        gguf_path = _run_folder(gguf_path, tmp_path / "run")
     profile = tmp_path / "my-board.yaml"
     settings = ssh_server.device(name="loopback board")
     profile.write_text(
@@ -152,6 +167,7 @@ def test_bench_command_with_device(ssh_server, tiny_llama_gguf, tmp_path):
     (host,) = report["artifacts"]
     (dev,) = report["device"]["rows"]
     assert dev["measured_on"] == "loopback board"
+    assert dev["name"] == ("student GGUF F16" if what == "run folder" else "model-F16.gguf")
     assert dev["exact_match"] == host["exact_match"]
     text = " ".join(result.output.split())
     assert "side by side" in text and "loopback board" in text
