@@ -125,6 +125,17 @@ def python_command(ssh: Ssh, *args: str) -> str:
 
 def explain(ssh: Ssh, returncode: int, stderr: str, doing: str) -> EdgekdError:
     """One line for a failed ssh command, from ssh's own words."""
+    return _ssh_fault(ssh, returncode, stderr, doing) or _failed(ssh, returncode, stderr, doing)
+
+
+def _failed(ssh: Ssh, returncode: int, stderr: str, doing: str) -> EdgekdError:
+    tail = " ".join(stderr.strip().splitlines()[-2:]) or f"exit code {returncode}"
+    return EdgekdError(f"device {ssh.label}: {doing} failed with exit code {returncode}: {tail}")
+
+
+def _ssh_fault(ssh: Ssh, returncode: int, stderr: str, doing: str) -> EdgekdError | None:
+    """The line for a fault ssh itself reports (reaching, trusting, keeping the connection), or
+    a missing Python; None for anything else."""
     tail = " ".join(stderr.strip().splitlines()[-2:]) or f"exit code {returncode}"
     at = f"device {ssh.label} ({ssh.where()})"
     if returncode == 255:
@@ -155,7 +166,7 @@ def explain(ssh: Ssh, returncode: int, stderr: str, doing: str) -> EdgekdError:
             return EdgekdError(f"the connection to {at} dropped while {doing} ({tail})")
     if returncode == 127:
         return EdgekdError(f"{at} has no Python at {ssh.python!r} ({tail}); {_NO_PYTHON}")
-    return EdgekdError(f"{at}: {doing} failed with exit code {returncode}: {tail}")
+    return None
 
 
 def ssh_run(ssh: Ssh, command: str, doing: str, stdin: bytes = b"", timeout: float = 600) -> str:
@@ -308,8 +319,11 @@ def _run(ssh: Ssh, command: str, job: dict) -> dict:
 
 def _run_failed(ssh: Ssh, returncode: int, stderr: str, job: dict) -> EdgekdError:
     at = f"device {ssh.label} ({ssh.where()})"
-    if returncode == 255 and not stderr.strip():
-        # ssh passes a signal that ended the remote command on as exit 255, with nothing said.
+    fault = _ssh_fault(ssh, returncode, stderr, f"measuring {job['name']}")
+    if fault is not None:
+        return fault
+    if returncode == 255:
+        # ssh passes a signal that ended the remote command on as exit 255, saying nothing.
         return EdgekdError(
             f"{at}: the runner was killed there while measuring {job['name']} (by a signal; "
             "out of memory? see dmesg on the device)"
@@ -319,7 +333,7 @@ def _run_failed(ssh: Ssh, returncode: int, stderr: str, job: dict) -> EdgekdErro
             f"{at}: the runner was killed there while measuring {job['name']} (SIGKILL: out of "
             "memory? see dmesg on the device)"
         )
-    return explain(ssh, returncode, stderr, f"measuring {job['name']}")
+    return _failed(ssh, returncode, stderr, f"measuring {job['name']}")
 
 
 def cleanup(ssh: Ssh, run_dir: str) -> None:
