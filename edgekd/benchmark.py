@@ -173,6 +173,7 @@ class Job:
     questions: list[dict]
     answer_max_tokens: int
     heldout: str | None = None  # safetensors from save_heldout; None: no quality measures
+    speed_only: bool = False  # stop after the timed runs (the capped run: load, prompt, decode)
 
 
 def save_heldout(path: Path, heldout, reference) -> None:
@@ -329,9 +330,10 @@ def benchmark_artifact(
         size_bytes=size_on_disk(artifact.path),
     )
     if artifact.shipped and settings.memory_cap:
-        # Speed and load under the cap: no held-out slice or answers (their work is not in the
-        # peak the host child reports either).
-        speed_job = replace(job, questions=[], heldout=None)
+        # What a device does with the model: load, prompt, decode. The scoring and answers after
+        # it are the harness's (a second model in memory), not in the peak the host child
+        # reports either.
+        speed_job = replace(job, questions=[], heldout=None, speed_only=True)
         files = runtime_class(artifact.runtime).weight_files(artifact.path)
         row["capped"] = measure_capped(speed_job, scratch, profile.memory_budget_mb * MIB, files)
     return row
@@ -590,6 +592,8 @@ def _child(job: Job) -> dict:
         "ttft_s": ttft,
         "decode_s": decode,
     }
+    if job.speed_only:
+        return result
     if job.heldout:
         result["quality"] = _quality(job, runtime)  # refuses non-finite log-probs
     else:
