@@ -94,7 +94,8 @@ def _row(
     size = size_on_disk(artifact.path)
     sha = content_sha256(artifact.path)
     info = remote.probe(ssh, sha)
-    remote.check(ssh, info, artifact.runtime, need_bytes=need, copy_bytes=size)
+    held = 0 if heldout_file is None else heldout_file.stat().st_size
+    remote.check(ssh, info, artifact.runtime, need_bytes=need, copy_bytes=size, run_bytes=held)
     runtime = open_runtime(artifact.path, threads=threads, n_ctx=profile.context_length)
     conversations = [[{"role": "user", "content": q["prompt"]}] for q in questions]
     job = {

@@ -198,8 +198,11 @@ def probe(ssh: Ssh, sha: str | None = None) -> dict:
     return last_json(out)
 
 
-def check(ssh: Ssh, info: dict, runtime: str, need_bytes: int, copy_bytes: int) -> None:
-    """One line saying what the device lacks for this artifact, and how to get it."""
+def check(
+    ssh: Ssh, info: dict, runtime: str, need_bytes: int, copy_bytes: int, run_bytes: int = 0
+) -> None:
+    """One line saying what the device lacks for this artifact (`need_bytes` of memory; on disk
+    `copy_bytes` unless cached, and `run_bytes` for the run's files), and how to get it."""
     at = f"device {ssh.label} ({ssh.where()})"
     if runtime not in RUNTIME_MODULES:
         raise EdgekdError(
@@ -213,10 +216,12 @@ def check(ssh: Ssh, info: dict, runtime: str, need_bytes: int, copy_bytes: int) 
             f"{at}: its Python {info['python']} ({ssh.python}) lacks {', '.join(missing)}; {how}"
         )
     free = info.get("disk_free_bytes") or 0
-    if not info.get("cached") and free < copy_bytes + _SLACK:
+    disk = (0 if info.get("cached") else copy_bytes) + run_bytes + _SLACK
+    if free < disk:
         raise EdgekdError(
             f"{at} is out of disk: {free / 1e6:.0f} MB free in {info['workdir']}, the artifact "
-            f"needs {(copy_bytes + _SLACK) / 1e6:.0f} MB; free space there or set device.workdir"
+            f"and the run's files need {disk / 1e6:.0f} MB; free space there or set "
+            "device.workdir"
         )
     available = info.get("mem_available_bytes")
     if available is not None and available < need_bytes:
