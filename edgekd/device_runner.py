@@ -246,7 +246,10 @@ class _LlamaCpp:
         return {"replies": replies}
 
 
-class _OrtSession:
+class OrtSession:
+    """One onnxruntime session over an exported decoder, fed the inputs its graph declares
+    (`formats.ort` runs the same steps on the host)."""
+
     def __init__(self, folder: str, threads: int):
         import onnxruntime as ort
 
@@ -292,7 +295,7 @@ class _Ort:
         self.job = job
 
     def load(self) -> None:
-        self._session = _OrtSession(self.job["path"], self.job["threads"])
+        self._session = OrtSession(self.job["path"], self.job["threads"])
 
     def _run(self, ids: list[int]) -> int:
         logits, self._past = self._session.step(ids, self._past, self._n_past)
@@ -309,7 +312,7 @@ class _Ort:
     def scorer(self, n_ctx: int):
         import numpy as np
 
-        session = _OrtSession(self.job["path"], self.job["threads"])
+        session = OrtSession(self.job["path"], self.job["threads"])
 
         def logits(seq: list[int]):
             out, _ = session.step(list(seq), session.empty_past(), 0)
@@ -318,7 +321,7 @@ class _Ort:
         return logits
 
     def answers(self) -> dict:
-        session, eos = _OrtSession(self.job["path"], self.job["threads"]), set(self.job["eos"])
+        session, eos = OrtSession(self.job["path"], self.job["threads"]), set(self.job["eos"])
         out = []
         for prompt in self.job["chat_ids"]:
             logits, past = session.step(prompt, session.empty_past(), 0)
