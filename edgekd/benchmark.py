@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from edgekd.errors import EdgekdError
 from edgekd.formats.registry import RUNTIMES, open_runtime, runtime_class, runtime_of
 from edgekd.formats.runtime import Runtime, TokenCost
+from edgekd.rundir import REPORT_JSON
 
 if TYPE_CHECKING:  # the child process stays free of anything its runtime does not need
     from edgekd.config import BenchSettings, Profile
@@ -46,6 +47,28 @@ class Artifact:
     path: Path
     role: str = "export"  # "teacher", "student" or "export"
     shipped: bool = False  # one of the profile's device formats: judged against its budget
+
+
+def teacher_artifact(src) -> Artifact:
+    """The teacher of a build (a `models.ModelSource`) as an artifact to measure."""
+    if src.kind == "gguf":
+        return Artifact("teacher GGUF", "llama.cpp", src.path, role="teacher")
+    from edgekd.models import local_folder
+
+    return Artifact("teacher", "torch", local_folder(src), role="teacher")
+
+
+def export_artifacts(specs, stage_dirs: dict[str, Path]) -> list[Artifact]:
+    """The device artifacts of the finished export stages among `specs` (StageSpecs), each in
+    the runtime its files need, as their specs' `outputs` list them."""
+    found = []
+    for spec in specs:
+        folder = stage_dirs[spec.name]
+        report = folder / REPORT_JSON
+        report = json.loads(report.read_text()) if report.is_file() else {}
+        for out in spec.outputs(folder, report):
+            found.append(Artifact(out.name, runtime_of(out.path), out.path, shipped=out.shipped))
+    return found
 
 
 def size_on_disk(path: Path) -> int:

@@ -184,23 +184,14 @@ def bench(
 
 
 def _shipped_artifacts(run_dir: Path) -> list:
-    """The device artifacts a finished build shipped, from its export stages' reports."""
-    import json
+    """The device artifacts a finished build shipped, as its export stages list them."""
+    from edgekd import stages
+    from edgekd.benchmark import export_artifacts
+    from edgekd.rundir import read_done
 
-    from edgekd.benchmark import Artifact
-    from edgekd.formats.registry import runtime_of
-    from edgekd.report.summary import finished_stages
-    from edgekd.rundir import REPORT_JSON
-    from edgekd.stages import get
-
-    found = []
-    for stage, folder in finished_stages(run_dir).items():
-        spec = get(stage)
-        if spec.kind == "export":
-            report = json.loads((folder / REPORT_JSON).read_text())
-            for out in spec.outputs(folder, report):
-                if out.shipped:
-                    found.append(Artifact(out.name, runtime_of(out.path), out.path, shipped=True))
+    done = {s.name: run_dir / s.folder for s in stages.SPECS if read_done(run_dir / s.folder)}
+    exports = [s for s in stages.SPECS if s.kind == "export" and s.name in done]
+    found = [a for a in export_artifacts(exports, done) if a.shipped]
     if not found:
         raise EdgekdError(f"{run_dir} holds no finished export stage: nothing to benchmark")
     return found

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from edgekd.errors import EdgekdError
+from edgekd.tasks import SHIPPED as SHIPPED_TASKS
 
 GgufQuant = Literal["Q4_K_M", "Q5_K_M", "Q8_0"]
 OnnxQuant = Literal["int4", "int8"]
@@ -409,6 +410,17 @@ class BenchSettings(Strict):
         "memory_budget_mb (a cgroup): the memory verdict, measured",
     )
     speculative: SpeculativeSettings = SpeculativeSettings()
+    tasks: list[str] = Field(
+        default_factory=lambda: list(SHIPPED_TASKS),
+        description="lm-evaluation-harness tasks scored on every artifact (edgekd's shipped "
+        "ones need no download; a standard one needs its dataset on this machine); [] for none",
+    )
+    task_limit: int | None = Field(
+        20, gt=0, description="questions per task and artifact; unset: every question"
+    )
+    task_fewshot: int | None = Field(
+        None, ge=0, description="examples before each question; unset: each task's own"
+    )
 
 
 class EvalSettings(Strict):

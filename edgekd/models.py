@@ -102,7 +102,7 @@ def resolve_source(spec: str, *, role: str) -> ModelSource:
     )
 
 
-def _local_folder(src: ModelSource) -> Path:
+def local_folder(src: ModelSource) -> Path:
     """The folder holding a local or hub model; a hub id must already be in the local cache."""
     if src.kind == "hf_folder":
         return src.path
@@ -149,7 +149,7 @@ def load_config(src: ModelSource):
     if src.kind == "gguf":
         with readable(f"GGUF file {src.path}"):
             return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name)
-    folder = _local_folder(src)
+    folder = local_folder(src)
     with readable(f"model config {folder / 'config.json'}"):
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
 
@@ -208,7 +208,7 @@ def load_tokenizer(src: ModelSource):
             tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
             _apply_gguf_tokenizer_metadata(tok, src.path)
         return tok
-    folder = _local_folder(src)
+    folder = local_folder(src)
     with readable(f"tokenizer in {folder}"):
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
@@ -275,7 +275,7 @@ def _values_present(src: ModelSource) -> int | None:
         with readable(f"GGUF file {src.path}"):
             return sum(int(t.n_elements) for t in gguf_reader(src.path).tensors)
     try:
-        folder = _local_folder(src)
+        folder = local_folder(src)
     except EdgekdError:
         return None
     files = sorted(folder.glob("*.safetensors"))
@@ -335,7 +335,7 @@ def load_model(
                 f"{role} {src.describe()}: load_in={load_in} needs a Hugging Face model folder "
                 "or hub id, not a GGUF file; set load_in=full"
             )
-        folder = _local_folder(src)
+        folder = local_folder(src)
         check_weights(ModelSource("hf_folder", src.ref, folder), allow_pickle=False, role=role)
         model = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -351,7 +351,7 @@ def load_model(
                 src.path.parent, gguf_file=src.path.name, dtype=dtype
             )
         return model.eval()
-    folder = _local_folder(src)
+    folder = local_folder(src)
     safetensors = check_weights(
         ModelSource("hf_folder", src.ref, folder), allow_pickle=allow_pickle, role=role
     )
@@ -623,6 +623,15 @@ def _tensors(config) -> list[_Tensor]:
 def param_count(config) -> int:
     """Number of parameters of a Llama-family model, computed from its config alone."""
     return sum(t.numel for t in _tensors(config) if t.is_param)
+
+
+def params_at(path: Path) -> int | None:
+    """Parameters of the model at `path` (a GGUF file, or a folder with config.json), from its
+    config or GGUF header; None where the files state no config (an onnxruntime-genai folder)."""
+    path = Path(path)
+    if path.is_file() or (path / "config.json").is_file():
+        return param_count(load_config(resolve_source(str(path), role="model")))
+    return None
 
 
 # GGUF key/value metadata is dominated by the tokenizer's tokens, token types and merges: 36 bytes

@@ -232,6 +232,11 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
     check_disk(run_dir, sum(plan.disk_bytes.get(s, 0) for s in pending), pending)
     if profile.device is not None and "bench" in pending:
         device.check_device(profile.device, profile.formats)  # reachable, with the runtimes
+    if "bench" in pending and recipe.bench.tasks:
+        from edgekd.harness import check_tasks
+
+        b = recipe.bench
+        check_tasks(b.tasks, limit=b.task_limit, fewshot=b.task_fewshot)
     tokenizer = models.load_tokenizer(plan.teacher)
     if plan.student_source is not None:
         models.check_weights(

@@ -286,6 +286,13 @@ def _nan_model_export(ws: Workspace) -> list[str]:
     return _with(ws.build(out=copy), "--stages", "export_onnx")
 
 
+def _no_stage_started(ws: Workspace) -> str:
+    run = ws.path("bench-task-run")
+    started = [p.name for p in run.iterdir() if "distill" in p.name] if run.is_dir() else []
+    assert not started, started
+    return "no stage started"
+
+
 def _export_not_done(ws: Workspace) -> str:
     run = ws.path("run-nan")
     assert_killed_stage_not_done(run, "export_onnx")
@@ -342,6 +349,12 @@ def _bench_gguf(ws: Workspace, keep: float = 1.0, profile: str | Path = "phone-1
         path = ws.path("bench-cut.gguf")
         path.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * keep)])
     return ["bench", str(path), "--profile", str(profile)]
+
+
+def _eval_gguf(ws: Workspace, *args: str, keep: float = 1.0) -> list[str]:
+    """`edgekd eval` on the tiny teacher's GGUF (cut to `keep` of its bytes)."""
+    path = _bench_gguf(ws, keep=keep)[1]
+    return ["eval", path, *args, "--set", "eval.threads=1"]
 
 
 def _write_bytes(path: Path, raw: bytes) -> Path:
@@ -894,6 +907,48 @@ CASES = [
             ),
         ),
         "allocates the whole 2000000000-token context",
+    ),
+    Case(
+        "`edgekd eval` with a misspelt task name (edgekd_choise)",
+        lambda ws: _eval_gguf(ws, "--tasks", "edgekd_choise"),
+        "did you mean edgekd_choice",
+    ),
+    Case(
+        "`edgekd eval` on a standard task whose dataset is not on this machine (arc_easy)",
+        lambda ws: _eval_gguf(ws, "--tasks", "arc_easy"),
+        "its dataset allenai/ai2_arc is not on this machine",
+    ),
+    Case(
+        "`edgekd eval --limit 0`",
+        lambda ws: _eval_gguf(ws, "--tasks", "edgekd_choice", "--limit", "0"),
+        "scores none",
+    ),
+    Case(
+        "`edgekd eval` on a GGUF cut to half",
+        lambda ws: _eval_gguf(ws, "--tasks", "edgekd_choice", "--limit", "1", keep=0.5),
+        "is truncated or malformed",
+    ),
+    Case(
+        "`edgekd eval` on a file no runtime runs (notes.txt)",
+        lambda ws: [
+            "eval",
+            str(_write(ws.path("notes.txt"), "not a model")),
+            "--tasks",
+            "edgekd_choice",
+        ],
+        "is neither a .gguf file",
+    ),
+    Case(
+        "`bench.tasks` naming a task the harness does not know, before any stage runs",
+        lambda ws: ws.build(
+            "--stages",
+            "distill,bench",
+            "--set",
+            "bench.tasks=[edgekd_choise]",
+            out=ws.path("bench-task-run"),
+        ),
+        "unknown task 'edgekd_choise'",
+        intact=_no_stage_started,
     ),
     # The run folder: what --out may be, its files, --force, symbolic links, verify.
     Case(

@@ -1,5 +1,7 @@
 """The command line: plans, profiles and one-line errors before any work starts."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,61 @@ def test_student_layers_beyond_embedded_teacher():
         _run("build", "--profile", "phone-1gb", "--dry-run", "--set", "student.num_layers=31")
     )
     assert "exceeds the teacher's 30 layers" in line
+
+
+@pytest.mark.slow
+def test_eval_one_artifact_writes_its_scores(tiny_llama_gguf, tmp_path):
+    out = tmp_path / "scores.json"
+    args = ["--tasks", "edgekd_choice", "--limit", "2", "--set", "eval.threads=1"]
+    result = _run("eval", str(tiny_llama_gguf[1]), *args, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert "edgekd_choice" in result.output
+    [row] = json.loads(out.read_text())["artifacts"]
+    assert row["runtime"] == "llama.cpp" and row["params"] > 0
+    score = row["tasks"]["edgekd_choice"]
+    assert score["n"] == 2 and score["share"] is None  # no teacher to compare with
+
+
+@pytest.mark.slow
+def test_eval_a_build_scores_its_teacher_student_and_exports(
+    tiny_teacher_dir, tiny_llama_gguf, tmp_path
+):
+    """A finished build's folder, laid out as the stages leave it: build.json names the
+    teacher, a training stage's model/, an export's files beside its report."""
+    run = tmp_path / "run"
+    (run / "01-distill").mkdir(parents=True)
+    (run / "04-export-gguf").mkdir()
+    (run / "build.json").write_text(json.dumps({"teacher": str(tiny_teacher_dir)}))
+    shutil.copytree(tiny_llama_gguf[0], run / "01-distill" / "model")
+    shutil.copy(tiny_llama_gguf[1], run / "04-export-gguf" / "model-F16.gguf")
+    (run / "04-export-gguf" / "report.json").write_text(json.dumps({"quant": "Q4_K_M"}))
+    for stage in ("01-distill", "04-export-gguf"):
+        (run / stage / ".done").write_text(json.dumps({"key": "k", "artifacts": []}))
+    out = tmp_path / "scores.json"
+    args = ["--tasks", "edgekd_choice", "--limit", "3", "--set", "eval.threads=1"]
+    result = _run("eval", str(run), *args, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["artifacts"]
+    assert [(r["name"], r["runtime"]) for r in rows] == [
+        ("teacher", "torch"),
+        ("student", "torch"),
+        ("student GGUF F16", "llama.cpp"),
+    ]
+    teacher = rows[0]["tasks"]["edgekd_choice"]["score"]
+    for r in rows:
+        s = r["tasks"]["edgekd_choice"]
+        assert s["share"] == (s["score"] / teacher if teacher else None)
+    assert rows[0]["params"] > rows[1]["params"] == rows[2]["params"]
+
+
+def test_eval_bad_input_is_one_line(tmp_path, tiny_llama_gguf):
+    gguf = str(tiny_llama_gguf[1])
+    line = _error_line(_run("eval", gguf, "--tasks", "edgekd_choice", "--limit", "0"))
+    assert "scores none" in line
+    (tmp_path / "notes.txt").write_text("not a model")
+    line = _error_line(_run("eval", str(tmp_path / "notes.txt"), "--tasks", "edgekd_choice"))
+    assert "neither a .gguf file" in line
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_llama_gguf[1].read_bytes()[:4096])
+    line = _error_line(_run("eval", str(cut), "--tasks", "edgekd_choice", "--limit", "1"))
+    assert str(cut) in line

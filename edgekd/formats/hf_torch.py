@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgekd.formats.runtime import Runtime, TokenCost
+from edgekd.formats.runtime import (
+    Continuation,
+    Runtime,
+    TokenCost,
+    cut_at_stop,
+    score_continuation,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -96,6 +102,23 @@ def generate_token_ids(
     return out
 
 
+# Tokens one scoring forward pass holds: its logits over a 50k vocabulary take 200 MB.
+_SCORE_TOKENS = 1024
+
+
+def _length_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices in batches of similar length whose padded size stays within `budget` tokens (a
+    longer sequence alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 class HfTorch(Runtime):
     """A Hugging Face model folder in transformers (or, through `from_model`, a loaded model)."""
 
@@ -146,6 +169,43 @@ class HfTorch(Runtime):
 
         with torch.no_grad():
             return [self.model(torch.tensor([seq])).logits[0].float() for seq in sequences]
+
+    def continuations(self, requests: list[tuple[list[int], int]]) -> list[Continuation]:
+        """In right-padded batches without a mask, as lm-evaluation-harness's own backend runs
+        them: a causal model's positions never see the padding after them."""
+        import torch
+
+        inputs = [ids[:-1] for ids, _ in requests]
+        out: list[Continuation] = [None] * len(requests)  # type: ignore[list-item]
+        for batch in _length_batches([len(x) for x in inputs], _SCORE_TOKENS):
+            width = len(inputs[batch[0]])
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
+            with torch.no_grad():
+                logits = self.model(ids.to(self.model.device)).logits.float().cpu()
+            for row, i in enumerate(batch):
+                seq, start = requests[i]
+                out[i] = score_continuation(logits[row, start - 1 : len(seq) - 1], seq[start:])
+        return out
+
+    def complete(self, prompts: list[list[int]], *, max_tokens: int, stop: list[str]) -> list[str]:
+        """Left-padded batched greedy generate(), stopping at the stop strings as transformers
+        matches them on tokens, then cut at the first one."""
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        decoding = decoding_options(temperature=0.0, num_beams=1)
+        if stop := [s for s in stop if s]:
+            decoding |= {"stop_strings": stop, "tokenizer": tok}
+        answers = generate_token_ids(
+            self.model,
+            prompts,
+            max_tokens=max_tokens,
+            pad_id=pad_id,
+            decoding=decoding,
+            batch_size=self.chat_batch,
+        )
+        return [cut_at_stop(tok.decode(a, skip_special_tokens=True), stop)[0] for a in answers]
 
     def heldout_logprobs(self, heldout) -> list[torch.Tensor]:
         """In padded batches, keeping only the scored rows (a large vocabulary times every

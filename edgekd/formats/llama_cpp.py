@@ -19,7 +19,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgekd.errors import EdgekdError
-from edgekd.formats.runtime import Runtime, TokenCost, next_token, prompt_rng, scoring_context
+from edgekd.formats.runtime import (
+    Continuation,
+    Runtime,
+    Specials,
+    TokenCost,
+    common_prefix,
+    next_token,
+    prompt_rng,
+    score_continuation,
+    scoring_context,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -166,9 +176,11 @@ def _chat_prompts(vocab_llm, gguf_path: Path, conversations: list[list[dict]]) -
     ]
 
 
-def _rendered(template: str, gguf_path: Path, conversations, llm) -> list[str]:
-    """Each conversation rendered with a generation prompt and the variables llama-cpp-python's
-    Jinja2ChatFormatter passes, within chat_template's limits."""
+def _rendered(
+    template: str, gguf_path: Path, conversations, llm, add_generation_prompt: bool = True
+) -> list[str]:
+    """Each conversation rendered (with a generation prompt unless told otherwise) with the
+    variables llama-cpp-python's Jinja2ChatFormatter passes, within chat_template's limits."""
     from llama_cpp import llama_model_get_vocab, llama_vocab_get_text
 
     from edgekd.chat_template import render
@@ -186,7 +198,7 @@ def _rendered(template: str, gguf_path: Path, conversations, llm) -> list[str]:
             messages=messages,
             eos_token=text(eos),
             bos_token=text(bos),
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
             functions=None,
             function_call=None,
             tools=None,
@@ -296,9 +308,13 @@ class LlamaCpp(Runtime):
         # add_bos=True: "add the specials the vocab asks for", none unless add_bos_token is set.
         return [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in texts]
 
-    def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+    def _each_logits(self, sequences: list[list[int]], reuse: bool = False):
+        """The logits of each sequence in turn, from one model loaded for all of them; with
+        `reuse`, a prefix shared with the sequence before is not run again."""
         import torch
 
+        if not sequences:
+            return
         n_ctx = scoring_context(sequences)
         llm = _llama(
             self.path,
@@ -309,11 +325,72 @@ class LlamaCpp(Runtime):
             n_threads_batch=self.threads,
             logits_all=True,
         )
-        out = []
+        previous: list[int] = []
         for seq in sequences:
-            llm.reset()  # eval then clears the KV cache from position 0
-            llm.eval(seq)
-            out.append(torch.from_numpy(np.array(llm.scores[: len(seq)], dtype=np.float32)))
+            # A prefix the last sequence shared (a question's context before each of its
+            # choices) keeps its cache and its logits; eval clears the cache past n_tokens.
+            llm.n_tokens = min(common_prefix(previous, seq), len(seq) - 1) if reuse else 0
+            llm.eval(seq[llm.n_tokens :])
+            previous = seq
+            yield torch.from_numpy(np.array(llm.scores[: len(seq)], dtype=np.float32))
+
+    def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        return list(self._each_logits(sequences))
+
+    def continuations(self, requests: list[tuple[list[int], int]]) -> list[Continuation]:
+        """One sequence at a time through one loaded model (only its logits held at once), the
+        prefix it shares with the one before taken from the cache: the harness asks for a
+        question's choices one after another."""
+        rows = self._each_logits([ids[:-1] for ids, _ in requests], reuse=True)
+        return [
+            score_continuation(logits[start - 1 :], ids[start:])
+            for (ids, start), logits in zip(requests, rows, strict=True)
+        ]
+
+    def specials(self) -> Specials:
+        llm = _llama(self.path, vocab_only=True)
+        bos, eos = llm.token_bos(), llm.token_eos()
+
+        def text(token: int) -> str:
+            return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+        return Specials(
+            bos if bos >= 0 else None,
+            text(bos) if bos >= 0 else "",
+            eos if eos >= 0 else None,
+            text(eos) if eos >= 0 else "",
+        )
+
+    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """The GGUF's own chat template, rendered as llama-cpp-python renders it."""
+        llm = _llama(self.path, vocab_only=True)
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise EdgekdError(f"{self.path}: the GGUF has no tokenizer.chat_template")
+        return _rendered(template, self.path, [messages], llm, add_generation_prompt)[0]
+
+    def complete(self, prompts: list[list[int]], *, max_tokens: int, stop: list[str]) -> list[str]:
+        """llama-cpp-python's completion at temperature 0 (greedy), which stops at the stop
+        strings itself; from an empty cache for each prompt, as when it runs alone."""
+        if not prompts:
+            return []
+        llm = _llama(
+            self.path,
+            n_ctx=scoring_context([p + [0] * max_tokens for p in prompts]),
+            n_threads=self.threads,
+            n_threads_batch=self.threads,
+        )
+        out = []
+        for prompt in prompts:
+            llm.reset()
+            reply = llm.create_completion(
+                prompt,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                repeat_penalty=1.0,
+                stop=[s for s in stop if s] or None,
+            )
+            out.append(reply["choices"][0]["text"])
         return out
 
     def chat(self, conversations: list[list[dict]], *, max_tokens: int) -> list[str]:

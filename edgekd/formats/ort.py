@@ -15,7 +15,16 @@ import numpy as np
 
 from edgekd.device_runner import OrtSession
 from edgekd.errors import EdgekdError
-from edgekd.formats.runtime import Runtime, TokenCost, next_token, prompt_rng
+from edgekd.formats.runtime import (
+    Continuation,
+    Runtime,
+    TokenCost,
+    common_prefix,
+    cut_at_stop,
+    next_token,
+    prompt_rng,
+    score_continuation,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -103,9 +112,11 @@ class _Session(OrtSession):
             raise EdgekdError(f"{onnx_dir} has no {MODEL}: export the model first")
         super().__init__(str(onnx_dir), threads)
 
-    def decode(self, prompt: list[int], eos: set[int], max_tokens: int, pick) -> list[int]:
+    def decode(
+        self, prompt: list[int], eos: set[int], max_tokens: int, pick, done=lambda new: False
+    ) -> list[int]:
         """The tokens `pick(logits)` chooses after `prompt`, reusing the KV cache between steps,
-        up to an end token (left out) or max_tokens."""
+        up to an end token (left out), max_tokens or `done(tokens so far)`."""
         logits, past = self.step(prompt, self.empty_past(), 0)
         new: list[int] = []
         while len(new) < max_tokens:
@@ -113,8 +124,9 @@ class _Session(OrtSession):
             if token in eos:
                 break
             new.append(token)
-            if len(new) < max_tokens:
-                logits, past = self.step([token], past, len(prompt) + len(new) - 1)
+            if len(new) == max_tokens or done(new):
+                break
+            logits, past = self.step([token], past, len(prompt) + len(new) - 1)
         return new
 
 
@@ -150,6 +162,43 @@ class Ort(Runtime):
         for seq in sequences:
             logits, _ = session.step(list(seq), session.empty_past(), 0)
             out.append(torch.from_numpy(logits.astype(np.float32)))
+        return out
+
+    def continuations(self, requests: list[tuple[list[int], int]]) -> list[Continuation]:
+        """One sequence at a time through one session; the prefix a sequence shares with the
+        one before (a question's context before each of its choices) is taken from that one's
+        cache, cut to the prefix along its positions axis ([batch, heads, positions, size])."""
+        import torch
+
+        session, out = _Session(self.path, self.threads), []
+        before: list[int] = []
+        logits, cache = np.zeros((0, 0), np.float32), session.empty_past()
+        for ids, start in requests:
+            seq = list(ids[:-1])
+            n = min(common_prefix(before, seq), len(seq) - 1)
+            if n:
+                past = {k: v[:, :, :n] for k, v in cache.items()}
+                new, cache = session.step(seq[n:], past, n)
+                logits = np.concatenate([logits[:n], new])
+            else:
+                logits, cache = session.step(seq, session.empty_past(), 0)
+            before = seq
+            out.append(score_continuation(torch.from_numpy(logits[start - 1 :]), ids[start:]))
+        return out
+
+    def complete(self, prompts: list[list[int]], *, max_tokens: int, stop: list[str]) -> list[str]:
+        """Greedy through the KV cache, one prompt at a time, until a stop string shows."""
+        session, tok, eos = _Session(self.path, self.threads), self.tokenizer, self._eos_ids()
+        out = []
+        for prompt in prompts:
+            new = session.decode(
+                list(prompt),
+                eos,
+                max_tokens,
+                lambda x: int(np.argmax(x)),
+                lambda new: cut_at_stop(tok.decode(new, skip_special_tokens=True), stop)[1],
+            )
+            out.append(cut_at_stop(tok.decode(new, skip_special_tokens=True), stop)[0])
         return out
 
     def _eos_ids(self) -> set[int]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from edgekd.errors import EdgekdError
 from edgekd.formats.ort import check_onnx, model_files, onnx_cost
-from edgekd.formats.runtime import Runtime, TokenCost
+from edgekd.formats.runtime import Runtime, TokenCost, cut_at_stop
 
 if TYPE_CHECKING:
     import torch
@@ -79,6 +79,21 @@ class OrtGenai(Runtime):
             torch.from_numpy(np.asarray(self._start(s).get_output("logits"))[0]).float()
             for s in sequences
         ]
+
+    def complete(self, prompts: list[list[int]], *, max_tokens: int, stop: list[str]) -> list[str]:
+        """Its generator's greedy tokens after each raw prompt, until a stop string shows."""
+        tok, out = self.tokenizer, []
+        for prompt in prompts:
+            generator = self._start(list(prompt))
+            new: list[int] = []
+            while not generator.is_done() and len(new) < max_tokens:
+                generator.generate_next_token()
+                new.append(int(generator.get_next_tokens()[0]))
+                _, stopped = cut_at_stop(tok.decode(new, skip_special_tokens=True), stop)
+                if stopped:
+                    break
+            out.append(cut_at_stop(tok.decode(new, skip_special_tokens=True), stop)[0])
+        return out
 
     def chat(self, conversations: list[list[dict]], *, max_tokens: int) -> list[str]:
         import onnxruntime_genai as og

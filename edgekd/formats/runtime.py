@@ -62,6 +62,51 @@ class TokenCost:
         return self.weights_read_bytes + self.kv_bytes_per_position * position
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """How a model scores the tokens that end a sequence, given those before them."""
+
+    logprob: float  # the sum of their log-probabilities
+    greedy: bool  # whether each was the model's argmax
+
+
+def score_continuation(logits: torch.Tensor, tokens: list[int]) -> Continuation:
+    """`tokens` scored by the logits of the positions before each ([len(tokens), vocab]): the
+    log-softmax in float32, gathered and summed, as lm-evaluation-harness's own backend does."""
+    import torch
+
+    logprobs = logits.float().log_softmax(-1)
+    target = torch.tensor(tokens, dtype=torch.long)
+    picked = logprobs.gather(-1, target[:, None])[:, 0]
+    return Continuation(float(picked.sum()), bool((logprobs.argmax(-1) == target).all()))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two sequences share from their start."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """The text before the first of `stop` in it (empty stops ignored), and whether one was."""
+    ends = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return (text[: min(ends)], True) if ends else (text, False)
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The begin and end tokens of a model's vocabulary (None where it has none) and their text."""
+
+    bos_id: int | None
+    bos_text: str
+    eos_id: int | None
+    eos_text: str
+
+
 class Runtime(ABC):
     """One backend running one model. Subclasses set `name` and implement every method."""
 
@@ -127,6 +172,38 @@ class Runtime(ABC):
         from edgekd.evaluate import at_positions
 
         return at_positions(self.logprobs(heldout.sequences), heldout)
+
+    def continuations(self, requests: list[tuple[list[int], int]]) -> list[Continuation]:
+        """Each request is (token ids, start): the ids from `start` (at least 1) scored given all
+        before them, from one pass over the ids but the last. Backends that keep a model loaded
+        between sequences, or batch them, override this."""
+        return [
+            score_continuation(self.logits([ids[:-1]])[0][start - 1 :], ids[start:])
+            for ids, start in requests
+        ]
+
+    def specials(self) -> Specials:
+        """The vocabulary's begin and end tokens, from the Hugging Face tokenizer."""
+        tok = self.tokenizer
+
+        def text(token: int | None) -> str:
+            return "" if token is None else tok.decode([token])
+
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        return Specials(bos, text(bos), eos, text(eos))
+
+    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """The conversation rendered by the model's chat template, as text (what a harness
+        prompt with the chat template on is tokenized from)."""
+        from edgekd.data import render_chat, require_chat_template
+
+        require_chat_template(self.tokenizer)
+        return render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+
+    @abstractmethod
+    def complete(self, prompts: list[list[int]], *, max_tokens: int, stop: list[str]) -> list[str]:
+        """The greedy text after each raw prompt (token ids, no chat template), cut before the
+        first of `stop` it holds, after at most `max_tokens` tokens or an end token."""
 
     @abstractmethod
     def chat(self, conversations: list[list[dict]], *, max_tokens: int) -> list[str]:

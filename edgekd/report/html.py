@@ -12,7 +12,14 @@ from html import escape
 
 from edgekd.benchmark import MIB
 from edgekd.report import text
-from edgekd.report.text import mb, speculative_line, spread_text, verdict_line
+from edgekd.report.text import (
+    mb,
+    score_text,
+    share_text,
+    speculative_line,
+    spread_text,
+    verdict_line,
+)
 
 _PALETTE = ("#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#be123c", "#854d0e")
 _MEASURED, _LIMIT, _PROJECTION = "#2563eb", "#94a3b8", "#f59e0b"
@@ -265,6 +272,87 @@ def size_quality_plot(artifacts: list[dict]) -> str:
         "budget; circle: reference</text>"
     )
     return _svg("plot-size-quality", 1080, 340, "".join(body), "size against quality")
+
+
+def mean_share(row: dict) -> float | None:
+    """An artifact's mean share of the teacher's task scores (tasks the teacher scores on)."""
+    shares = [t["share"] for t in (row.get("tasks") or {}).values() if t.get("share") is not None]
+    return sum(shares) / len(shares) if shares else None
+
+
+def retention_plot(artifacts: list[dict]) -> str:
+    """The distillation literature's chart: compression ratio (teacher size / artifact size)
+    against the share of the teacher's task score kept, one point per artifact, its area
+    proportional to its parameter count."""
+    teacher = next((r for r in artifacts if r["role"] == "teacher"), None)
+    pts = [r for r in artifacts if mean_share(r) is not None]
+    if teacher is None or not pts:
+        return _empty("plot-retention", "no task score with a teacher to compare against")
+    xs = [teacher["size_bytes"] / r["size_bytes"] for r in pts]
+    ys = [100 * mean_share(r) for r in pts]
+    top = max(p.get("params") or 0 for p in pts) or 1
+    xt = _nice_ticks(0, max(xs) * 1.1)
+    yt = _nice_ticks(0, max(110.0, max(ys) * 1.1))
+    f = _Frame(70, 20, 640, 280, (xt[0], xt[-1]), (yt[0], yt[-1]))
+    body = [
+        f.axes(xt, yt, "compression ratio (teacher size / artifact size)", "% of teacher score"),
+        f'<line x1="{f.x0}" x2="{f.x0 + f.w}" y1="{f.y(100):.1f}" y2="{f.y(100):.1f}" '
+        'stroke="#94a3b8" stroke-dasharray="4 3"/>',
+    ]
+    for i, (r, x, y) in enumerate(zip(pts, xs, ys, strict=True)):
+        colour = _PALETTE[i % len(_PALETTE)]
+        params = r.get("params")
+        radius = 4 + 10 * math.sqrt((params or 0) / top)
+        size = "params unknown" if params is None else f"{params / 1e6:.0f}M params"
+        label = f"{r['name']}: compression {x:.2f}x, {y:.0f}% of the teacher's score, {size}"
+        ly = 40 + 20 * i
+        body.append(
+            f'<circle cx="{f.x(x):.1f}" cy="{f.y(y):.1f}" r="{radius:.1f}" fill="{colour}" '
+            f'stroke="#fff"><title>{_e(label)}</title></circle>'
+            f'<circle cx="736" cy="{ly - 4}" r="5" fill="{colour}"/>'
+            f'<text x="748" y="{ly}" font-size="11">{_e(label)}</text>'
+        )
+    body.append(
+        f'<text x="730" y="{52 + 20 * len(pts)}" font-size="11">area: parameter count; '
+        "dashed: the teacher's score</text>"
+    )
+    return _svg("plot-retention", 1120, 340, "".join(body), "share of the teacher's score kept")
+
+
+def _task_table(bench: dict) -> str:
+    """Each task: every artifact's score with its standard error, its share of the teacher's,
+    how many questions and how long it took."""
+    rows = [r for r in bench["artifacts"] if r.get("tasks")]
+    head = ("artifact", "runtime", "task", "metric", "score", "of teacher", "questions", "seconds")
+    out = ['<div class="scroll"><table id="task-table"><thead><tr>']
+    out += [f"<th>{_e(h)}</th>" for h in head]
+    out.append("</tr></thead><tbody>")
+    tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
+    for task in tasks:
+        for r in rows:
+            if (s := r["tasks"].get(task)) is None:
+                continue
+            cells = [
+                _e(r["name"]),
+                _e(r["runtime"]),
+                _e(task),
+                _e(s["metric"]),
+                score_text(s),
+                share_text(s),
+                str(s["n"]),
+                f"{s['seconds']:.1f}",
+            ]
+            out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table></div>")
+    st = bench["settings"]
+    limit = st.get("task_limit")
+    out.append(
+        '<p class="note">Scored by lm-evaluation-harness through each artifact\'s own runtime; '
+        "± is the harness's standard error. "
+        + (f"The first {limit} questions of each task." if limit else "Every question.")
+        + "</p>"
+    )
+    return "".join(out)
 
 
 def _marker(x: float, y: float, colour: str, square: bool, title: str) -> str:
@@ -677,6 +765,17 @@ def render(report: dict) -> str:
             "<h2>Speed, memory and accuracy</h2>",
             _bench_table(bench),
             _device_section(bench),
+        ]
+        if any(r.get("tasks") for r in artifacts):
+            parts += [
+                "<h2>Task scores against the teacher</h2><figure>",
+                retention_plot(artifacts),
+                "<figcaption>Each artifact's share of the teacher's lm-evaluation-harness task "
+                "score (the mean over the tasks), against how many times smaller than the "
+                "teacher it is on disk.</figcaption></figure>",
+                _task_table(bench),
+            ]
+        parts += [
             _profiles_table(report["profile_verdicts"]),
             _answers(bench),
         ]

@@ -23,6 +23,8 @@ from edgekd.report.text import (
     mb,
     projection_line,
     remote_line,
+    score_text,
+    share_text,
     side_by_side,
     speculative_line,
     spread_text,
@@ -189,7 +191,32 @@ def bench_tables(bench: dict) -> list[Table]:
         ["artifact", "disk", "weights+KV", "peak RSS", "kld", "top1", "ppl", "exact"],
         rows,
     )
-    return [speed, memory]
+    tables = [speed, memory]
+    if any(r.get("tasks") for r in arts):
+        tables.append(task_table(arts))
+    return tables
+
+
+def task_table(rows: list[dict]) -> Table:
+    """lm-evaluation-harness task scores: one line per artifact and task."""
+    return _table(
+        "task scores (lm-evaluation-harness; ± its standard error)",
+        ["artifact", "runtime", "task", "metric", "score", "of teacher", "n", "seconds"],
+        [
+            [
+                r["name"],
+                r["runtime"],
+                task,
+                s["metric"],
+                score_text(s),
+                share_text(s),
+                str(s["n"]),
+                f"{s['seconds']:.1f}",
+            ]
+            for r in rows
+            for task, s in (r.get("tasks") or {}).items()
+        ],
+    )
 
 
 def side_by_side_table(bench: dict) -> Table | None:

@@ -140,3 +140,14 @@ def side_by_side(bench: dict) -> tuple[list[str], list[list[str]]] | None:
         return None
     cols = ["artifact, measured on", "prompt tok/s", "decode tok/s", "TTFT ms", "peak MB"]
     return [*cols, "kld", "top1", "ppl", "exact"], rows
+
+
+def score_text(s: dict) -> str:
+    """A task score with the harness's standard error: '0.412 ± 0.030'."""
+    err = s.get("stderr")
+    return f"{s['score']:.3f}" + ("" if err is None else f" ± {err:.3f}")
+
+
+def share_text(s: dict) -> str:
+    """The share of the teacher's score kept, as a percentage ('-' without one)."""
+    return "-" if s.get("share") is None else f"{100 * s['share']:.0f}%"

@@ -1,10 +1,10 @@
 """bench: measure every artifact of the build in its own runtime, with the profile's threads and
 context length: size, peak memory, speed, held-out quality and exact-match answers, and whether
-the device artifacts fit the profile's memory budget."""
+the device artifacts fit the profile's memory budget; with `bench.tasks`, each artifact's
+lm-evaluation-harness task scores and its share of the teacher's."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -16,14 +16,8 @@ from edgekd.config import BenchSettings
 from edgekd.console import console
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
-from edgekd.formats.registry import runtime_of
-from edgekd.rundir import REPORT_JSON, StageResult, read_done
+from edgekd.rundir import StageResult, read_done
 from edgekd.stages.spec import SizeInputs, StageSpec
-
-
-def _stage_report(ctx: Context, stage: str) -> dict:
-    path = ctx.stage_dirs[stage] / REPORT_JSON
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _shown(path: Path, run_dir: Path) -> str:
@@ -31,28 +25,14 @@ def _shown(path: Path, run_dir: Path) -> str:
     return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
 
 
-def _teacher(ctx: Context) -> Artifact:
-    src = ctx.teacher_source
-    if src.kind == "gguf":
-        return Artifact("teacher GGUF", "llama.cpp", src.path, role="teacher")
-    if src.kind == "hf_folder":
-        return Artifact("teacher", "torch", src.path, role="teacher")
-    from huggingface_hub import snapshot_download
-
-    folder = Path(snapshot_download(src.ref, local_files_only=True))
-    return Artifact("teacher", "torch", folder, role="teacher")
-
-
 def artifacts(ctx: Context) -> list[Artifact]:
     """The teacher, the full-precision student and every export, in build order."""
-    found = [_teacher(ctx), Artifact("student", "torch", ctx.latest_model(), role="student")]
-    for spec in ctx.effective.chain:
-        if spec.kind != "export" or spec.name not in ctx.stage_dirs:
-            continue
-        for out in spec.outputs(ctx.stage_dirs[spec.name], _stage_report(ctx, spec.name)):
-            runtime = runtime_of(out.path)
-            found.append(Artifact(out.name, runtime, out.path, shipped=out.shipped))
-    return found
+    exports = [s for s in ctx.effective.chain if s.kind == "export" and s.name in ctx.stage_dirs]
+    return [
+        benchmark.teacher_artifact(ctx.teacher_source),
+        Artifact("student", "torch", ctx.latest_model(), role="student"),
+        *benchmark.export_artifacts(exports, ctx.stage_dirs),
+    ]
 
 
 def _questions(ctx: Context, n: int) -> tuple[list[dict], dict]:
@@ -94,6 +74,27 @@ def _speculative(ctx: Context, settings: BenchSettings, threads: int) -> dict:
     if ctx.teacher_source.kind == "gguf":
         note += ", the GGUF teacher dequantized"
     return {**measured, "note": note}
+
+
+def _score_tasks(
+    ctx: Context, settings: BenchSettings, found: list[Artifact], rows: list[dict], threads: int
+) -> None:
+    """Every artifact's lm-evaluation-harness task scores (and time per task), with its share
+    of the teacher's, added to its bench row."""
+    from edgekd import harness
+
+    student_params = models.params_at(ctx.latest_model())
+    teacher_params = models.param_count(models.load_config(ctx.teacher_source))
+    scored = harness.score_artifacts(
+        [(a, teacher_params if a.role == "teacher" else student_params) for a in found],
+        settings.tasks,
+        limit=settings.task_limit,
+        fewshot=settings.task_fewshot,
+        threads=threads,
+        say=console.print,
+    )
+    for row, s in zip(rows, scored, strict=True):
+        row["params"], row["tasks"] = s["params"], s["tasks"]
 
 
 def run(ctx: Context, settings: BenchSettings) -> StageResult:
@@ -153,6 +154,8 @@ def run(ctx: Context, settings: BenchSettings) -> StageResult:
     }
     if settings.speculative.prompts:
         report["speculative"] = _speculative(ctx, settings, threads)
+    if settings.tasks:
+        _score_tasks(ctx, settings, found, rows, threads)
     quality = {f"{r['name']} ({r['runtime']})": r["quality"] for r in rows}
     return StageResult(artifacts=[], report=report, quality=quality)
 

@@ -12,7 +12,14 @@ from edgekd.errors import EdgekdError
 from edgekd.evaluate import HeldOut
 from edgekd.formats.gguf import write_gguf
 from edgekd.formats.registry import RUNTIMES, open_runtime, runtime_class, runtime_of
-from edgekd.formats.runtime import Runtime, next_token, prompt_rng, scoring_context
+from edgekd.formats.runtime import (
+    Runtime,
+    cut_at_stop,
+    next_token,
+    prompt_rng,
+    score_continuation,
+    scoring_context,
+)
 from edgekd.models import param_count
 from edgekd.testing import TOKEN_IDS as SEQ
 from edgekd.testing import tiny_llama_config
@@ -51,6 +58,16 @@ def test_small_shared_rules():
     draws = [next_token(logits, 1.0, prompt_rng(7, i)) for i in range(20)]
     assert draws == [next_token(logits, 1.0, prompt_rng(7, i)) for i in range(20)]
     assert len(set(draws)) > 1
+
+
+def test_continuation_scores_and_stop_strings():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    scored = score_continuation(logits, [1, 0])
+    expected = logits.log_softmax(-1)[0, 1] + logits.log_softmax(-1)[1, 0]
+    assert scored.logprob == pytest.approx(float(expected)) and scored.greedy
+    assert not score_continuation(logits, [2, 0]).greedy
+    assert cut_at_stop("Paris.\nQuestion: x", ["Question:", "\n"]) == ("Paris.", True)
+    assert cut_at_stop("Paris", ["", "\n"]) == ("Paris", False)
 
 
 @pytest.mark.slow
@@ -112,3 +129,32 @@ def test_every_runtime_runs_a_tiny_model(every_runtime, tokenizer, name):
     cost = runtime.token_cost(path)
     assert cost.weights_bytes > 0 and cost.weights_read_bytes > 0
     assert cost.kv_bytes_per_position > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNTIMES))
+def test_every_runtime_scores_continuations_and_completes_raw_prompts(
+    every_runtime, tokenizer, name
+):
+    """What the harness backend asks of a runtime: a continuation's log-prob from its own
+    full-vocabulary scores, greedy text after a raw prompt cut at a stop string, its begin and
+    end tokens, its chat template as text."""
+    runtime = open_runtime(every_runtime[name], threads=1, n_ctx=64)
+    logprobs = runtime.logprobs([SEQ[:-1]])[0]
+    requests = [(SEQ, 5), (SEQ[:8], 1), (SEQ[:8], 7)]
+    for (ids, start), got in zip(requests, runtime.continuations(requests), strict=True):
+        want = sum(float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids)))
+        assert got.logprob == pytest.approx(want, abs=1e-3)
+        greedy = all(int(logprobs[i - 1].argmax()) == ids[i] for i in range(start, len(ids)))
+        assert got.greedy == greedy
+    [full] = runtime.complete([SEQ], max_tokens=6, stop=[])
+    assert isinstance(full, str)
+    stop = full.strip()[1:3]
+    if stop:
+        [cut] = runtime.complete([SEQ], max_tokens=6, stop=[stop])
+        assert cut == full[: full.find(stop)]
+    specials = runtime.specials()
+    assert (specials.bos_id, specials.eos_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert specials.eos_text == tokenizer.eos_token
+    text = runtime.chat_text([{"role": "user", "content": "Hi"}])
+    assert "Hi" in text and text.startswith("<|im_start|>")

@@ -10,14 +10,21 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from edgekd import benchmark
+from edgekd import benchmark, harness
 from edgekd.benchmark import Artifact
 from edgekd.config import BenchSettings, load_profile
 from edgekd.formats.runtime import TokenCost
 from edgekd.report import html, summary
 
 CHROMIUM = Path("/usr/bin/chromium")
-PLOTS = ("plot-loss", "plot-quality", "plot-size-quality", "plot-memory", "plot-speed")
+PLOTS = (
+    "plot-loss",
+    "plot-quality",
+    "plot-size-quality",
+    "plot-memory",
+    "plot-speed",
+    "plot-retention",
+)
 MB = 2**20
 
 
@@ -64,6 +71,19 @@ def _row(name, role, weights_mb, decode_s, shipped, kld):
     )
 
 
+def _with_tasks(rows: list[dict], scores: list[float], params: list[int]) -> list[dict]:
+    """Task scores on each row (one task, stderr and time made up), shares by the real rule."""
+    for row, score, n in zip(rows, scores, params, strict=True):
+        row["params"] = n
+        row["tasks"] = {
+            "edgekd_choice": harness.TaskScore(
+                "edgekd_choice", "acc", score, 0.05, 20, 3.0
+            ).as_dict()
+        }
+    harness.add_shares(rows)
+    return rows
+
+
 def _report(student_mb=60.0, with_bench=True, name="student GGUF Q4_K_M"):
     profile = load_profile("phone-1gb")
     curve = [{"step": s, "loss": 3.0 / s, "kd": 2.5 / s, "ce": 4.0 / s} for s in range(1, 11)]
@@ -87,6 +107,7 @@ def _report(student_mb=60.0, with_bench=True, name="student GGUF Q4_K_M"):
             _row("teacher GGUF", "teacher", 94.0, [1.0, 1.1, 0.9], False, 0.0005),
             _row(name, "export", student_mb, [0.5, 0.6, 0.45], True, 0.4),
         ]
+        _with_tasks(rows, [0.5, 0.4], [135_000_000, 60_000_000])
         host = benchmark.host_info(2, 20e9, 256)
         questions = benchmark.questions_note(2, 144, 30, 40)
         bench = benchmark.bench_report(profile, BenchSettings(), host, rows, questions)
@@ -140,6 +161,10 @@ def test_page_has_the_verdict_the_plots_and_nothing_external():
     # the budget line and the projection are drawn and labelled
     assert f"phone-1gb budget {load_profile('phone-1gb').memory_budget_mb} MB" in text
     assert "PROJECTION for phone-1gb" in text
+    # the task table: each artifact's score with its stderr and its share of the teacher's
+    assert els.ids["task-table"]["tag"] == "table"
+    assert "0.400 ± 0.050" in text and "80%" in text
+    assert "compression 1.57x, 80% of the teacher's score, 60M params" in text
     # ratios measured in this report: student 2 runs faster than the teacher's median
     assert "2.00x" in text and "decode speed, student GGUF Q4_K_M / teacher" in text
 
@@ -295,6 +320,44 @@ def test_chromium_renders_verdict_and_plots(tmp_path):
     assert _has_colour(rows, (0x16, 0xA3, 0x4A), 0, 200) > 50
     assert _has_colour(rows, (0x25, 0x63, 0xEB)) > 200
     assert _has_colour(rows, (0xDC, 0x26, 0x26)) > 10
+
+
+def test_retention_plot_without_a_teacher_score_says_so():
+    report = _report()
+    for row in report["bench"]["artifacts"]:
+        row["tasks"]["edgekd_choice"]["share"] = None
+    els = _parse(html.render(report))
+    assert "no task score with a teacher" in " ".join(els.text)
+    assert "task-table" in els.ids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_chromium_renders_the_retention_chart(tmp_path):
+    """The chart alone in a page: the teacher's point (first colour) at 100% and the student's
+    (second colour), drawn as filled circles."""
+    artifacts = _report()["bench"]["artifacts"]
+    page = tmp_path / "chart.html"
+    page.write_text(f"<!DOCTYPE html><html><body>{html.retention_plot(artifacts)}</body></html>")
+    shot = tmp_path / "chart.png"
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1120,360",
+        f"--screenshot={shot}",
+        page.as_uri(),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), done.stderr[-2000:]
+    _, _, rows = _png_pixels(shot)
+    teacher, student = (0x25, 0x63, 0xEB), (0xEA, 0x58, 0x0C)
+    # a filled point of radius 14 (the teacher, most parameters) and a smaller one
+    assert _has_colour(rows, teacher) > 300
+    assert _has_colour(rows, student) > 100
 
 
 def test_speculative_acceptance_in_the_page_and_the_terminal():

@@ -29,6 +29,7 @@ SMALL = [
     "bench.bandwidth_mib=16",
     "bench.speculative.prompts=2",
     "bench.speculative.max_tokens=6",
+    "bench.task_limit=2",
 ]
 
 
@@ -74,6 +75,13 @@ def test_bench_measures_every_artifact(built):
         assert r["budget"]["context_length"] == load_profile("phone-1gb").context_length
         assert r["threads"] == 1
         assert r["size_bytes"] >= r["weights_bytes"] > 0
+        # the shipped harness tasks on every artifact, with its share of the teacher's score
+        assert set(r["tasks"]) == {"edgekd_choice", "edgekd_answer"}
+        for task, s in r["tasks"].items():
+            assert s["n"] == 2 and s["seconds"] > 0 and 0 <= s["score"] <= 1, (task, s)
+            teacher = rows["teacher"]["tasks"][task]["score"]
+            assert s["share"] == (s["score"] / teacher if teacher > 0 else None)
+        assert r["params"] is None or r["params"] > 0
     spec = report["speculative"]
     assert spec["draft_len"] == 4 and spec["prompts"] == 2 and spec["rounds"] >= 2
     assert 0 <= spec["acceptance_rate"] <= 1
