@@ -197,6 +197,64 @@ def _shipped_artifacts(run_dir: Path) -> list:
     return found
 
 
+@app.command("eval")
+def eval_(
+    artifact: Annotated[
+        Path, typer.Argument(help="a build's run folder, a .gguf file, an ONNX or model folder")
+    ],
+    tasks: Annotated[
+        str, typer.Option(help="comma-separated lm-evaluation-harness tasks, e.g. edgekd_choice")
+    ],
+    limit: Annotated[int | None, typer.Option(help="questions per task [default: all]")] = None,
+    fewshot: Annotated[
+        int | None, typer.Option(help="examples before each question [default: the task's]")
+    ] = None,
+    chat_template: Annotated[
+        bool, typer.Option(help="prompts through each model's own chat template")
+    ] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override, e.g. eval.threads=4")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the scores to this file")
+    ] = None,
+) -> None:
+    """Score one artifact, or a build's teacher and every artifact, on lm-evaluation-harness
+    tasks, each in its own runtime; a build's artifacts with their share of the teacher's."""
+    from edgekd import atomic, build_artifacts, harness
+    from edgekd.report.summary import task_table
+
+    try:
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        harness.check_tasks(names, limit=limit, fewshot=fewshot)
+        rec = load_recipe(None, set_ or [])
+        found = build_artifacts.find(artifact)
+        threads = rec.eval.threads or os.cpu_count() or 1
+        rows = harness.score_artifacts(
+            found,
+            names,
+            limit=limit,
+            fewshot=fewshot,
+            threads=threads,
+            chat_template=chat_template,
+            say=console.print,
+        )
+    except EdgekdError as e:
+        _fail(e)
+    console.print(task_table(rows))
+    if json_out is not None:
+        atomic.write_json(
+            json_out,
+            {
+                "tasks": names,
+                "limit": limit,
+                "fewshot": fewshot,
+                "chat_template": chat_template,
+                "artifacts": rows,
+            },
+        )
+
+
 @profiles_app.command("list")
 def profiles_list() -> None:
     """The shipped device profiles."""
