@@ -157,8 +157,8 @@ def test_bench_command_with_device(what, ssh_server, tiny_llama_gguf, tmp_path):
         + "  host: ssh://nobody@elsewhere.invalid\n"  # --device replaces it
     )
     out = tmp_path / "bench.json"
-    sets = [f"bench.{k}={v}" for k, v in SETTINGS.model_dump().items() if k != "speculative"]
-    sets = [s for s in sets if "memory_cap" not in s and "questions" not in s]
+    keys = ("runs", "warmup_runs", "prompt_tokens", "decode_tokens", "answer_max_tokens")
+    sets = [f"bench.{k}={getattr(SETTINGS, k)}" for k in (*keys, "threads", "bandwidth_mib")]
     args = ["bench", str(gguf_path), "--profile", str(profile), "--device", settings["host"]]
     args += ["--json", str(out), *[a for s in [*sets, "bench.questions=1"] for a in ("--set", s)]]
     result = CliRunner().invoke(app, args)
