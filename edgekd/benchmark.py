@@ -19,7 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -195,6 +196,7 @@ class Job:
     questions: list[dict]
     answer_max_tokens: int
     heldout: str | None = None  # safetensors from save_heldout; None: no quality measures
+    speed_only: bool = False  # stop after the timed runs (the capped run: load, prompt, decode)
 
 
 def save_heldout(path: Path, heldout, reference) -> None:
@@ -213,24 +215,60 @@ def save_heldout(path: Path, heldout, reference) -> None:
     save_file(tensors, str(path))
 
 
-def measure(job: Job, scratch: Path) -> dict:
-    """Run `job` in a child process and return what it measured."""
+def _child_argv(job: Job, scratch: Path) -> tuple[list[str], Path]:
+    """The child's command line for `job`, and where it will write its result."""
     scratch.mkdir(parents=True, exist_ok=True)
     job_path, out_path = scratch / "job.json", scratch / "result.json"
     job_path.write_text(json.dumps(asdict(job)))
     out_path.unlink(missing_ok=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgekd.benchmark", str(job_path), str(out_path)],
-        capture_output=True,
-        text=True,
+    return [sys.executable, "-m", "edgekd.benchmark", str(job_path), str(out_path)], out_path
+
+
+def _failed(job: Job, returncode: int, stderr: str, stdout: str) -> EdgekdError:
+    tail = " | ".join((stderr or stdout).strip().splitlines()[-3:])
+    return EdgekdError(
+        f"benchmark of {job.path} ({job.runtime}) failed with exit code {returncode}: {tail}"
     )
+
+
+def measure(job: Job, scratch: Path) -> dict:
+    """Run `job` in a child process and return what it measured."""
+    argv, out_path = _child_argv(job, scratch)
+    proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0 or not out_path.is_file():
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise EdgekdError(
-            f"benchmark of {job.path} ({job.runtime}) failed with exit code {proc.returncode}: "
-            f"{tail}"
-        )
+        raise _failed(job, proc.returncode, proc.stderr, proc.stdout)
     return json.loads(out_path.read_text())
+
+
+def measure_capped(job: Job, scratch: Path, cap_bytes: int, weight_files: list[Path]) -> dict:
+    """The memory verdict, measured: `job` run again in a child confined to `cap_bytes` (see
+    `memcap`). Where no cap can be set it says why, and the estimate stands, labelled."""
+    from edgekd import memcap
+
+    method, how = memcap.cap_method()
+    out = {"cap_bytes": cap_bytes, "method": method, "how": how, "threads": job.threads}
+    if method is None:
+        return out
+    argv, out_path = _child_argv(job, scratch)
+    memcap.drop_page_cache(weight_files)  # read in by the capped child, charged to its cap
+    done = memcap.run_capped(argv, cap_bytes)
+    if done.killed:
+        return {**out, "fits": False, "killed": True, "peak_bytes": done.peak_bytes}
+    if done.returncode != 0 or not out_path.is_file():
+        return {**out, "error": str(_failed(job, done.returncode, done.stderr, done.stdout))}
+    measured = json.loads(out_path.read_text())
+    peak = max(done.peak_bytes or 0, measured["peak_rss_bytes"])
+    speed = speed_summary(
+        measured["ttft_s"], measured["decode_s"], len(job.prompt), job.decode_tokens
+    )
+    return {
+        **out,
+        "fits": peak <= cap_bytes,
+        "killed": False,
+        "peak_bytes": peak,
+        "peak_rss_bytes": measured["peak_rss_bytes"],
+        "speed": speed,
+    }
 
 
 def bench_threads(profile_threads: int, override: int | None) -> int:
@@ -303,7 +341,7 @@ def benchmark_artifact(
         answer_max_tokens=settings.answer_max_tokens,
         heldout=None if heldout_file is None else str(heldout_file),
     )
-    return artifact_row(
+    row = artifact_row(
         artifact,
         cost=cost,
         measured=measure(job, scratch),
@@ -314,6 +352,14 @@ def benchmark_artifact(
         decode_tokens=settings.decode_tokens,
         size_bytes=size_on_disk(artifact.path),
     )
+    if artifact.shipped and settings.memory_cap:
+        # What a device does with the model: load, prompt, decode. The scoring and answers after
+        # it are the harness's (a second model in memory), not in the peak the host child
+        # reports either.
+        speed_job = replace(job, questions=[], heldout=None, speed_only=True)
+        files = runtime_class(artifact.runtime).weight_files(artifact.path)
+        row["capped"] = measure_capped(speed_job, scratch, profile.memory_budget_mb * MIB, files)
+    return row
 
 
 def artifact_row(
@@ -323,18 +369,19 @@ def artifact_row(
     measured: dict,
     profile: Profile,
     threads: int,
-    host_bandwidth_bps: float,
+    host_bandwidth_bps: float | None,
     prompt_tokens: int,
     decode_tokens: int,
     size_bytes: int,
 ) -> dict:
     """One report row from what the child measured: speeds, the budget verdict, and decode
-    speed against the host's bandwidth limit and the profile's (a projection)."""
+    speed against the host's bandwidth limit (None: measured elsewhere) and the profile's (a
+    projection)."""
     speed = speed_summary(measured["ttft_s"], measured["decode_s"], prompt_tokens, decode_tokens)
     # Decode step i attends to prompt_tokens + i positions: bytes read are taken at the mean.
     at = prompt_tokens + (decode_tokens - 1) // 2
     per_token = cost.read_per_token(at)
-    host_limit = host_bandwidth_bps / per_token
+    host_limit = None if host_bandwidth_bps is None else host_bandwidth_bps / per_token
     device_bps = profile.memory_bandwidth_gbs * 1e9
     budget = budget_verdict(
         cost.weights_bytes,
@@ -367,7 +414,9 @@ def artifact_row(
             "kv_read_bytes": per_token - cost.weights_read_bytes,
             "at_tokens": at,
             "host_limit_tps": host_limit,
-            "host_fraction": speed["decode_tps"]["median"] / host_limit,
+            "host_fraction": (
+                None if host_limit is None else speed["decode_tps"]["median"] / host_limit
+            ),
             "device_projection_tps": device_bps / per_token,
             "device_projection_note": (
                 f"projection, not a measurement: the {profile.name} profile's "
@@ -408,39 +457,55 @@ def bench_report(
     }
 
 
-def bench_file(path: Path, profile: Profile, settings: BenchSettings) -> dict:
-    """The bench report of one GGUF file, ONNX folder or model folder outside any build: speed,
-    memory, exact-match answers and the budget verdict (no teacher, so no held-out quality)."""
+def bench_file(
+    path: Path | list[Artifact],
+    profile: Profile,
+    settings: BenchSettings,
+    on_device: Callable[..., dict] | None = None,
+) -> dict:
+    """The bench report of one GGUF file, ONNX folder or model folder outside any build (or of a
+    build's artifacts): speed, memory, exact-match answers and the budget verdict (no teacher,
+    so no held-out quality). `on_device(artifacts, prompt=, questions=)`, if given, measures
+    them on a device too."""
     import tempfile
 
     from edgekd.data import default_prompts
 
-    path = Path(path)
-    artifact = Artifact(path.name, runtime_of(path), path, role="export", shipped=True)
-    checked_cost(artifact, profile.context_length)  # a bad file or context: before any work
+    if isinstance(path, list):
+        artifacts = path
+    else:
+        artifacts = [Artifact(Path(path).name, runtime_of(Path(path)), Path(path), shipped=True)]
+    for artifact in artifacts:  # a bad file or context: before any work
+        checked_cost(artifact, profile.context_length)
     threads = bench_threads(profile.threads, settings.threads)
     shipped = default_prompts()
-    runtime = open_runtime(path, threads=threads)
+    runtime = open_runtime(artifacts[0].path, threads=threads)
     prompt = prompt_ids(runtime.tokenize([r["prompt"] for r in shipped]), settings.prompt_tokens)
     questions = pick_questions(shipped, settings.questions)
     bandwidth = host_bandwidth(settings.bandwidth_mib, threads)
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
-        row = benchmark_artifact(
-            artifact,
-            profile=profile,
-            settings=settings,
-            threads=threads,
-            host_bandwidth_bps=bandwidth,
-            prompt=prompt,
-            questions=questions,
-            heldout_file=None,
-            scratch=Path(tmp),
+        rows = [
+            benchmark_artifact(
+                artifact,
+                profile=profile,
+                settings=settings,
+                threads=threads,
+                host_bandwidth_bps=bandwidth,
+                prompt=prompt,
+                questions=questions,
+                heldout_file=None,
+                scratch=Path(tmp),
+            )
+            for artifact in artifacts
+        ]
+        checkable = sum(r.get("answer") is not None for r in shipped)
+        note = questions_note(len(questions), checkable, 0, settings.answer_max_tokens)
+        report = bench_report(
+            profile, settings, host_info(threads, bandwidth, settings.bandwidth_mib), rows, note
         )
-    checkable = sum(r.get("answer") is not None for r in shipped)
-    note = questions_note(len(questions), checkable, 0, settings.answer_max_tokens)
-    return bench_report(
-        profile, settings, host_info(threads, bandwidth, settings.bandwidth_mib), [row], note
-    )
+        if on_device is not None:
+            report["device"] = on_device(artifacts, prompt=prompt, questions=questions)
+    return report
 
 
 def host_info(threads: int, bandwidth_bps: float, mib: int) -> dict:
@@ -550,6 +615,8 @@ def _child(job: Job) -> dict:
         "ttft_s": ttft,
         "decode_s": decode,
     }
+    if job.speed_only:
+        return result
     if job.heldout:
         result["quality"] = _quality(job, runtime)  # refuses non-finite log-probs
     else:

@@ -156,7 +156,9 @@ def verify(run_dir: Annotated[Path, typer.Argument(help="a build's run folder")]
 
 @app.command()
 def bench(
-    artifact: Annotated[Path, typer.Argument(help="a .gguf file or an ONNX export folder")],
+    artifact: Annotated[
+        Path, typer.Argument(help="a .gguf file, an ONNX export folder or a build's run folder")
+    ],
     profile: Annotated[str, typer.Option(help="profile name or path to a profile YAML")],
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override, e.g. bench.runs=3")
@@ -164,23 +166,56 @@ def bench(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="also write the report to this file")
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="also measure it on this device: ssh://user@host[:port] (or an alias)"),
+    ] = None,
 ) -> None:
-    """Benchmark one GGUF or ONNX artifact against a device profile."""
+    """Benchmark one GGUF or ONNX artifact against a device profile, on this host and, with
+    --device or the profile's device:, on the device over SSH."""
+    from functools import partial
+
     from edgekd import atomic
     from edgekd.benchmark import bench_file
-    from edgekd.report.summary import print_bench
+    from edgekd.config import with_device
+    from edgekd.report.summary import device_faults, print_bench
 
     try:
         if not artifact.exists():
-            raise EdgekdError(f"{artifact} does not exist; pass a .gguf file or an ONNX folder")
-        prof = load_profile(profile)
+            raise EdgekdError(
+                f"{artifact} does not exist; pass a .gguf file, an ONNX folder or a run folder"
+            )
+        prof = with_device(load_profile(profile), device)
         rec = load_recipe(None, set_ or [])
-        result = bench_file(artifact, prof, rec.bench)
+        what = _shipped_artifacts(artifact) if (artifact / "build.json").is_file() else artifact
+        on_device = None
+        if prof.device is not None:
+            from edgekd.device import bench_on_device
+
+            on_device = partial(bench_on_device, prof.device, profile=prof, settings=rec.bench)
+        result = bench_file(what, prof, rec.bench, on_device)
     except EdgekdError as e:
         _fail(e)
     print_bench(result, console)
     if json_out is not None:
         atomic.write_json(json_out, result)
+    faults = device_faults(result)
+    if faults:  # the host's numbers stand; the device's are missing, and the exit code says so
+        _fail(EdgekdError("; ".join(faults)))
+
+
+def _shipped_artifacts(run_dir: Path) -> list:
+    """The device artifacts a finished build shipped, as its export stages list them."""
+    from edgekd import stages
+    from edgekd.benchmark import export_artifacts
+    from edgekd.rundir import read_done
+
+    done = {s.name: run_dir / s.folder for s in stages.SPECS if read_done(run_dir / s.folder)}
+    exports = [s for s in stages.SPECS if s.kind == "export" and s.name in done]
+    found = [a for a in export_artifacts(exports, done) if a.shipped]
+    if not found:
+        raise EdgekdError(f"{run_dir} holds no finished export stage: nothing to benchmark")
+    return found
 
 
 @app.command("eval")

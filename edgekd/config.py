@@ -35,6 +35,56 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class DeviceSettings(Strict):
+    """The device itself, reached over SSH with the user's own ssh client, configuration and keys:
+    the bench runs every artifact there too (edgekd never stores or asks for a password)."""
+
+    host: str = Field(
+        description="ssh://user@host[:port], or user@host or a Host alias of your ssh config"
+    )
+    name: str | None = Field(None, description="what the report calls it; unset: the host")
+    python: str = Field(
+        "python3", description="the device's Python, with llama-cpp-python or onnxruntime"
+    )
+    workdir: str = Field(
+        "~/.cache/edgekd",
+        description="device folder: artifacts kept by sha256 (copied once), each run's files "
+        "removed after it",
+    )
+    ssh_config: str | None = Field(None, description="ssh config file (ssh -F); unset: ssh's own")
+    ssh_options: list[str] = Field(
+        [], description="more ssh options (ssh -o), e.g. IdentityFile=~/.ssh/pi_ed25519"
+    )
+    connect_timeout_s: int = Field(10, gt=0, description="ssh ConnectTimeout")
+    run_timeout_s: int = Field(3600, gt=0, description="the most one artifact may take there")
+
+    @field_validator("host")
+    @classmethod
+    def _ssh_destination(cls, host: str) -> str:
+        from urllib.parse import urlsplit
+
+        if host.startswith("ssh://"):
+            parts = urlsplit(host)
+            try:
+                parts.port  # noqa: B018 - raises on a port that is not a number
+            except ValueError:
+                raise ValueError("the port after ':' must be a number") from None
+            if not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError("expected ssh://user@host[:port]")
+            target = parts.netloc
+        elif "://" in host:
+            raise ValueError("only ssh:// devices are supported: ssh://user@host[:port]")
+        else:
+            target = host
+        if not target or target.startswith("-") or any(c.isspace() for c in target):
+            raise ValueError("expected ssh://user@host[:port] (no spaces, no leading '-')")
+        return host
+
+    @property
+    def label(self) -> str:
+        return self.name or self.host.removeprefix("ssh://")
+
+
 class Profile(Strict):
     """Where the model must run: the device, never how to compress for it."""
 
@@ -48,6 +98,9 @@ class Profile(Strict):
     formats: list[str] = Field(description="formats to export, each one an export stage writes")
     gguf_quant: GgufQuant = "Q4_K_M"
     onnx_quant: list[OnnxQuant] = ["int4"]
+    device: DeviceSettings | None = Field(
+        None, description="the real device, over SSH: the bench measures there too"
+    )
 
     @field_validator("name")
     @classmethod
@@ -368,6 +421,11 @@ class BenchSettings(Strict):
         None, gt=0, description="unset: the profile's threads, at most the host's cores"
     )
     bandwidth_mib: int = Field(256, ge=16, description="buffer copied to measure host bandwidth")
+    memory_cap: bool = Field(
+        True,
+        description="also run each device artifact on this host confined to the profile's "
+        "memory_budget_mb (a cgroup): the memory verdict, measured",
+    )
     speculative: SpeculativeSettings = SpeculativeSettings()
     tasks: list[str] = Field(
         default_factory=lambda: list(SHIPPED_TASKS),
@@ -522,6 +580,19 @@ def load_profile(name_or_path: str) -> Profile:
         return Profile.model_validate(data)
     except ValidationError as e:
         raise EdgekdError(_describe_errors(e, str(path))) from None
+
+
+def with_device(profile: Profile, host: str | None) -> Profile:
+    """The profile with its device reached at `host` (the command line's --device), keeping the
+    rest of its device settings."""
+    if host is None:
+        return profile
+    fields = profile.device.model_dump() if profile.device else {}
+    try:
+        device = DeviceSettings.model_validate({**fields, "host": host})
+    except ValidationError as e:
+        raise EdgekdError(_describe_errors(e, "--device")) from None
+    return profile.model_copy(update={"device": device})
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

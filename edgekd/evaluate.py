@@ -76,8 +76,7 @@ def quality(
     targets: Sequence[torch.Tensor],
 ) -> Quality:
     """ppl (of the targets), mean KL(reference || model) and top1 agreement, over all positions."""
-    nll = kld = agree = 0.0
-    n = 0
+    terms = []
     for i, (lp, ref, tgt) in enumerate(
         zip(model_logprobs, reference_logprobs, targets, strict=True)
     ):
@@ -86,21 +85,37 @@ def quality(
         seq_kld = (ref.exp() * (ref - lp)).sum().item()
         if not (math.isfinite(seq_nll) and math.isfinite(seq_kld)):
             broken_ref = bool(torch.isfinite(lp).all()) and not bool(torch.isfinite(ref).all())
-            side = "reference's" if broken_ref else "model's"
-            raise EdgekdError(
-                f"held-out quality: the {side} log-probs of held-out sequence {i} hold NaN or inf "
-                f"(nll {seq_nll}, kld {seq_kld}): its weights are broken, so no ppl, kld or top1 "
-                "is reported for it"
-            )
+            raise _not_finite(i, "reference's" if broken_ref else "model's", seq_nll, seq_kld)
+        agree = (lp.argmax(-1) == ref.argmax(-1)).sum().item()
+        terms.append((seq_nll, seq_kld, agree, len(tgt), lp.shape[-1]))
+    return combine(terms)
+
+
+def _not_finite(i: int, side: str, seq_nll: float, seq_kld: float) -> EdgekdError:
+    return EdgekdError(
+        f"held-out quality: the {side} log-probs of held-out sequence {i} hold NaN or inf "
+        f"(nll {seq_nll}, kld {seq_kld}): its weights are broken, so no ppl, kld or top1 "
+        "is reported for it"
+    )
+
+
+def combine(terms: Sequence[Sequence[float]]) -> Quality:
+    """ppl, kld and top1 from per-sequence sums (nll, kld, top1 hits, positions, vocabulary), as
+    `quality` makes them here and the device runner makes them on a device."""
+    nll = kld = agree = 0.0
+    n = 0
+    for i, (seq_nll, seq_kld, seq_agree, positions, _) in enumerate(terms):
+        if not (math.isfinite(seq_nll) and math.isfinite(seq_kld)):
+            raise _not_finite(i, "model's", seq_nll, seq_kld)
         nll, kld = nll + seq_nll, kld + seq_kld
-        agree += (lp.argmax(-1) == ref.argmax(-1)).sum().item()
-        n += len(tgt)
+        agree += seq_agree
+        n += positions
     if n == 0:
         raise ValueError("no scored positions in the held-out slice")
     if nll / n > _MAX_LOG_FLOAT:
         raise EdgekdError(
             f"held-out quality: the model's mean negative log-likelihood is {nll / n:.4g} nats "
-            f"per token (a uniform guess scores {math.log(lp.shape[-1]):.3g}), beyond any "
+            f"per token (a uniform guess scores {math.log(terms[-1][4]):.3g}), beyond any "
             "perplexity: its weights are broken (a training that diverged?)"
         )
     return Quality(ppl=math.exp(nll / n), kld=kld / n, top1=agree / n, tokens=n)

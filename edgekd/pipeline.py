@@ -85,7 +85,9 @@ def build_identity(profile: Profile, recipe: Recipe) -> dict:
     teacher = recipe.teacher.source
     if teacher.startswith(("http://", "https://")):
         teacher = models.public_url(teacher)
-    return {"profile": profile.model_dump(mode="json"), "teacher": teacher}
+    # The device measures the build; it does not change what is built.
+    profile_fields = profile.model_dump(mode="json", exclude={"device"})
+    return {"profile": profile_fields, "teacher": teacher}
 
 
 def stage_keys(
@@ -100,7 +102,11 @@ def stage_keys(
     keys: dict[str, str] = {}
     for spec in chain:
         upstream = [keys[s.name] for s in inputs_of(spec, chain)]
-        keys[spec.name] = settings_hash(spec.name, stage_settings(recipe, spec), base, *upstream)
+        # A bench on a device is keyed with it (left out when none, so older keys hold).
+        device = [profile.device] if spec.kind == "bench" and profile.device else []
+        keys[spec.name] = settings_hash(
+            spec.name, stage_settings(recipe, spec), base, *upstream, *device
+        )
     return keys
 
 

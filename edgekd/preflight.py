@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd import data, logit_cache, models, pipeline, served, teacher_data
+from edgekd import data, device, logit_cache, models, pipeline, served, teacher_data
 from edgekd.chat_template import TemplateRefused
 from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError, EdgekdWarning
@@ -328,6 +328,8 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
         models.check_weights_match_config(plan.teacher, plan.teacher_config, role="teacher")
     pending = pipeline.pending_stages(profile, recipe, run_dir, plan.stages, plan.teacher)
     check_disk(run_dir, sum(plan.disk_bytes.get(s, 0) for s in pending), pending)
+    if profile.device is not None and "bench" in pending:
+        device.check_device(profile.device, profile.formats)  # reachable, with the runtimes
     if "bench" in pending and recipe.bench.tasks:
         from edgekd.harness import check_tasks
 

@@ -9,11 +9,14 @@ without either reaching into the other's folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import getpass
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -246,9 +249,29 @@ def fill(folder: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    import socket
+@dataclasses.dataclass(frozen=True)
+class SshServer:
+    """A real OpenSSH server on 127.0.0.1, standing in for a board on the desk."""
 
+    folder: Path
+    port: int
+    client_key: Path
+    ssh_config: Path  # for `ssh -F`: the client key, and known_hosts holding the server's key
+    proc: subprocess.Popen
+
+    def device(self, **settings) -> dict:
+        """A profile's `device:` section that reaches this server (as root, with the key)."""
+        return {
+            "host": f"ssh://{getpass.getuser()}@127.0.0.1:{self.port}",
+            "ssh_config": str(self.ssh_config),
+            "python": sys.executable,
+            "workdir": str(self.folder / "device"),
+            **settings,
+        }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -382,3 +405,76 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def sshd(folder: Path) -> Iterator[SshServer]:
+    """Debian's /usr/sbin/sshd on a free port of 127.0.0.1 with a throwaway host key and client
+    key; the client's known_hosts holds the host key, so host keys are checked as usual. Logging
+    in needs that key: no password is ever accepted. OSError saying why where it cannot start."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("host_key", "client_key"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True
+        )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
+    (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
+    port = free_port()
+    config = folder / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\n"
+        f"PidFile {folder / 'sshd.pid'}\nAuthorizedKeysFile {folder / 'authorized_keys'}\n"
+        "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PermitRootLogin prohibit-password\nUsePAM no\nPubkeyAuthentication yes\n"
+        "LogLevel ERROR\n"
+    )
+    host_key = (folder / "host_key.pub").read_text().split()
+    (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    client = folder / "ssh_config"
+    client.write_text(
+        f"Host *\n  IdentityFile {folder / 'client_key'}\n  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {folder / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+        "  LogLevel ERROR\n"
+    )
+    proc = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "sshd.log", "wb"),  # noqa: SIM115 - closed with the server
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = (folder / "sshd.log").read_text(errors="replace")
+                raise OSError(f"sshd did not start on 127.0.0.1:{port}: {log.strip()}")
+            time.sleep(0.05)
+        yield SshServer(folder, port, folder / "client_key", client, proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def kill_on_device(workdir: Path, what: str, timeout: float = 120) -> threading.Thread:
+    """In the background: once a device runner has started under `workdir` (a loopback device's
+    folder), SIGKILL it ("runner") or the sshd process serving its connection ("connection"),
+    the way a board's out-of-memory killer or a dropped network would."""
+
+    def kill() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = list(Path(workdir).glob("runs/*/pid"))
+            if pids and pids[0].read_text().strip():
+                time.sleep(0.5)  # into its measures
+                pid = int(pids[0].read_text())
+                if what == "connection":
+                    pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread

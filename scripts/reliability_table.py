@@ -37,12 +37,14 @@ from edgekd.testing import (
     assert_no_leftovers,
     fill,
     free_port,
+    kill_on_device,
     llama_server,
     marker,
     partial_holds_file,
     save_embedded_tokenizer,
     save_tiny_llama,
     set_args,
+    sshd,
     tmpfs,
     write_chat_jsonl,
 )
@@ -475,6 +477,113 @@ def _not_json(ws: Workspace, name: str, file: str, *extra: str) -> list[str]:
 
 
 PROFILE = (ROOT / "edgekd" / "profiles" / "phone-1gb.yaml").read_text()
+
+# The device faults: `edgekd bench` of a tiny GGUF on a real OpenSSH server on 127.0.0.1 (started
+# once, for the cases that need it), the host bench kept small.
+_BOARD: dict = {}
+_BENCH = [
+    "bench.runs=1", "bench.warmup_runs=0", "bench.prompt_tokens=16", "bench.decode_tokens=4",
+    "bench.questions=1", "bench.answer_max_tokens=4", "bench.threads=1", "bench.bandwidth_mib=16",
+    "bench.memory_cap=false",
+]  # fmt: skip
+_OOM_CGROUP = Path("/sys/fs/cgroup/memory/edgekd-reliability-device")
+
+
+def _board(ws: Workspace):
+    """The loopback device and a tiny GGUF of the workspace's teacher, made once."""
+    if "server" not in _BOARD:
+        from edgekd.formats.gguf import write_gguf
+
+        stack = contextlib.ExitStack()
+        atexit.register(stack.close)
+        _BOARD["server"] = stack.enter_context(sshd(ws.path("sshd")))
+        _BOARD["gguf"] = write_gguf(ws.teacher, ws.path("board.gguf"), dtype="F16")
+    return _BOARD["server"], _BOARD["gguf"]
+
+
+def _on_board(ws: Workspace, name: str, *sets: str, **device) -> list[str]:
+    """`edgekd bench` of the tiny GGUF with a profile whose device is the loopback board."""
+    server, gguf = _board(ws)
+    settings = server.device(**device)
+    yaml_lines = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in settings.items())
+    profile = _write(ws.path(f"{name}.yaml"), PROFILE + "device:\n" + yaml_lines)
+    return ["bench", str(gguf), "--profile", str(profile), *set_args([*_BENCH, *sets])]
+
+
+def _board_left_clean(ws: Workspace) -> str:
+    server, _ = _board(ws)
+    runs = server.folder / "device" / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"{server.folder / 'device'}/runs/" not in ps, ps  # this device's runners
+    return "host bench printed; nothing left running or in runs/ on the device"
+
+
+def _wrong_port(ws: Workspace) -> list[str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return _on_board(ws, "board-port", host=f"ssh://root@127.0.0.1:{port}")
+
+
+def _refused_key(ws: Workspace) -> list[str]:
+    server, _ = _board(ws)
+    other = ws.path("other_key")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    config = _write(
+        ws.path("other_ssh_config"),
+        server.ssh_config.read_text().replace(str(server.client_key), str(other)),
+    )
+    return _on_board(ws, "board-key", ssh_config=str(config))
+
+
+def _unknown_host_key(ws: Workspace) -> list[str]:
+    empty = _write(ws.path("empty_known_hosts"), "")
+    return _on_board(ws, "board-host-key", ssh_options=[f"UserKnownHostsFile={empty}"])
+
+
+def _board_disk(ws: Workspace) -> list[str]:
+    small = ws.path("board-disk")
+    small.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)])
+    assert done.returncode == 0, "cannot mount a small file system (root needed)"
+    return _on_board(ws, "board-disk", workdir=str(small))
+
+
+def _board_disk_undone(ws: Workspace) -> str:
+    subprocess.run(["umount", "-l", str(ws.path("board-disk"))], check=True)
+    return _board_left_clean(ws)
+
+
+def _board_memory(ws: Workspace) -> list[str]:
+    """The device's Python, as its out-of-memory killer sees it: a 40 MB cgroup for the run."""
+    _OOM_CGROUP.mkdir(exist_ok=True)
+    (_OOM_CGROUP / "memory.limit_in_bytes").write_text(str(40 << 20))
+    wrapper = _write(
+        ws.path("capped-python"),
+        '#!/bin/sh\nif [ "$2" = run ]; then echo $$ > '
+        f'{_OOM_CGROUP}/cgroup.procs; fi\nexec {sys.executable} "$@"\n',
+    )
+    wrapper.chmod(0o755)
+    return _on_board(ws, "board-memory", python=str(wrapper))
+
+
+def _board_memory_undone(ws: Workspace) -> str:
+    _OOM_CGROUP.rmdir()
+    return _board_left_clean(ws)
+
+
+def _killed_on_board(what: str) -> Callable[[Workspace], list[str]]:
+    def args(ws: Workspace) -> list[str]:
+        args = _on_board(ws, f"board-{what}", "bench.runs=300", "bench.decode_tokens=64")
+        server, _ = _board(ws)
+        kill_on_device(server.folder / "device", what, timeout=600)
+        return args
+
+    return args
+
 
 CASES = [
     Case(
@@ -914,6 +1023,75 @@ CASES = [
         _unlisted_file,
         "not in the manifest: 01-distill/extra.bin",
         exit_code=1,
+    ),
+    # The device faults: each one line after the host bench's rows, exit 2, nothing left there.
+    *(
+        Case(fault, args, expect, fast=False, intact=intact or _board_left_clean)
+        for fault, args, expect, intact in [
+            (
+                "`edgekd bench --device` to a host that does not resolve "
+                "(`ssh://root@board.invalid`)",
+                lambda ws: _on_board(ws, "board-unreachable", host="ssh://root@board.invalid"),
+                "is unreachable: its name does not resolve",
+                None,
+            ),
+            (
+                "device on a port where no SSH server listens",
+                _wrong_port,
+                "refused the connection: no SSH server listens on that port",
+                None,
+            ),
+            (
+                "device that refuses the SSH key (another key than its authorized one)",
+                _refused_key,
+                "refused the SSH key",
+                None,
+            ),
+            (
+                "device whose host key is not in known_hosts",
+                _unknown_host_key,
+                "its host key is not in known_hosts",
+                None,
+            ),
+            (
+                "device without Python (`device.python: /opt/nothing/python3`)",
+                lambda ws: _on_board(ws, "board-no-python", python="/opt/nothing/python3"),
+                "has no Python at '/opt/nothing/python3'",
+                None,
+            ),
+            (
+                "device Python without the runtime (Debian's python3: no numpy, no "
+                "llama-cpp-python)",
+                lambda ws: _on_board(ws, "board-no-runtime", python="/usr/bin/python3"),
+                "lacks numpy, llama_cpp",
+                None,
+            ),
+            (
+                "device out of disk (its device.workdir on a 2 MB file system)",
+                _board_disk,
+                "is out of disk",
+                _board_disk_undone,
+            ),
+            (
+                "device out of memory (the runner's Python confined to 40 MB there: the kernel "
+                "kills it)",
+                _board_memory,
+                "the runner was killed there",
+                _board_memory_undone,
+            ),
+            (
+                "runner killed on the device mid-run (SIGKILL)",
+                _killed_on_board("runner"),
+                "the runner was killed there",
+                None,
+            ),
+            (
+                "connection to the device dropped mid-run (its sshd session killed)",
+                _killed_on_board("connection"),
+                "dropped while measuring",
+                None,
+            ),
+        ]
     ),
 ]
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from edgekd.formats.gguf import write_gguf
-from edgekd.testing import save_embedded_tokenizer, save_tiny_llama, write_chat_jsonl
+from edgekd.testing import save_embedded_tokenizer, save_tiny_llama, sshd, write_chat_jsonl
 
 # Tiny models gain nothing from threads, and OpenMP threads fighting over two shared cores make a
 # tiny forward pass 30 times slower; subprocesses the tests start inherit this too.
@@ -44,3 +44,18 @@ def tiny_llama_gguf(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
 @pytest.fixture
 def chat_jsonl(tmp_path) -> Path:
     return write_chat_jsonl(tmp_path / "chat.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_llama_gguf):
+    """The tiny Llama exported to ONNX (fp32)."""
+    from edgekd.formats.onnx import export_onnx
+
+    return export_onnx(tiny_llama_gguf[0], tmp_path_factory.mktemp("tiny-onnx") / "fp32")
+
+
+@pytest.fixture(scope="session")
+def ssh_server(tmp_path_factory):
+    """A real OpenSSH server on 127.0.0.1 with throwaway keys: the stand-in for a board."""
+    with sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server

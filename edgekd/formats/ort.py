@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgekd.device_runner import OrtSession
 from edgekd.errors import EdgekdError
 from edgekd.formats.runtime import (
     Continuation,
@@ -102,44 +103,14 @@ def _fixed_dims_kv(past: list, itemsize: list[int]) -> int:
     )
 
 
-class _Session:
-    """One onnxruntime session over an exported decoder, fed the inputs its graph declares."""
+class _Session(OrtSession):
+    """One onnxruntime session over an exported decoder, fed the inputs its graph declares (the
+    steps the device runner takes too)."""
 
     def __init__(self, onnx_dir: Path, threads: int):
-        import onnxruntime as ort
-
-        path = Path(onnx_dir) / MODEL
-        if not path.is_file():
+        if not (Path(onnx_dir) / MODEL).is_file():
             raise EdgekdError(f"{onnx_dir} has no {MODEL}: export the model first")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
-
-    def empty_past(self) -> dict[str, np.ndarray]:
-        past = {}
-        for name in self.past_names:
-            info = self.inputs[name]
-            # Named dims are batch (1) and past length (0); the others are fixed head sizes.
-            shape = [
-                0 if "sequence" in str(d) else 1 if isinstance(d, str) else d for d in info.shape
-            ]
-            dtype = np.float16 if info.type == "tensor(float16)" else np.float32
-            past[name] = np.zeros(shape, dtype=dtype)
-        return past
-
-    def step(self, ids: list[int], past: dict[str, np.ndarray], n_past: int):
-        """Run `ids` after `n_past` cached positions: (logits [len, vocab], the new cache)."""
-        feed = {"input_ids": np.array([ids], dtype=np.int64), **past}
-        if "attention_mask" in self.inputs:
-            feed["attention_mask"] = np.ones((1, n_past + len(ids)), dtype=np.int64)
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.arange(n_past, n_past + len(ids), dtype=np.int64)[None]
-        outputs = self.session.run(["logits", *self.present_names], feed)
-        return outputs[0][0], dict(zip(self.past_names, outputs[1:], strict=True))
+        super().__init__(str(onnx_dir), threads)
 
     def decode(
         self, prompt: list[int], eos: set[int], max_tokens: int, pick, done=lambda new: False
@@ -249,6 +220,20 @@ class Ort(Runtime):
             new = session.decode(prompt, eos, max_tokens, pick_for(i))
             replies.append(tok.decode(new, skip_special_tokens=True))
         return replies
+
+    def device_chat(self, conversations: list[list[dict]]) -> dict:
+        """The prompts rendered and tokenized here, and the end tokens: the device has no
+        transformers; it decodes greedily and sends the reply tokens back."""
+        from edgekd.data import render_chat
+
+        prompts = [
+            render_chat(self.tokenizer, m, add_generation_prompt=True, tokenize=True)
+            for m in conversations
+        ]
+        return {"chat_ids": [list(p) for p in prompts], "eos": sorted(self._eos_ids())}
+
+    def device_replies(self, result: dict) -> list[str]:
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in result["reply_ids"]]
 
     def chat(self, conversations: list[list[dict]], *, max_tokens: int) -> list[str]:
         return self._replies(conversations, max_tokens, lambda i: lambda x: int(np.argmax(x)))

@@ -225,6 +225,17 @@ class Runtime(ABC):
         above it, beam search with beams > 1 where the runtime has it; up to `parallel`
         conversations decoded together where the runtime batches."""
 
+    # --- a device that runs the runtime without edgekd (edgekd.device_runner) ---
+
+    def device_chat(self, conversations: list[list[dict]]) -> dict:
+        """What the device runner needs, besides the model files, to answer `conversations` as
+        `chat` does: nothing where the runtime renders chat prompts itself (llama.cpp)."""
+        return {"conversations": conversations}
+
+    def device_replies(self, result: dict) -> list[str]:
+        """The replies in what the device runner sent back."""
+        return result["replies"]
+
     # --- timing ---
 
     @abstractmethod

@@ -11,6 +11,7 @@ import math
 from html import escape
 
 from edgekd.benchmark import MIB
+from edgekd.report import text
 from edgekd.report.text import (
     mb,
     score_text,
@@ -481,9 +482,11 @@ def _verdict_section(report: dict) -> str:
     shipped = [r for r in bench["artifacts"] if r["shipped"]]
     fits = bench["verdict"]["fits"]
     p = bench["profile"]
-    lines = "".join(f"<li>{_e(verdict_line(r))}</li>" for r in shipped) or (
-        "<li>no device artifact (a format of the profile) was benchmarked</li>"
-    )
+    lines = "".join(
+        f"<li>{_e(verdict_line(r))} (estimate)</li>"
+        + (f"<li>{_e(line)}</li>" if (line := text.capped_line(r)) else "")
+        for r in shipped
+    ) or ("<li>no device artifact (a format of the profile) was benchmarked</li>")
     stale = ""
     if report["bench_stale_inputs"]:
         stale = (
@@ -611,6 +614,33 @@ def _bench_table(bench: dict) -> str:
     return "".join(out)
 
 
+def _device_section(bench: dict) -> str:
+    """Host, capped host and device side by side; the device, its projection error, the remote
+    path's cost and its faults."""
+    found = text.side_by_side(bench)
+    device = bench.get("device")
+    if found is None and not device:
+        return ""
+    out = ["<h2>This host, under the budget's cap, and on the device</h2>"]
+    if found is not None:
+        cols, rows = found
+        out.append('<div class="scroll"><table id="device-table"><thead><tr>')
+        out += [f"<th>{_e(c)}</th>" for c in cols]
+        out.append("</tr></thead><tbody>")
+        out += ["<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows]
+        out.append("</tbody></table></div>")
+    if device:
+        items = []
+        if device.get("info_line"):
+            items.append(f"device {device['name']}: {device['info_line']}")
+        for row in device["rows"]:
+            items.append(text.projection_line(row, bench["profile"]["memory_bandwidth_gbs"]))
+            items.append(text.remote_line(device, row))
+        items += [f"device fault: {line}" for line in text.device_faults(bench)]
+        out.append("<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>")
+    return "".join(out)
+
+
 def _profiles_table(verdicts: list[dict]) -> str:
     if not verdicts:
         return ""
@@ -734,6 +764,7 @@ def render(report: dict) -> str:
             "the profile's bandwidth, not a measurement.</figcaption></figure>",
             "<h2>Speed, memory and accuracy</h2>",
             _bench_table(bench),
+            _device_section(bench),
         ]
         if any(r.get("tasks") for r in artifacts):
             parts += [

@@ -18,9 +18,14 @@ from edgekd.benchmark import MIB, budget_verdict
 from edgekd.config import Profile, known_profiles, load_profile
 from edgekd.report.html import render
 from edgekd.report.text import (
+    capped_line,
+    device_faults,
     mb,
+    projection_line,
+    remote_line,
     score_text,
     share_text,
+    side_by_side,
     speculative_line,
     spread_text,
     verdict_line,
@@ -214,17 +219,52 @@ def task_table(rows: list[dict]) -> Table:
     )
 
 
+def side_by_side_table(bench: dict) -> Table | None:
+    """Each device artifact on this host, under the budget's cap, and on the device."""
+    found = side_by_side(bench)
+    if found is None:
+        return None
+    cols, rows = found
+    return _table("host, capped host and device, side by side: median (min-max)", cols, rows)
+
+
+def print_device(bench: dict, console: Console) -> None:
+    """The side-by-side table, the device, its projection error and the remote path's cost."""
+    table = side_by_side_table(bench)
+    if table is not None:
+        console.print(table)
+    device = bench.get("device")
+    if not device:
+        return
+    if device.get("info_line"):
+        console.print(
+            f"device {device['name']}: {device['info_line']}, {device['threads']} threads",
+            highlight=False,
+        )
+    bandwidth = bench["profile"]["memory_bandwidth_gbs"]
+    for row in device["rows"]:
+        console.print(projection_line(row, bandwidth), highlight=False)
+        console.print(remote_line(device, row), highlight=False)
+    for line in device_faults(bench):
+        console.print(f"[red]device fault:[/] {line}", highlight=False, soft_wrap=True)
+
+
 def print_bench(bench: dict, console: Console) -> None:
     """Verdict lines, the table, the ratios and the host, for one bench report."""
     p = bench["profile"]
     for r in bench["artifacts"]:
         if r["shipped"]:
             colour = "green" if r["budget"]["fits"] else "red"
-            console.print(f"[{colour}]{verdict_line(r)}[/]", highlight=False)
+            console.print(f"[{colour}]{verdict_line(r)} (estimate)[/]", highlight=False)
+            if line := capped_line(r):
+                fits = (r.get("capped") or {}).get("fits")
+                colour = "green" if fits else "red" if fits is False else "yellow"
+                console.print(f"[{colour}]{line}[/]", highlight=False)
     if not any(r["shipped"] for r in bench["artifacts"]):
         console.print("no device artifact (GGUF/ONNX in the profile's formats) was judged")
     for table in bench_tables(bench):
         console.print(table)
+    print_device(bench, console)
     if bench.get("speculative"):
         console.print(speculative_line(bench["speculative"]), highlight=False)
     host = bench["host"]

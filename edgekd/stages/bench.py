@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd import benchmark, data, models, speculative
+from edgekd import benchmark, data, device, models, speculative
 from edgekd.benchmark import Artifact
 from edgekd.config import BenchSettings
 from edgekd.console import console
@@ -133,7 +133,23 @@ def run(ctx: Context, settings: BenchSettings) -> StageResult:
                 scratch=Path(scratch) / "job",
             )
             rows.append({**row, "path": _shown(Path(artifact.path), ctx.run_dir)})
+        on_device = None
+        if profile.device is not None:
+            console.print(f"  bench: on device {profile.device.label} over SSH")
+            on_device = device.bench_on_device(
+                profile.device,
+                found,
+                profile=profile,
+                settings=settings,
+                prompt=prompt,
+                questions=questions,
+                heldout_file=heldout_file,
+            )
     report = benchmark.bench_report(profile, settings, host, rows, questions_note)
+    if on_device is not None:
+        for row in on_device["rows"]:
+            row["path"] = _shown(Path(row["path"]), ctx.run_dir)
+        report["device"] = on_device
     # The keys of the stages measured, so a report can tell when they were rebuilt since.
     report["inputs"] = {
         stage: read_done(folder)["key"]

@@ -1,16 +1,8 @@
 """A tiny model as each runtime runs it, and the checks every runtime's token steps share."""
 
-import pytest
 import torch
 
 from edgekd.testing import TOKEN_IDS as SEQ
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory, tiny_llama_gguf):
-    from edgekd.formats.onnx import export_onnx
-
-    return export_onnx(tiny_llama_gguf[0], tmp_path_factory.mktemp("tiny-onnx") / "fp32")
 
 
 def argmax_is_top(logprobs: torch.Tensor, token: int) -> bool:
