@@ -176,7 +176,7 @@ def check_served(recipe: Recipe, plan: Plan, tokenizer) -> list[str]:
                 f"{'=0, '.join(kd)}=0 to train on the teacher's answers alone (sequence-level or "
                 "CoT distillation), or use a student of the teacher's family"
             )
-    return found.lines(teacher.where)
+    return found.lines(teacher.where, answers=recipe.data.source is None or recipe.data.regenerate)
 
 
 def guidance(recipe: Recipe, plan: Plan) -> list[str]:

@@ -451,8 +451,15 @@ class Probe:
     prompt_logprobs: bool
     how: str  # how the tokenization was compared
 
-    def lines(self, where: str) -> list[str]:
+    def lines(self, where: str, answers: bool = False) -> list[str]:
+        """What the server cannot give, one line each; with `answers` (the teacher writes the
+        corpus), how its answers' log-probs are found."""
         out = []
+        if self.prompt_logprobs and self.same_tokenizer and answers:
+            out.append(
+                f"the teacher's answers from {where} are scored in a second pass (completions "
+                "with echo), not taken from the generation's own log-probs"
+            )
         if not self.prompt_logprobs:
             out.append(
                 f"the teacher server at {where} returns no prompt log-probs (completions with "

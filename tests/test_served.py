@@ -44,6 +44,8 @@ def test_probe_finds_the_same_tokenizer_and_prompt_logprobs(server, tokenizer, t
     assert found.same_tokenizer and found.prompt_logprobs
     assert found.how == "the server's tokenize endpoint"
     assert found.lines("x") == []
+    # Answers the teacher writes are scored in a second pass, and the capability line says so.
+    assert ["second pass" in line for line in found.lines("x", answers=True)] == [True]
 
 
 def test_probe_sees_another_tokenizer(server, tmp_path):
