@@ -123,13 +123,8 @@ def _load_file(path: Path) -> list[dict]:
 
 
 def _load_hf_dataset(name: str) -> list[dict]:
-    try:
-        import datasets
-    except ImportError as e:
-        raise EdgekdError(
-            f"{name!r} is not a local path, and loading it as a Hugging Face dataset needs "
-            "`pip install datasets`; or pass a .jsonl/.txt/.md file or folder"
-        ) from e
+    import datasets
+
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:
@@ -153,7 +148,7 @@ def load_corpus(source: str) -> list[dict]:
     JSONL lines are {"text": ...} or {"messages": [...]}. Text files give one {"text"} row per
     blank-line-separated paragraph block. A folder is read recursively in sorted path order.
     A source that is not an existing path and does not look like one is taken as a Hugging Face
-    dataset name ("name" or "owner/name", split "train"; needs the optional `datasets` package).
+    dataset name ("name" or "owner/name", split "train").
     """
     path = Path(source).expanduser()
     if path.is_dir():

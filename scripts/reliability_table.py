@@ -4,7 +4,7 @@ Every case runs the real command line (`python -m edgekd.cli ...`) on tiny model
 folder, next to a finished run whose files are hashed before and after: the table's last column
 says whether anything in it changed. Run from the repo root (a few minutes on two cores):
 
-    python scripts/reliability_table.py [--out docs/reliability.md] [--fast] [--only TEXT]
+    python scripts/reliability_table.py [--out docs/reliability.md] [--fast] [--only TEXT] [--keep]
 
 tests/test_reliability_table.py runs the cases marked fast through the same code, so the table
 cannot go stale without a test failing.
@@ -1488,6 +1488,16 @@ KILLS = [
 ]
 
 
+def kept_rows(doc: Path) -> tuple[dict[str, Row], list[Row]]:
+    """The rows of a table written earlier: the cases' rows by fault, and the kill rows (its
+    last ones, written after every case)."""
+    row = re.compile(r"^\| \d+ \| (.*) \| `(.*)` \| (-?\d+) \| (.*) \|$")
+    rows = [
+        Row(m[1], m[2], int(m[3]), m[4]) for m in map(row.match, doc.read_text().splitlines()) if m
+    ]
+    return {r.fault: r for r in rows[: len(rows) - len(KILLS)]}, rows[len(rows) - len(KILLS) :]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "reliability.md")
@@ -1495,18 +1505,27 @@ def main() -> None:
     ap.add_argument(
         "--only", metavar="TEXT", help="run the cases whose fault contains TEXT; write nothing"
     )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="reuse the rows of --out for cases it already holds (and still says what they "
+        "expect) and its kill rows; run only the new cases",
+    )
     args = ap.parse_args()
+    kept, kill_rows = kept_rows(args.out) if args.keep else ({}, [])
     with tempfile.TemporaryDirectory(prefix="edgekd-reliability-") as tmp:
         ws = make_workspace(Path(tmp))
         rows = []
         for case in CASES:
             if (args.fast and not case.fast) or (args.only and args.only not in case.fault):
                 continue
-            rows.append(run_case(case, ws))
+            old = kept.get(case.fault)
+            rows.append(old if old and case.expect in old.said else run_case(case, ws))
             print(f"{len(rows):2d}. {case.fault}: {rows[-1].said}", flush=True)
-        for kill in [] if args.fast or args.only else KILLS:
+        for kill in [] if args.fast or args.only or kill_rows else KILLS:
             rows.append(kill(ws))
             print(f"{len(rows):2d}. {rows[-1].fault}: {rows[-1].said}", flush=True)
+        rows += [] if args.fast or args.only else kill_rows
     if args.only:
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
