@@ -115,10 +115,10 @@ def main() -> None:
             cache = ctx.logit_cache
             if k not in caches:
                 path = max(
-                    (run / "cache").glob("logits-*.safetensors"), key=lambda p: p.stat().st_mtime
+                    (run / "cache").glob("logits-*/manifest.json"), key=lambda p: p.stat().st_mtime
                 )
                 caches[k] = (
-                    path,
+                    path.parent,
                     cache.nbytes(),
                     time.perf_counter() - start,
                     len(cache.t["log_rest"]),

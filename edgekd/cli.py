@@ -91,6 +91,27 @@ def build(
         raise typer.Exit(130) from None
 
 
+@app.command("teacher-cache")
+def teacher_cache(
+    teacher: Annotated[str, typer.Option(help="http(s)://host:port/v1, .gguf, folder or hub id")],
+    out: Annotated[Path, typer.Option(help="the cache folder to write (shards + manifest)")],
+    data: Annotated[str | None, typer.Option(help="jsonl, text file/folder or dataset")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="recipe YAML overriding the default")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override, e.g. teacher.model=NAME")
+    ] = None,
+) -> None:
+    """Write the teacher's top-k logit cache for a corpus, to copy to the machine that trains:
+    `edgekd build --data OUT/corpus.jsonl --set logit_cache.path=OUT` uses it."""
+    from edgekd.teacher_cache import write_cache
+
+    try:
+        rec = load_recipe(recipe, set_ or [], teacher=teacher, data=data)
+        write_cache(rec, out)
+    except EdgekdError as e:
+        _fail(e)
+
+
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a build's run folder")]) -> None:
     """Print a build's summary again: verdict, speed, memory and accuracy."""

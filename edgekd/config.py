@@ -133,6 +133,18 @@ class TeacherSettings(Strict):
     load_in: Literal["full", "8bit", "4bit"] = Field(
         "full", description="bitsandbytes quantization of the teacher: 8bit (LLM.int8) or 4bit NF4"
     )
+    # A teacher served over an OpenAI-compatible API (source = http(s)://host:port/v1).
+    model: str | None = Field(None, description="served teacher: the model name the server serves")
+    api_key_env: str | None = Field(
+        None, description="served teacher: the environment variable holding the API key"
+    )
+    concurrency: int = Field(4, gt=0, description="served teacher: requests in flight at once")
+    timeout_s: float = Field(
+        120.0, gt=0, description="served teacher: seconds one request may take"
+    )
+    max_retries: int = Field(
+        4, ge=0, description="served teacher: retries of a failed request (backoff, Retry-After)"
+    )
 
 
 class StudentSettings(Strict):
@@ -292,6 +304,11 @@ class LogitCacheSettings(Strict):
 
     top_k: int = Field(64, gt=0, description="teacher log-probs kept per position")
     batch_size: int = Field(8, gt=0, description="examples per teacher pass when building it")
+    path: str | None = Field(
+        None,
+        description="a cache folder written by `edgekd teacher-cache` (shards + manifest.json); "
+        "unset: <run>/cache/",
+    )
 
 
 class TrainSettings(Strict):

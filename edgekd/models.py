@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ def embedded_teacher_gguf() -> Path:
 class ModelSource:
     """Where a model comes from: a GGUF file, a local Hugging Face folder, or a hub id."""
 
-    kind: Literal["gguf", "hf_folder", "hub"]
+    kind: Literal["gguf", "hf_folder", "hub", "served"]
     ref: str
     path: Path | None
 
@@ -65,17 +66,35 @@ class ModelSource:
             return f"GGUF file {self.path}"
         if self.kind == "hf_folder":
             return f"folder {self.path}"
+        if self.kind == "served":
+            return f"served teacher at {public_url(self.ref)}"
         return f"hub model {self.ref}"
 
 
 def teacher_key(settings, source: ModelSource) -> str:
     """What the teacher's outputs depend on (TeacherSettings + source): the weights and how they
-    are held in memory."""
+    are held in memory; for a served teacher, the model the server serves under that name."""
+    if source.kind == "served":
+        return f"{source.describe()} model {settings.model}"
     return f"{source.describe()} {settings.dtype} {settings.load_in}"
 
 
+def public_url(url: str) -> str:
+    """The URL without user, password, query or fragment (none of them belongs in a report)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def resolve_source(spec: str, *, role: str) -> ModelSource:
-    """Turn 'embedded', a .gguf file, a folder with config.json, or a hub id into a ModelSource."""
+    """Turn 'embedded', a .gguf file, a folder with config.json, a hub id, or (for the teacher) an
+    OpenAI-compatible endpoint http(s)://host:port/v1 into a ModelSource."""
+    if spec.startswith(("http://", "https://")):
+        if role != "teacher":
+            raise EdgekdError(f"{role} {public_url(spec)}: only the teacher may be served")
+        return ModelSource("served", spec, None)
     if spec == "embedded":
         path = embedded_teacher_gguf()
         return ModelSource("gguf", spec, path)

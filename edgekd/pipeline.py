@@ -80,10 +80,14 @@ def quality_table(title: str, quality: dict[str, dict]) -> Table:
 
 
 def build_identity(profile: Profile, recipe: Recipe) -> dict:
-    """What build.json holds: a run folder serves one profile and teacher."""
+    """What build.json holds: a run folder serves one profile and teacher (a served teacher's URL
+    without credentials)."""
+    teacher = recipe.teacher.source
+    if teacher.startswith(("http://", "https://")):
+        teacher = models.public_url(teacher)
     # The device measures the build; it does not change what is built.
     profile_fields = profile.model_dump(mode="json", exclude={"device"})
-    return {"profile": profile_fields, "teacher": recipe.teacher.source}
+    return {"profile": profile_fields, "teacher": teacher}
 
 
 def stage_keys(

@@ -52,7 +52,9 @@ class Plan:
             f"profile   {profile.name}: {profile.description}",
             f"stages    {' -> '.join(self.stages)}",
             f"teacher   {self.teacher.describe()}: {models.param_count(t) / 1e6:.1f}M params, "
-            f"{t.num_hidden_layers} layers",
+            f"{t.num_hidden_layers} layers"
+            if t is not None
+            else f"teacher   {self.teacher.describe()}: its weights are not on this machine",
             f"student   {models.param_count(s) / 1e6:.1f}M params, {s.num_hidden_layers} layers "
             f"({self.student_layers_note})",
             f"size      {quant} ~{self.student_q_bytes / MB:.0f} MB (estimate) + KV "
@@ -126,7 +128,14 @@ def make_plan(
     (unless not `strict`: a dry run shows the whole plan, then says so)."""
     effective = resolve(profile, recipe, stages)
     teacher = models.resolve_source(recipe.teacher.source, role="teacher")
-    teacher_config = models.load_config(teacher)
+    served = teacher.kind == "served"
+    if served and recipe.student.source is None:
+        raise EdgekdError(
+            f"the teacher is a {teacher.describe()}: its layers are not here to prune a student "
+            "from; set student.source to a model folder or hub id"
+        )
+    # A served teacher's config is not here; nothing below needs it but the estimates.
+    teacher_config = None if served else models.load_config(teacher)
     student_source = None
     if recipe.student.source is not None:
         student_source = models.resolve_source(recipe.student.source, role="student")
@@ -157,7 +166,7 @@ def make_plan(
     )
     if strict and not plan.fits:
         raise fit_error(plan, profile)
-    if "distill" in stages:
+    if "distill" in stages and not served:
         plan.memory = train_memory.estimate_lines(
             "distill",
             student_config,
@@ -175,7 +184,9 @@ def make_plan(
         effective=effective,
     )
     plan.disk_bytes = {s: spec_of(s).disk_bytes(sizes) for s in stages}
-    train_flops = 6 * models.param_count(student_config) + 2 * models.param_count(teacher_config)
+    # A served teacher's passes run on its server, not here.
+    teacher_flops = 0 if served else 2 * models.param_count(teacher_config)
+    train_flops = 6 * models.param_count(student_config) + teacher_flops
     if timing:
         plan.host_gflops = _host_gflops()
     for stage in of_kind("train", stages):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd import data, device, models, pipeline, teacher_data
+from edgekd import data, device, logit_cache, models, pipeline, served, teacher_data
 from edgekd.chat_template import TemplateRefused
 from edgekd.config import Profile, Recipe
 from edgekd.errors import EdgekdError, EdgekdWarning
@@ -54,6 +54,8 @@ def check_data(recipe: Recipe) -> None:
 
 def check_layer_maps(recipe: Recipe, plan: Plan) -> None:
     """Every feature/attention layer map fits the student's and the teacher's layer counts."""
+    if plan.teacher_config is None:
+        return  # a served teacher: check_served refuses the layer-matching methods
     n_s = plan.student_config.num_hidden_layers
     n_t = plan.teacher_config.num_hidden_layers
     for stage in of_kind("train", plan.stages):
@@ -73,6 +75,28 @@ def check_layer_maps(recipe: Recipe, plan: Plan) -> None:
                 ) from None
 
 
+def check_cache_folder(recipe: Recipe, tokenizer) -> None:
+    """A cache folder given by logit_cache.path is whole and made for this tokenizer and top_k
+    (its corpus is compared when the build has tokenized it, before training)."""
+    if recipe.logit_cache.path is None:
+        return
+    folder = Path(recipe.logit_cache.path)
+    manifest = logit_cache.read_manifest(folder)
+    for what, want, key in (
+        ("tokenizer", logit_cache.tokenizer_hash(tokenizer), "tokenizer"),
+        ("logit_cache.top_k", recipe.logit_cache.top_k, "top_k"),
+    ):
+        if manifest[key] != want:
+            raise EdgekdError(
+                f"logit cache {folder} was made for another {what} ({manifest[key]!s:.12} there, "
+                f"{want!s:.12} here); make it again with `edgekd teacher-cache` for this build"
+            )
+    logit_cache.refuse_bad_shards(folder, manifest)
+    reference = folder / logit_cache.REFERENCE_DIR
+    if (reference / logit_cache.CACHE_MANIFEST).is_file():
+        logit_cache.refuse_bad_shards(reference, logit_cache.read_manifest(reference))
+
+
 def check_logit_cache(recipe: Recipe, plan: Plan) -> None:
     """The logit cache holds the teacher's view of the corpus: it cannot score other text."""
     for stage in of_kind("train", plan.stages):
@@ -86,10 +110,82 @@ def check_logit_cache(recipe: Recipe, plan: Plan) -> None:
             )
 
 
+# What runs the teacher in this process (refused with a served teacher), by setting.
+_IN_PROCESS = (
+    ("on_policy.fraction", lambda s: s.on_policy.fraction > 0),
+    ("self_distill.enabled", self_distilling),
+    ("feature.weight", lambda s: s.feature.weight > 0),
+    ("attention.weight", lambda s: s.attention.weight > 0 or s.attention.value_weight > 0),
+    ("relation.weight", lambda s: s.relation.weight > 0),
+)
+
+
+def cache_needs_no_teacher(recipe: Recipe) -> bool:
+    """Whether the build reads everything of the teacher from a cache folder (made elsewhere by
+    `edgekd teacher-cache`): its corpus given, its cache and held-out reference in the folder."""
+    path, d = recipe.logit_cache.path, recipe.data
+    return (
+        path is not None
+        and d.source is not None
+        and not d.regenerate
+        and (Path(path) / logit_cache.REFERENCE_DIR / logit_cache.CACHE_MANIFEST).is_file()
+    )
+
+
+def check_served(recipe: Recipe, plan: Plan, tokenizer) -> list[str]:
+    """A served teacher: what it cannot do here refused, the API key present, the model served,
+    its tokenizer the student's where logit KD needs it; returns what the probe found (lines)."""
+    where = plan.teacher.describe()
+    for stage in of_kind("train", plan.stages):
+        s = getattr(recipe, stage)
+        for key, on in _IN_PROCESS:
+            if on(s):
+                raise EdgekdError(
+                    f"{stage}.{key} needs the teacher in this process, but it is the {where}; "
+                    f"turn it off, or use a local teacher (a .gguf file or model folder)"
+                )
+    if recipe.data.generation.strategy == "beam":
+        raise EdgekdError(
+            f"data.generation.strategy=beam: the {where} answers through chat completions, which "
+            "have no beam search; use greedy or sample"
+        )
+    if cache_needs_no_teacher(recipe):
+        return [
+            f"teacher: the {where} is not asked: the corpus is given and the logit cache "
+            f"{recipe.logit_cache.path} holds its log-probs and the held-out reference"
+        ]
+    teacher = served.Served.open(plan.teacher.ref, recipe.teacher)
+    teacher.check_model()
+    found = served.probe(teacher, tokenizer)
+    if not found.same_tokenizer:
+        kd = [
+            f"{stage}.kd.alpha"
+            for stage in of_kind("train", plan.stages)
+            if getattr(recipe, stage).kd.alpha > 0
+        ]
+        if kd:
+            differs = (
+                "gives no way to compare its tokenizer with the student's (no tokenize endpoint, "
+                "no echo)"
+                if found.how.startswith("nothing")
+                else f"tokenizes differently from the student (compared through {found.how})"
+            )
+            raise EdgekdError(
+                f"logit KD needs the student to share the teacher's tokenizer, and the {where} "
+                f"{differs}; set "
+                f"{'=0, '.join(kd)}=0 to train on the teacher's answers alone (sequence-level or "
+                "CoT distillation), or use a student of the teacher's family"
+            )
+    return found.lines(teacher.where, answers=recipe.data.source is None or recipe.data.regenerate)
+
+
 def guidance(recipe: Recipe, plan: Plan) -> list[str]:
     """Warnings for training settings outside the ranges the literature found to work."""
     out = []
-    ratio = models.param_count(plan.student_config) / models.param_count(plan.teacher_config)
+    if plan.teacher_config is None:  # a served teacher: its size is not known here
+        ratio = None
+    else:
+        ratio = models.param_count(plan.student_config) / models.param_count(plan.teacher_config)
     for stage in of_kind("train", plan.stages):
         s = getattr(recipe, stage)
         if s.kd.alpha > 0 and not 1 <= s.kd.temperature <= 20:
@@ -109,7 +205,7 @@ def guidance(recipe: Recipe, plan: Plan) -> list[str]:
                 "the usual weight of the soft targets against the hard labels (Hinton et al. 2015; "
                 "DistilBERT, Sanh et al. 2019); set it explicitly to silence this"
             )
-        if s.feature.weight > 0 and not 0.1 <= ratio <= 0.3:
+        if s.feature.weight > 0 and ratio is not None and not 0.1 <= ratio <= 0.3:
             out.append(
                 f"{stage}.feature.weight={s.feature.weight} with a student of {ratio:.2f}x the "
                 "teacher's parameters: feature KD is reported to work best at 0.1x-0.3x (TinyBERT, "
@@ -226,8 +322,10 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
     check_layer_maps(recipe, plan)
     check_logit_cache(recipe, plan)
     check_launch(recipe, plan, os.environ)
-    models.check_weights(plan.teacher, allow_pickle=recipe.teacher.allow_pickle, role="teacher")
-    models.check_weights_match_config(plan.teacher, plan.teacher_config, role="teacher")
+    is_served = plan.teacher.kind == "served"
+    if not is_served:
+        models.check_weights(plan.teacher, allow_pickle=recipe.teacher.allow_pickle, role="teacher")
+        models.check_weights_match_config(plan.teacher, plan.teacher_config, role="teacher")
     pending = pipeline.pending_stages(profile, recipe, run_dir, plan.stages, plan.teacher)
     check_disk(run_dir, sum(plan.disk_bytes.get(s, 0) for s in pending), pending)
     if profile.device is not None and "bench" in pending:
@@ -237,8 +335,16 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
 
         b = recipe.bench
         check_tasks(b.tasks, limit=b.task_limit, fewshot=b.task_fewshot)
-    tokenizer = models.load_tokenizer(plan.teacher)
-    if plan.student_source is not None:
+    if is_served:
+        models.check_weights(
+            plan.student_source, allow_pickle=recipe.student.allow_pickle, role="student"
+        )
+        tokenizer = models.load_tokenizer(plan.student_source)
+        for message in check_served(recipe, plan, tokenizer):
+            warnings.warn(message, EdgekdWarning, stacklevel=2)
+    else:
+        tokenizer = models.load_tokenizer(plan.teacher)
+    if plan.student_source is not None and not is_served:
         models.check_weights(
             plan.student_source, allow_pickle=recipe.student.allow_pickle, role="student"
         )
@@ -255,3 +361,4 @@ def preflight(profile: Profile, recipe: Recipe, plan: Plan, run_dir: Path) -> No
     check_data(recipe)
     check_chat_template(tokenizer, recipe)
     check_trainable(tokenizer, recipe)
+    check_cache_folder(recipe, tokenizer)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from edgekd.benchmark import exact_match
-from edgekd.config import DataSettings
+from edgekd.config import DataSettings, settings_hash
 from edgekd.console import console
 from edgekd.errors import EdgekdError
 from edgekd.formats.hf_torch import HfTorch
@@ -116,6 +116,25 @@ def answered_row(prompt_row: dict, answer: str) -> dict:
 def _generate(ctx: Context, prompts: list[dict]) -> list[dict]:
     g = ctx.recipe.data.generation
     beams = g.beams if g.strategy == "beam" else 1
+    conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    if ctx.is_served:
+        teacher = ctx.served_teacher
+        console.print(
+            f"teacher: {len(prompts)} answers from {teacher.where} "
+            f"({ctx.recipe.teacher.concurrency} requests at once)",
+            highlight=False,
+        )
+        journal = ctx.cache_path(
+            f"answers-{settings_hash(ctx.teacher_key, generation_key(ctx.recipe.data))[:16]}.jsonl"
+        )
+        answers = teacher.generate(
+            conversations,
+            max_tokens=g.max_tokens,
+            temperature=g.temperature,
+            seed=g.seed,
+            journal=journal,
+        )
+        return [answered_row(p, a) for p, a in zip(prompts, answers, strict=True)]
     if ctx.teacher_source.kind == "gguf" and beams == 1:
         teacher = open_runtime(ctx.teacher_source.path, threads=ctx.threads)
         parallel = g.parallel
@@ -123,7 +142,7 @@ def _generate(ctx: Context, prompts: list[dict]) -> list[dict]:
         # Beam search runs in transformers, on the GGUF teacher's dequantized weights if need be.
         teacher, parallel = HfTorch.from_model(ctx.teacher, ctx.tokenizer), 8
     answers = teacher.generate(
-        [[{"role": "user", "content": p["prompt"]}] for p in prompts],
+        conversations,
         max_tokens=g.max_tokens,
         temperature=g.temperature,
         seed=g.seed,

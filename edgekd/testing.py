@@ -270,10 +270,141 @@ class SshServer:
         }
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def llama_server(
+    gguf: Path, alias: str = "tiny", n_ctx: int = 1024, threads: int = 1
+) -> Iterator[str]:
+    """llama-cpp-python's own OpenAI-compatible server on the loopback, serving `gguf` as
+    `alias`; yields its base URL (http://127.0.0.1:PORT/v1) once /v1/models answers."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+         "--port", str(port), "--model_alias", alias, "--n_ctx", str(n_ctx),
+         "--n_threads", str(threads), "--verbose", "false"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"llama_cpp.server exited: {proc.stderr.read().decode()[-2000:]}"
+                )
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("llama_cpp.server did not answer /v1/models within 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class FaultProxy:
+    """An HTTP proxy on the loopback in front of a server, misbehaving on purpose for the next
+    `times` requests to `paths` (then passing them on): 'drop' closes the connection unanswered,
+    '429' answers Too Many Requests with Retry-After: 1, '500' an internal error, 'stall' waits
+    `stall_s` before passing the request on, 'malformed' answers 200 with a body that is not JSON,
+    another status (401, 404...) answers that. `requests` counts what reached the proxy per path."""
+
+    def __init__(self, upstream: str, fault: str = "", times: int = 1 << 30, paths=("/v1/",)):
+        import http.server
+
+        self.upstream = upstream.rstrip("/").removesuffix("/v1")
+        self.fault, self.times, self.paths, self.stall_s = fault, times, paths, 30.0
+        self.requests: dict[str, int] = {}
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    proxy.handle(self, None)
+
+            def do_POST(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                # A client that gave up (a timeout) has closed its end: nothing to answer.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    proxy.handle(self, self.rfile.read(n))
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def handle(self, h, body: bytes | None) -> None:
+        import httpx
+
+        with self.lock:
+            self.requests[h.path] = self.requests.get(h.path, 0) + 1
+            faulty = self.fault and h.path.startswith(self.paths) and self.times > 0
+            if faulty:
+                self.times -= 1
+        if faulty and self.fault == "drop":
+            h.close_connection = True
+            h.connection.shutdown(2)
+            return
+        if faulty and (self.fault.isdigit() or self.fault == "malformed"):
+            status = 200 if self.fault == "malformed" else int(self.fault)
+            payload = (
+                b'{"choices": [{"text'
+                if self.fault == "malformed"
+                else json.dumps(
+                    {"error": {"message": f"injected {self.fault}", "type": "test"}}
+                ).encode()
+            )
+            h.send_response(status)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(payload)))
+            if self.fault == "429":
+                h.send_header("Retry-After", "1")
+            h.end_headers()
+            h.wfile.write(payload)
+            return
+        if faulty and self.fault == "stall":
+            time.sleep(self.stall_s)
+        headers = {
+            k: v for k, v in h.headers.items() if k.lower() in ("content-type", "authorization")
+        }
+        r = httpx.request(
+            "GET" if body is None else "POST", self.upstream + h.path, content=body,
+            headers=headers, timeout=300,
+        )  # fmt: skip
+        h.send_response(r.status_code)
+        h.send_header("Content-Type", r.headers.get("content-type", "application/json"))
+        h.send_header("Content-Length", str(len(r.content)))
+        h.end_headers()
+        h.wfile.write(r.content)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @contextlib.contextmanager
@@ -288,7 +419,7 @@ def sshd(folder: Path) -> Iterator[SshServer]:
         )
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
     (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
-    port = _free_port()
+    port = free_port()
     config = folder / "sshd_config"
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\n"

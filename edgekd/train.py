@@ -258,13 +258,16 @@ def train_kd(
     accelerator = _accelerator(settings, name)
     examples = ctx.train_examples
     pad_id = padding_id(ctx.tokenizer)
-    methods = MethodLosses(settings, student.config, models.load_config(ctx.teacher_source))
-    cache = (
-        ctx.logit_cache if settings.kd.alpha > 0 and settings.teacher_logits == "cache" else None
-    )
+    # A served teacher has no config here and trains from the cache only (preflight refuses
+    # the layer-matching methods with it); the student's config stands in.
+    served = ctx.teacher_source.kind == "served"
+    teacher_config = student.config if served else models.load_config(ctx.teacher_source)
+    methods = MethodLosses(settings, student.config, teacher_config)
+    from_cache = settings.teacher_logits == "cache" or served
+    cache = ctx.logit_cache if settings.kd.alpha > 0 and from_cache else None
     teacher = None
     # With the cache and no feature, attention or relation term the teacher is never loaded here.
-    if cache is None or methods.active:
+    if (cache is None and not served) or methods.active:
         teacher = on_policy.training_teacher(lambda: ctx.teacher, student, settings)
         if not getattr(teacher, "is_quantized", False):  # bitsandbytes loaded it on its device
             teacher = teacher.to(accelerator.device)

@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from edgekd import atomic, stages
+from edgekd import atomic, logit_cache, stages
 from edgekd.errors import EdgekdError
-from edgekd.rundir import DONE, MANIFEST
+from edgekd.rundir import CACHE, DONE, MANIFEST
 
 UNLISTED = "not in the manifest"
 
@@ -30,6 +30,8 @@ def verify(run_dir: Path) -> tuple[int, list[Finding]]:
     stage folders that the manifest does not list."""
     run_dir = Path(run_dir)
     manifest = run_dir / MANIFEST
+    if _is_cache(manifest):
+        return _verify_cache(run_dir, "")
     try:
         stage_list = json.loads(manifest.read_text())["stages"]
         listed = {name: meta for s in stage_list.values() for name, meta in s["artifacts"].items()}
@@ -63,6 +65,37 @@ def verify(run_dir: Path) -> tuple[int, list[Finding]]:
     folders = {PurePosixPath(name).parts[0] for name in listed} | set(stages.folders().values())
     for folder in sorted(folders):
         findings += [Finding(f, UNLISTED) for f in _files(run_dir, folder) if f not in listed]
+    for cache in sorted((run_dir / CACHE).glob(f"*/{logit_cache.CACHE_MANIFEST}")):
+        n, found = _verify_cache(cache.parent, f"{CACHE}/{cache.parent.name}/")
+        checked += n
+        findings += found
+    return checked, findings
+
+
+def _is_cache(manifest: Path) -> bool:
+    """A logit cache folder's manifest (edgekd teacher-cache) rather than a run's."""
+    try:
+        return "shards" in json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _verify_cache(folder: Path, prefix: str) -> tuple[int, list[Finding]]:
+    """A logit cache's shards against its manifest, and shard files it does not list."""
+    manifest = logit_cache.read_manifest(folder)
+    findings = [Finding(prefix + name, problem) for name, problem in
+                logit_cache.check_shards(folder, manifest)]  # fmt: skip
+    listed = {s["file"] for s in manifest["shards"]}
+    findings += [
+        Finding(prefix + p.name, UNLISTED)
+        for p in sorted(folder.glob("shard-*"))
+        if p.name not in listed
+    ]
+    checked = len(manifest["shards"])
+    reference = folder / logit_cache.REFERENCE_DIR
+    if (reference / logit_cache.CACHE_MANIFEST).is_file():
+        n, found = _verify_cache(reference, f"{prefix}{logit_cache.REFERENCE_DIR}/")
+        checked, findings = checked + n, findings + found
     return checked, findings
 
 

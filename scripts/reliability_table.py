@@ -32,10 +32,13 @@ from edgekd.rundir import CACHE, LOCK, PROGRESS
 from edgekd.testing import (
     FAST_BUILD,
     Build,
+    FaultProxy,
     assert_killed_stage_not_done,
     assert_no_leftovers,
     fill,
+    free_port,
     kill_on_device,
+    llama_server,
     marker,
     partial_holds_file,
     save_embedded_tokenizer,
@@ -1091,6 +1094,152 @@ CASES = [
         ]
     ),
 ]
+
+
+# A served teacher for the cases below: llama-cpp-python's own server on the loopback, serving the
+# workspace teacher's GGUF, started once at the first case that needs it and stopped at exit;
+# proxies in front of it inject the faults.
+_SERVED = contextlib.ExitStack()
+atexit.register(_SERVED.close)
+_SERVERS: dict[Path, str] = {}
+
+
+def _server(ws: Workspace) -> str:
+    if ws.root not in _SERVERS:
+        from edgekd.formats.gguf import write_gguf
+
+        gguf = write_gguf(ws.teacher, ws.path("served/teacher-F16.gguf"), dtype="F16")
+        _SERVERS[ws.root] = _SERVED.enter_context(llama_server(gguf, alias="tiny"))
+    return _SERVERS[ws.root]
+
+
+def _proxy(ws: Workspace, fault: str, paths=("/v1/",)) -> str:
+    proxy = FaultProxy(_server(ws), fault, paths=paths)
+    _SERVED.callback(proxy.close)
+    return proxy.url
+
+
+def _served(ws: Workspace, url: str, *sets: str, name: str = "run-served") -> list[str]:
+    """A distill build from the served teacher at `url`, the workspace teacher as the student (it
+    shares the tokenizer), into its own folder."""
+    return [
+        *ws.build(out=ws.path(name)), "--teacher", url,
+        *set_args(["teacher.model=tiny", f"student.source={ws.teacher}", "teacher.max_retries=1",
+                   "logit_cache.top_k=8", *sets]),
+    ]  # fmt: skip
+
+
+def _teacher_cache(ws: Workspace, name: str, data: Path, teacher: Path | None = None) -> Path:
+    """`edgekd teacher-cache` of the workspace teacher (or `teacher`, in process) for `data`."""
+    out = ws.path(name)
+    rc, said = run_cli(
+        ["teacher-cache", "--teacher", str(teacher or ws.teacher), "--data", str(data),
+         "--out", str(out), *set_args(FAST)]
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"teacher-cache failed:\n{said}")
+    return out
+
+
+def _cache_of_another_corpus(ws: Workspace) -> list[str]:
+    other = write_chat_jsonl(ws.path("other-corpus.jsonl"), n=30)
+    cache = _teacher_cache(ws, "cache-other", other)
+    return _with_sets(ws, f"logit_cache.path={cache}", "distill.teacher_logits=cache")
+
+
+def _cache_of_another_tokenizer(ws: Workspace) -> list[str]:
+    from transformers import AutoTokenizer
+
+    # The workspace tokenizer with one token more: other ids, another vocabulary hash.
+    tok = AutoTokenizer.from_pretrained(ws.teacher)
+    tok.add_tokens(["<edgekd-extra>"])
+    other = save_tiny_llama(ws.path("teacher-other-tokenizer"), tok)
+    cache = _teacher_cache(ws, "cache-other-tokenizer", ws.data, teacher=other)
+    return _with_sets(ws, f"logit_cache.path={cache}", "distill.teacher_logits=cache")
+
+
+def _cache_with_a_cut_shard(ws: Workspace) -> list[str]:
+    cache = _teacher_cache(ws, "cache-cut", ws.data)
+    shard = cache / "shard-00000.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    return _with_sets(ws, f"logit_cache.path={cache}", "distill.teacher_logits=cache")
+
+
+def _with_sets(ws: Workspace, *sets: str) -> list[str]:
+    return [*ws.build(out=ws.path("run-cache")), *set_args(list(sets))]
+
+
+SERVED_CASES = [
+    Case(
+        "served teacher down (nothing listens on the port)",
+        lambda ws: _served(ws, f"http://127.0.0.1:{free_port()}/v1"),
+        "cannot be reached for the model list",
+        fast=False,
+    ),
+    Case(
+        "served teacher refusing the API key (HTTP 401)",
+        lambda ws: _served(ws, _proxy(ws, "401")),
+        "with HTTP 401",
+        fast=False,
+    ),
+    Case(
+        "served teacher too slow (answers after teacher.timeout_s)",
+        lambda ws: _served(ws, _proxy(ws, "stall"), "teacher.timeout_s=1", "teacher.max_retries=0"),
+        "did not answer the model list (GET /models) within teacher.timeout_s=1 s",
+        fast=False,
+    ),
+    Case(
+        "served teacher answering HTTP 500 on every retry",
+        lambda ws: _served(ws, _proxy(ws, "500")),
+        "with HTTP 500",
+        fast=False,
+    ),
+    Case(
+        "served teacher answering malformed JSON",
+        lambda ws: _served(ws, _proxy(ws, "malformed")),
+        "malformed JSON",
+        fast=False,
+    ),
+    Case(
+        "served teacher: teacher.model names a model the server does not serve",
+        lambda ws: _served(ws, _server(ws), "teacher.model=llama-70b"),
+        "teacher.model=llama-70b is not served at",
+        fast=False,
+    ),
+    Case(
+        "served teacher without prompt log-probs (completions answer 404): trains on labels",
+        lambda ws: _served(ws, _proxy(ws, "404", paths=("/v1/completions",))),
+        "returns no prompt log-probs",
+        exit_code=0,
+        fast=False,
+    ),
+    Case(
+        "served teacher: the API key variable teacher.api_key_env is not set",
+        lambda ws: _served(ws, _server(ws), "teacher.api_key_env=EDGEKD_NO_SUCH_KEY"),
+        "teacher.api_key_env=EDGEKD_NO_SUCH_KEY: that environment variable is not set",
+        fast=False,
+    ),
+    Case(
+        "logit_cache.path: a cache made by `edgekd teacher-cache` for another corpus",
+        _cache_of_another_corpus,
+        "was made for another training corpus",
+        fast=False,
+    ),
+    Case(
+        "logit_cache.path: a cache made by `edgekd teacher-cache` with another tokenizer",
+        _cache_of_another_tokenizer,
+        "was made for another tokenizer",
+        fast=False,
+    ),
+    Case(
+        "logit_cache.path: a cache whose shard was cut short in the copy",
+        _cache_with_a_cut_shard,
+        "truncated or replaced",
+        fast=False,
+    ),
+]
+CASES += SERVED_CASES
 
 
 def snapshot(folder: Path) -> dict[str, str]:

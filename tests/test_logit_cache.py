@@ -102,3 +102,52 @@ def test_examples_fingerprint_sees_labels():
     b = [TokenizedExample([1, 2], [-100, 2])]
     assert examples_fingerprint(a) != examples_fingerprint(b)
     assert examples_fingerprint(a) == examples_fingerprint([TokenizedExample([1, 2], [1, 2])])
+
+
+def _cache_tensors(n: int, k: int = 4, vocab: int = 16) -> dict:
+    torch.manual_seed(0)
+    logits = torch.randn(3 * n, vocab)
+    ids, logprobs, rest = top_k_entries(logits, k)
+    return {
+        "ids": ids,
+        "logprobs": logprobs,
+        "log_rest": rest,
+        "positions": torch.arange(3 * n, dtype=torch.int32) % 3,
+        "offsets": torch.arange(0, 3 * n + 1, 3, dtype=torch.long),
+        "vocab": torch.tensor([vocab]),
+    }
+
+
+def test_cache_folder_round_trip_in_shards(tmp_path, monkeypatch):
+    from edgekd import logit_cache
+
+    monkeypatch.setattr(logit_cache, "SHARD_EXAMPLES", 2)
+    tensors = _cache_tensors(5)
+    meta = {"corpus": "c" * 64, "tokenizer": "t" * 64, "top_k": 4, "teacher": "GGUF file x"}
+    logit_cache.write_dir(tmp_path, tensors, meta)
+    manifest = logit_cache.read_manifest(tmp_path)
+    assert [s["examples"] for s in manifest["shards"]] == [[0, 2], [2, 4], [4, 5]]
+    loaded = logit_cache.load_dir(tmp_path, corpus="c" * 64, tokenizer="t" * 64, top_k=4)
+    for name, value in tensors.items():
+        assert torch.equal(loaded.t[name], value), name
+
+
+def test_cache_folder_refuses_another_corpus_tokenizer_or_a_cut_shard(tmp_path):
+    from edgekd import logit_cache
+    from edgekd.errors import EdgekdError
+    from edgekd.verify import verify
+
+    meta = {"corpus": "c" * 64, "tokenizer": "t" * 64, "top_k": 4, "teacher": "x"}
+    logit_cache.write_dir(tmp_path, _cache_tensors(3), meta)
+    good = {"corpus": "c" * 64, "tokenizer": "t" * 64, "top_k": 4}
+    with pytest.raises(EdgekdError, match="made for another training corpus"):
+        logit_cache.load_dir(tmp_path, **{**good, "corpus": "d" * 64})
+    with pytest.raises(EdgekdError, match="made for another tokenizer"):
+        logit_cache.load_dir(tmp_path, **{**good, "tokenizer": "u" * 64})
+    assert verify(tmp_path) == (1, [])
+    shard = tmp_path / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    with pytest.raises(EdgekdError, match="shard-00000.safetensors: .*truncated or replaced"):
+        logit_cache.load_dir(tmp_path, **good)
+    checked, findings = verify(tmp_path)
+    assert checked == 1 and "truncated" in findings[0].problem

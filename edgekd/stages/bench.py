@@ -26,10 +26,11 @@ def _shown(path: Path, run_dir: Path) -> str:
 
 
 def artifacts(ctx: Context) -> list[Artifact]:
-    """The teacher, the full-precision student and every export, in build order."""
+    """The teacher (unless served: it is not on this machine), the full-precision student and
+    every export, in build order."""
     exports = [s for s in ctx.effective.chain if s.kind == "export" and s.name in ctx.stage_dirs]
     return [
-        benchmark.teacher_artifact(ctx.teacher_source),
+        *([] if ctx.is_served else [benchmark.teacher_artifact(ctx.teacher_source)]),
         Artifact("student", "torch", ctx.latest_model(), role="student"),
         *benchmark.export_artifacts(exports, ctx.stage_dirs),
     ]
@@ -84,7 +85,10 @@ def _score_tasks(
     from edgekd import harness
 
     student_params = models.params_at(ctx.latest_model())
-    teacher_params = models.param_count(models.load_config(ctx.teacher_source))
+    # A served teacher is not among the artifacts: its parameters are never asked for.
+    teacher_params = (
+        None if ctx.is_served else models.param_count(models.load_config(ctx.teacher_source))
+    )
     scored = harness.score_artifacts(
         [(a, teacher_params if a.role == "teacher" else student_params) for a in found],
         settings.tasks,
@@ -152,7 +156,8 @@ def run(ctx: Context, settings: BenchSettings) -> StageResult:
         for stage, folder in ctx.stage_dirs.items()
         if folder != ctx.work_dir and read_done(folder)
     }
-    if settings.speculative.prompts:
+    # Speculative decoding needs the teacher's logits in this process.
+    if settings.speculative.prompts and not ctx.is_served:
         report["speculative"] = _speculative(ctx, settings, threads)
     if settings.tasks:
         _score_tasks(ctx, settings, found, rows, threads)

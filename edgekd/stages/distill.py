@@ -76,7 +76,12 @@ def run(ctx: Context, settings: DistillSettings) -> StageResult:
         artifacts.append(save_curve(ctx.work_dir, curve))
     return StageResult(
         artifacts=artifacts,
-        report={"student": student_report, "training": train_report},
+        report={
+            "teacher": ctx.teacher_key,
+            "reference": ctx.reference_source,
+            "student": student_report,
+            "training": train_report,
+        },
         quality=quality,
     )
 
@@ -95,5 +100,6 @@ SPEC = StageSpec(
     produces="hf",
     disk_bytes=disk_bytes,
     run=run,
-    keyed_with=("student",),
+    # Its KD targets come from the logit cache: another cache folder or top_k is another output.
+    keyed_with=("student", "logit_cache"),
 )

@@ -156,4 +156,6 @@ SPEC = StageSpec(
     run=run,
     check=check,
     needs="qat",
+    # Its KD targets may come from the logit cache: another folder or top_k is another output.
+    keyed_with=("logit_cache",),
 )

@@ -99,4 +99,6 @@ SPEC = StageSpec(
     produces="hf",
     disk_bytes=disk_bytes,
     run=run,
+    # Its KD targets may come from the logit cache: another folder or top_k is another output.
+    keyed_with=("logit_cache",),
 )

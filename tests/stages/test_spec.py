@@ -79,3 +79,16 @@ def test_what_a_stage_needs_of_the_architecture_is_a_known_feature():
     needs = {spec.name: spec.needs for spec in stages.SPECS if spec.needs}
     assert needs == {"qat_kd": "qat", "export_gguf": "gguf", "export_onnx": "onnx"}
     assert set(needs.values()) <= set(FEATURES)
+
+
+def test_training_stages_rerun_when_the_logit_cache_changes():
+    """Another logit_cache.path or top_k is another set of KD targets: every training stage's
+    key changes with it."""
+    from edgekd.pipeline import stage_settings
+
+    base = Recipe()
+    for changed in ({"path": "/elsewhere"}, {"top_k": 8}):
+        other = base.model_copy(update={"logit_cache": base.logit_cache.model_copy(update=changed)})
+        for name in stages.of_kind("train", list(stages.NAMES)):
+            spec = stages.get(name)
+            assert stage_settings(base, spec) != stage_settings(other, spec), name
