@@ -59,7 +59,8 @@ _EXTRACT = (
     "d.mkdir(parents=True);tarfile.open(fileobj=sys.stdin.buffer,mode='r|').extractall(d)"
 )
 # Kills the run's runner (only if it is still that runner: the pid may have been reused) and
-# removes the run's folder.
+# whatever else names the run's folder on its command line (a llama-bench the runner started
+# outlives a runner killed alone), and removes the run's folder.
 _CLEANUP = """
 import os, pathlib, shutil, signal, sys
 d = pathlib.Path(sys.argv[1]).expanduser()
@@ -69,6 +70,12 @@ try:
         os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
 except (OSError, ValueError):
     pass
+for p in pathlib.Path("/proc").glob("[0-9]*"):
+    try:
+        if int(p.name) != os.getpid() and str(d).encode() in (p / "cmdline").read_bytes():
+            os.kill(int(p.name), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
 shutil.rmtree(d, ignore_errors=True)
 """
 
