@@ -58,24 +58,30 @@ _EXTRACT = (
     "import pathlib,sys,tarfile;d=pathlib.Path(sys.argv[1]).expanduser();"
     "d.mkdir(parents=True);tarfile.open(fileobj=sys.stdin.buffer,mode='r|').extractall(d)"
 )
-# Kills the run's runner (only if it is still that runner: the pid may have been reused) and
-# whatever else names the run's folder on its command line (a llama-bench the runner started
-# outlives a runner killed alone), and removes the run's folder.
+# Kills the run's process group (a llama-bench the runner started stays in it after a runner killed
+# alone) if a member still names the run's folder (the pid may have been reused), else the runner
+# alone if it still names it, and removes the run's folder.
 _CLEANUP = """
 import os, pathlib, shutil, signal, sys
 d = pathlib.Path(sys.argv[1]).expanduser()
+def names_run(p):
+    try:
+        return str(d).encode() in (p / "cmdline").read_bytes()
+    except OSError:
+        return False
+def group(p):
+    try:
+        return os.getpgid(int(p.name))
+    except (OSError, ValueError):
+        return None
 try:
     pid = int((d / "pid").read_text())
-    if str(d).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
-        os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+    if any(group(p) == pid and names_run(p) for p in pathlib.Path("/proc").glob("[0-9]*")):
+        os.killpg(pid, signal.SIGKILL)
+    elif names_run(pathlib.Path(f"/proc/{pid}")):
+        os.kill(pid, signal.SIGKILL)
 except (OSError, ValueError):
     pass
-for p in pathlib.Path("/proc").glob("[0-9]*"):
-    try:
-        if int(p.name) != os.getpid() and str(d).encode() in (p / "cmdline").read_bytes():
-            os.kill(int(p.name), signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
 shutil.rmtree(d, ignore_errors=True)
 """
 
