@@ -55,6 +55,11 @@ class DeviceSettings(Strict):
     ssh_options: list[str] = Field(
         [], description="more ssh options (ssh -o), e.g. IdentityFile=~/.ssh/pi_ed25519"
     )
+    llama_bench: str | None = Field(
+        None,
+        description="path of a llama-bench binary on the device; set: GGUF files are measured "
+        "there by it (speed only) instead of by llama-cpp-python",
+    )
     connect_timeout_s: int = Field(10, gt=0, description="ssh ConnectTimeout")
     run_timeout_s: int = Field(3600, gt=0, description="the most one artifact may take there")
 

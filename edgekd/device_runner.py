@@ -7,9 +7,12 @@ held-out slice that `benchmark.save_heldout` wrote, one sequence at a time, so a
 one sequence's teacher log-probs in memory, and returns per-sequence sums that
 `evaluate.combine` turns into ppl, kld and top1 exactly as the host does.
 
-    python3 device_runner.py probe WORKDIR [SHA256]   what the device has, as one JSON line
-    python3 device_runner.py receive WORKDIR SHA256   unpack the artifact (a tar stream on stdin)
-    python3 device_runner.py run JOB.json             measure; the result is one JSON line
+    python3 device_runner.py probe WORKDIR [SHA256...] what the device has, as one JSON line
+    python3 device_runner.py receive WORKDIR SHA256    unpack a file or folder (tar on stdin)
+    python3 device_runner.py run JOB.json              measure; the result is one JSON line
+
+A job whose runtime is "llama-bench" runs the device's own llama-bench binary on a GGUF file
+instead (standard library only) and returns its JSON output as it printed it.
 
 `run` stops itself when its standard input closes: the SSH connection that started it is gone.
 """
@@ -22,6 +25,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tarfile
 import threading
@@ -83,8 +87,9 @@ def _version(module: str) -> str | None:
     return str(getattr(imported, "__version__", "present"))
 
 
-def probe(workdir: str, sha: str | None = None) -> dict:
-    """Python, the runtimes, free memory and disk, the CPU, and whether the artifact is cached."""
+def probe(workdir: str, *shas: str) -> dict:
+    """Python, the runtimes, free memory and disk, the CPU, and which of `shas` (the artifact's
+    first) are kept there already."""
     work = Path(workdir).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     return {
@@ -101,12 +106,18 @@ def probe(workdir: str, sha: str | None = None) -> dict:
         "numpy": _version("numpy"),
         "llama_cpp": _version("llama_cpp"),
         "onnxruntime": _version("onnxruntime"),
-        "cached": bool(sha) and (work / "artifacts" / sha / ".complete").is_file(),
+        "cached": bool(shas) and _kept(work, shas[0]),
+        "kept": [sha for sha in shas if _kept(work, sha)],
     }
 
 
+def _kept(work: Path, sha: str) -> bool:
+    return (work / "artifacts" / sha / ".complete").is_file()
+
+
 def receive(workdir: str, sha: str) -> dict:
-    """Unpack a tar stream from stdin into WORKDIR/artifacts/SHA, checked against SHA."""
+    """Unpack a tar stream of one file or folder from stdin into WORKDIR/artifacts/SHA, checked
+    against SHA."""
     store = Path(workdir).expanduser() / "artifacts"
     final, partial = store / sha, store / f".{sha}.{os.getpid()}.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -354,8 +365,25 @@ def _quality(runtime, heldout: str) -> list[list[float]]:
     return terms
 
 
+def llama_bench(job: dict) -> dict:
+    """The device's llama-bench on the GGUF file: its prompt and decode tests, its JSON."""
+    argv = [str(Path(job["binary"]).expanduser()), "-m", job["path"], "-o", "json"]
+    argv += ["-p", str(len(job["prompt"])), "-n", str(job["decode_tokens"])]
+    argv += ["-t", str(job["threads"]), "-r", str(job["runs"])]
+    argv += [] if job["warmup_runs"] else ["--no-warmup"]
+    # A child of the runner, in its process group: the lifeline and the cleanup kill it too.
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-2000:])
+        # Killed by a signal: exit as a shell reports it (137 for SIGKILL).
+        raise SystemExit(proc.returncode if proc.returncode > 0 else 128 - proc.returncode)
+    return {"llama_bench": json.loads(proc.stdout)}
+
+
 def run(job: dict) -> dict:
     """The host child's measures, in the same order: load, timed runs, peak, then the rest."""
+    if job["runtime"] == "llama-bench":
+        return llama_bench(job)
     runtime = _RUNTIMES[job["runtime"]](job)
     baseline = _rss("VmRSS")
     start = time.perf_counter()

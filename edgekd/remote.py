@@ -5,11 +5,13 @@ Everything goes through the system's OpenSSH client (`ssh`) with the user's own 
 keys and known_hosts, and `BatchMode=yes`: nothing ever prompts, no password is asked for or
 stored, and a host key is checked as ssh checks it. Each failure ssh reports becomes one line that
 names the device and says what to do. The device needs Python with numpy and the artifact's runtime
-(llama-cpp-python or onnxruntime); edgekd sends `device_runner.py`, never itself.
+(llama-cpp-python or onnxruntime), or only Python's standard library where a `llama-bench` binary
+there measures GGUF files; edgekd sends `device_runner.py`, never itself.
 
-On the device, `workdir/artifacts/<sha256>/` keeps each artifact (a second bench of the same bytes
-copies nothing) and `workdir/runs/<id>/` one run's runner, job and held-out slice; the run folder
-is removed afterwards, and its runner's process group killed, whatever happened.
+On the device, `workdir/artifacts/<sha256>/` keeps each artifact and the build's held-out slice (a
+second bench of the same bytes copies nothing) and `workdir/runs/<id>/` one run's runner and job;
+the run folder is removed afterwards, and its runner's process group (llama-bench included)
+killed, whatever happened.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ from edgekd.errors import EdgekdError
 RUNNER = Path(device_runner.__file__)
 # What each runtime the runner knows needs imported on the device, and how to get it there.
 RUNTIME_MODULES = {"llama.cpp": "llama_cpp", "onnxruntime": "onnxruntime"}
+# The runner's runtimes and the modules each needs there: llama-bench is a binary, the runner
+# only starts it.
+_NEEDS = {
+    "llama.cpp": ("numpy", "llama_cpp"),
+    "onnxruntime": ("numpy", "onnxruntime"),
+    "llama-bench": (),
+}
 _INSTALL = {
     "numpy": "pip install numpy (Termux: pkg install python-numpy)",
     "llama_cpp": "pip install llama-cpp-python (it compiles; Termux: pkg install clang cmake "
@@ -49,15 +58,28 @@ _EXTRACT = (
     "import pathlib,sys,tarfile;d=pathlib.Path(sys.argv[1]).expanduser();"
     "d.mkdir(parents=True);tarfile.open(fileobj=sys.stdin.buffer,mode='r|').extractall(d)"
 )
-# Kills the run's runner (only if it is still that runner: the pid may have been reused) and
-# removes the run's folder.
+# Kills the run's process group (a llama-bench the runner started stays in it after a runner killed
+# alone) if a member still names the run's folder (the pid may have been reused), else the runner
+# alone if it still names it, and removes the run's folder.
 _CLEANUP = """
 import os, pathlib, shutil, signal, sys
 d = pathlib.Path(sys.argv[1]).expanduser()
+def names_run(p):
+    try:
+        return str(d).encode() in (p / "cmdline").read_bytes()
+    except OSError:
+        return False
+def group(p):
+    try:
+        return os.getpgid(int(p.name))
+    except (OSError, ValueError):
+        return None
 try:
     pid = int((d / "pid").read_text())
-    if str(d).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
-        os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+    if any(group(p) == pid and names_run(p) for p in pathlib.Path("/proc").glob("[0-9]*")):
+        os.killpg(pid, signal.SIGKILL)
+    elif names_run(pathlib.Path(f"/proc/{pid}")):
+        os.kill(pid, signal.SIGKILL)
 except (OSError, ValueError):
     pass
 shutil.rmtree(d, ignore_errors=True)
@@ -191,9 +213,10 @@ def last_json(stdout: str) -> dict:
     return json.loads(lines[-1])
 
 
-def probe(ssh: Ssh, sha: str | None = None) -> dict:
-    """What the device has: Python, numpy and the runtimes, memory, disk, CPU, cached artifact."""
-    command = python_command(ssh, "-", "probe", ssh.workdir, *([sha] if sha else []))
+def probe(ssh: Ssh, *shas: str) -> dict:
+    """What the device has: Python, numpy and the runtimes, memory, disk, CPU, and which of `shas`
+    it keeps already ("cached": the first)."""
+    command = python_command(ssh, "-", "probe", ssh.workdir, *shas)
     out = ssh_run(ssh, command, "asking what it has", RUNNER.read_bytes(), timeout=120)
     return last_json(out)
 
@@ -204,12 +227,12 @@ def check(
     """One line saying what the device lacks for this artifact (`need_bytes` of memory; on disk
     `copy_bytes` unless cached, and `run_bytes` for the run's files), and how to get it."""
     at = f"device {ssh.label} ({ssh.where()})"
-    if runtime not in RUNTIME_MODULES:
+    if runtime not in _NEEDS:
         raise EdgekdError(
             f"{at}: the device runner runs GGUF files (llama-cpp-python) and ONNX folders "
             f"(onnxruntime), not {runtime} artifacts"
         )
-    missing = [m for m in ("numpy", RUNTIME_MODULES[runtime]) if not info.get(m)]
+    missing = [m for m in _NEEDS[runtime] if not info.get(m)]
     if missing:
         how = "; ".join(_INSTALL[m] for m in missing)
         raise EdgekdError(
@@ -232,6 +255,23 @@ def check(
         )
 
 
+def check_binary(ssh: Ssh, path: str) -> None:
+    """One line unless `path` is an executable file on the device (the profile's llama-bench)."""
+    quoted = remote_path(path) if path.startswith("~") else shlex.quote(path)
+    answer = ssh_run(
+        ssh,
+        f"test -f {quoted} && test -x {quoted} && echo yes || echo no",
+        "checking device.llama_bench",
+    )
+    if answer.strip() != "yes":
+        raise EdgekdError(
+            f"device {ssh.label} ({ssh.where()}) has no executable llama-bench at {path!r} "
+            "(device.llama_bench): build it there (llama.cpp's cmake target llama-bench; "
+            "scripts/build_llama_tools.sh does it for this host) and name its path, or unset "
+            "device.llama_bench to bench with llama-cpp-python"
+        )
+
+
 def _tar(entries: list[tuple[str, Path | bytes]]) -> bytes:
     """A tar stream of files and folders (Path) and small files (bytes), by archive name."""
     buffer = io.BytesIO()
@@ -247,13 +287,28 @@ def _tar(entries: list[tuple[str, Path | bytes]]) -> bytes:
 
 
 @dataclass(frozen=True)
+class Kept:
+    """A file or folder the device keeps by sha256 in workdir/artifacts (copied once)."""
+
+    path: Path
+    sha: str
+    cached: bool  # already there
+
+    def on_device(self) -> str:
+        """Its path relative to a run's folder."""
+        return f"../../artifacts/{self.sha}/{self.path.name}"
+
+
+@dataclass(frozen=True)
 class RemoteRun:
     """One artifact measured on the device, and what the remote path cost."""
 
     result: dict  # what the runner sent back
     copy_s: float | None  # None: the same sha256 was already on the device
     copy_bytes: int
-    setup_s: float  # sending the runner, the job and the held-out slice
+    heldout_copy_s: float | None  # None: no held-out slice, or already on the device
+    heldout_copy_bytes: int
+    setup_s: float  # sending the runner and the job
     run_s: float  # the runner's whole run, its start and the measures in it
 
 
@@ -263,38 +318,42 @@ def _pump(stream, sink: list[bytes]) -> threading.Thread:
     return thread
 
 
-def measure(
-    ssh: Ssh, artifact: Path, sha: str, cached: bool, job: dict, heldout: Path | None
-) -> RemoteRun:
-    """Send the runner, the job, the held-out slice and (unless cached) the artifact, run the job
-    and clean up. The runner lives as long as this ssh session's stdin stays open."""
+def measure(ssh: Ssh, artifact: Kept, job: dict, heldout: Kept | None) -> RemoteRun:
+    """Send the runner and the job, the artifact and the held-out slice unless the device keeps
+    them, run the job and clean up. The runner lives as long as this ssh session's stdin stays
+    open."""
     run_dir = f"{ssh.workdir}/runs/{uuid.uuid4().hex[:12]}"
-    job = {**job, "path": f"../../artifacts/{sha}/{artifact.name}"}
+    job = {**job, "path": artifact.on_device()}
+    if heldout is not None:
+        job["heldout"] = heldout.on_device()
     files: list[tuple[str, Path | bytes]] = [
         ("device_runner.py", RUNNER.read_bytes()),
         ("job.json", json.dumps(job).encode()),
     ]
-    if heldout is not None:
-        files.append(("heldout.safetensors", heldout))
-        job["heldout"] = "heldout.safetensors"
-        files[1] = ("job.json", json.dumps(job).encode())
     runner = f"{run_dir}/device_runner.py"
     try:
         start = time.perf_counter()
         ssh_run(ssh, python_command(ssh, "-c", _EXTRACT, run_dir), "sending the job", _tar(files))
         setup_s = time.perf_counter() - start
-        copy_s, sent = None, 0
-        if not cached:
-            start = time.perf_counter()
-            stream = _tar([(artifact.name, artifact)])
-            command = python_command(ssh, runner, "receive", ssh.workdir, sha)
-            ssh_run(ssh, command, f"copying {artifact.name}", stream, timeout=3600)
-            copy_s, sent = time.perf_counter() - start, len(stream)
+        copy_s, sent = _keep(ssh, runner, artifact)
+        held_s, held_sent = (None, 0) if heldout is None else _keep(ssh, runner, heldout)
         start = time.perf_counter()
         result = _run(ssh, python_command(ssh, runner, "run", f"{run_dir}/job.json"), job)
-        return RemoteRun(result, copy_s, sent, setup_s, time.perf_counter() - start)
+        run_s = time.perf_counter() - start
+        return RemoteRun(result, copy_s, sent, held_s, held_sent, setup_s, run_s)
     finally:
         cleanup(ssh, run_dir)
+
+
+def _keep(ssh: Ssh, runner: str, kept: Kept) -> tuple[float | None, int]:
+    """Copy a file or folder into the device's sha256 store unless it is there: seconds, bytes."""
+    if kept.cached:
+        return None, 0
+    start = time.perf_counter()
+    stream = _tar([(kept.path.name, kept.path)])
+    command = python_command(ssh, runner, "receive", ssh.workdir, kept.sha)
+    ssh_run(ssh, command, f"copying {kept.path.name}", stream, timeout=3600)
+    return time.perf_counter() - start, len(stream)
 
 
 def _run(ssh: Ssh, command: str, job: dict) -> dict:

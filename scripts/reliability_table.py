@@ -1086,6 +1086,15 @@ CASES = [
                 None,
             ),
             (
+                "device whose profile names a llama-bench binary that is not there "
+                "(`device.llama_bench: /opt/nothing/llama-bench`)",
+                lambda ws: _on_board(
+                    ws, "board-no-llama-bench", llama_bench="/opt/nothing/llama-bench"
+                ),
+                "has no executable llama-bench at '/opt/nothing/llama-bench'",
+                None,
+            ),
+            (
                 "connection to the device dropped mid-run (its sshd session killed)",
                 _killed_on_board("connection"),
                 "dropped while measuring",

@@ -59,3 +59,16 @@ def ssh_server(tmp_path_factory):
     """A real OpenSSH server on 127.0.0.1 with throwaway keys: the stand-in for a board."""
     with sshd(tmp_path_factory.mktemp("sshd")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def llama_bench_bin() -> Path:
+    """llama.cpp's llama-bench, built by scripts/build_llama_tools.sh (`.ci/run` builds it and
+    sets EDGEKD_LLAMA_TOOLS to its folder)."""
+    binary = Path(os.environ.get("EDGEKD_LLAMA_TOOLS", "/nonexistent")) / "llama-bench"
+    if not os.access(binary, os.X_OK):
+        pytest.skip(
+            "no llama-bench: run `export EDGEKD_LLAMA_TOOLS=$(scripts/build_llama_tools.sh)` "
+            "(cmake and a C++ compiler; several minutes) before pytest"
+        )
+    return binary

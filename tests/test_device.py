@@ -15,6 +15,7 @@ from edgekd import benchmark, device, remote
 from edgekd.benchmark import Artifact
 from edgekd.cli import app
 from edgekd.config import BenchSettings, DeviceSettings, load_profile
+from edgekd.errors import EdgekdError
 from edgekd.evaluate import HeldOut, torch_logprobs
 from edgekd.models import load_model, resolve_source
 from edgekd.testing import TOKEN_IDS
@@ -127,7 +128,73 @@ def test_device_rows_equal_the_host_rows(
     # The same bytes again: nothing copied, the same answers.
     again = _device_part(profile, artifact, heldout_file)
     assert again["rows"][0]["remote"]["copy_s"] is None
+    assert again["rows"][0]["remote"]["heldout_copy_s"] is None
     _same_but_timing(host, again["rows"][0])
+    _nothing_left(ssh_server)
+
+
+@pytest.mark.slow
+def test_heldout_slice_is_copied_once(
+    ssh_server, tiny_llama_gguf, tiny_onnx, heldout_file, tmp_path
+):
+    """Two artifacts of one build: the held-out slice goes to the device with the first only,
+    and both measure against it."""
+    profile = _profile(ssh_server, workdir=str(tmp_path / "fresh-device"))
+    artifacts = [
+        Artifact(tiny_llama_gguf[1].name, "llama.cpp", tiny_llama_gguf[1], shipped=True),
+        Artifact(tiny_onnx.name, "onnxruntime", tiny_onnx, shipped=True),
+    ]
+    part = device.bench_on_device(
+        profile.device,
+        artifacts,
+        profile=profile,
+        settings=SETTINGS,
+        prompt=(TOKEN_IDS * 2)[:16],
+        questions=QUESTIONS,
+        heldout_file=heldout_file,
+    )
+    assert not part["errors"] and "error" not in part, part
+    first, second = (r["remote"] for r in part["rows"])
+    assert first["heldout_copy_bytes"] > heldout_file.stat().st_size, first
+    assert second["heldout_copy_s"] is None and second["heldout_copy_bytes"] == 0, second
+    assert second["copy_s"] is not None  # the artifact itself was new
+    assert all(r["quality"]["tokens"] > 0 for r in part["rows"])
+    kept = list((tmp_path / "fresh-device" / "artifacts").glob("*/heldout.safetensors"))
+    assert len(kept) == 1, kept
+    _nothing_left(ssh_server)
+
+
+@pytest.mark.slow
+def test_llama_bench_on_the_device(ssh_server, tiny_llama_gguf, llama_bench_bin, tmp_path):
+    """device.llama_bench: the device's llama-bench measures the GGUF file's speed; what it
+    does not measure is marked, never filled."""
+    _, gguf = tiny_llama_gguf
+    profile = _profile(ssh_server, llama_bench=str(llama_bench_bin))
+    artifact = Artifact(gguf.name, "llama.cpp", gguf, shipped=True)
+    part = _device_part(profile, artifact, heldout_file=None)
+    assert not part["errors"] and "error" not in part, part
+    (row,) = part["rows"]
+    assert row["measured_on"] == f"{profile.device.label} (llama-bench)"
+    assert row["not_measured"] == ["held-out quality", "exact match", "peak memory"]
+    assert row["quality"] is None and row["exact_match"]["total"] == 0
+    assert row["memory"]["peak_rss_bytes"] is None
+    speed = row["speed"]
+    assert speed["prompt_tokens"] == 16 and speed["decode_tokens"] == SETTINGS.decode_tokens
+    assert speed["decode_tps"]["n"] == speed["prompt_tps"]["n"] == SETTINGS.runs
+    assert speed["decode_tps"]["median"] > 0 and speed["prompt_tps"]["median"] > 0
+    assert row["remote"]["load_s"] is None and row["remote"]["copy_bytes"] >= 0
+    _nothing_left(ssh_server)
+
+
+def test_llama_bench_missing_on_the_device(ssh_server, tiny_llama_gguf, tmp_path):
+    _, gguf = tiny_llama_gguf
+    profile = _profile(ssh_server, llama_bench=str(tmp_path / "nowhere" / "llama-bench"))
+    artifact = Artifact(gguf.name, "llama.cpp", gguf, shipped=True)
+    part = _device_part(profile, artifact, heldout_file=None)
+    assert not part["rows"]
+    assert "has no executable llama-bench at" in part["errors"][gguf.name]
+    with pytest.raises(EdgekdError, match="has no executable llama-bench"):
+        device.check_device(profile.device, ["gguf"])
     _nothing_left(ssh_server)
 
 

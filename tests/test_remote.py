@@ -120,6 +120,20 @@ def test_out_of_memory_before_copying():
     [("runner", "the runner was killed there"), ("connection", "dropped while measuring")],
 )
 def test_killed_mid_run(what, said, ssh_server, tiny_llama_gguf):
+    _killed_mid_run(what, said, ssh_server, tiny_llama_gguf)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("what", "said"),
+    [("runner", "the runner was killed there"), ("connection", "dropped while measuring")],
+)
+def test_llama_bench_killed_mid_run(what, said, ssh_server, tiny_llama_gguf, llama_bench_bin):
+    """The runner's llama-bench child does not outlive a killed runner or a dropped connection."""
+    _killed_mid_run(what, said, ssh_server, tiny_llama_gguf, binary=str(llama_bench_bin))
+
+
+def _killed_mid_run(what, said, ssh_server, tiny_llama_gguf, binary=None):
     _, gguf = tiny_llama_gguf
     ssh = remote.Ssh.of(DeviceSettings(**ssh_server.device()))
     job = {
@@ -127,9 +141,11 @@ def test_killed_mid_run(what, said, ssh_server, tiny_llama_gguf):
         "prompt": TOKEN_IDS, "decode_tokens": 64, "runs": 400, "warmup_runs": 0,
         "conversations": [], "answer_max_tokens": 1, "heldout": None,
     }  # fmt: skip
+    if binary:
+        job.update(runtime="llama-bench", binary=binary, decode_tokens=256)
     killer = kill_on_device(ssh_server.folder / "device", what)
     with pytest.raises(EdgekdError, match=said) as err:
-        remote.measure(ssh, gguf, content_sha256(gguf), False, job, None)
+        remote.measure(ssh, remote.Kept(gguf, content_sha256(gguf), False), job, None)
     killer.join()
     assert "\n" not in str(err.value)
     _nothing_left(ssh_server)

@@ -81,17 +81,26 @@ def projection_line(row: dict, bandwidth_gbs: float) -> str:
 
 
 def remote_line(device: dict, row: dict) -> str:
-    """What the remote path cost for one artifact: the copy and the runner's start."""
+    """What the remote path cost for one artifact: the copies and the runner's start."""
     r = row["remote"]
     copy = (
         "already on the device (same sha256), not copied"
         if r["copy_s"] is None
         else f"copied {r['copy_bytes'] / 1e6:.1f} MB in {r['copy_s']:.1f} s"
     )
+    if r.get("heldout_copy_s") is not None:
+        held = (
+            f"; held-out slice copied ({r['heldout_copy_bytes'] / 1e6:.1f} MB in "
+            f"{r['heldout_copy_s']:.1f} s, kept there for the next artifacts)"
+        )
+    else:
+        held = ""
+    load = "" if r.get("load_s") is None else f" (model load {r['load_s']:.2f} s)"
+    missing = row.get("not_measured")
     return (
-        f"{row['name']} to {device['name']}: {copy}; runner, job and held-out slice sent in "
-        f"{r['setup_s']:.1f} s; the run took {r['run_s']:.1f} s there (model load "
-        f"{r['load_s']:.2f} s)"
+        f"{row['name']} to {device['name']}: {copy}{held}; runner and job sent in "
+        f"{r['setup_s']:.1f} s; the run took {r['run_s']:.1f} s there{load}"
+        + (f"; not measured by llama-bench: {', '.join(missing)} (-)" if missing else "")
     )
 
 
