@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from edgekd.config import known_profiles, load_profile, load_recipe
 from edgekd.console import console
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, EdgekdWarning
 
 # bitsandbytes offers, at import on AVX512-BF16 CPUs, a kernel it would download from the hub;
 # its own kernel serves, and nothing is downloaded at run time.
@@ -23,6 +24,21 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 if not sys.stderr.isatty():
     # transformers' GGUF loader draws a tqdm bar that fills a log file with carriage returns.
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+_show_warning = warnings.showwarning
+
+
+def _show_edgekd_warning(message, category, filename, lineno, file=None, line=None):
+    """edgekd's own guidance as one line, like its errors; a library's warning as Python shows it
+    (edgekd's source location and line mean nothing to the user)."""
+    if issubclass(category, EdgekdWarning):
+        err = Console(stderr=True)
+        err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _show_edgekd_warning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles.")

@@ -105,6 +105,10 @@ def set_args(items: list[str]) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Build:
     """`edgekd build` in a child process, its output collected by a thread as it comes."""
 
@@ -118,6 +122,9 @@ class Build:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
+            # A shell without job control starts background jobs with SIGINT ignored, and Python
+            # then installs no Ctrl-C handler: the build must get SIGINT as a terminal gives it.
+            preexec_fn=_default_sigint,
         )
         self.chunks: list[bytes] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
