@@ -17,6 +17,7 @@ import torch
 from edgekd import chat_template
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
+from edgekd.tokens import common_prefix
 
 IGNORE = -100
 TEXT_SUFFIXES = (".txt", ".md")
@@ -275,16 +276,6 @@ class TokenizedExample:
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading items a and b share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _chat_example(tokenizer, messages: list[dict]) -> TokenizedExample:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from edgekd.data import common_prefix
 from edgekd.evaluate import HeldOut
 from edgekd.formats.hf_torch import HfTorch
+from edgekd.tokens import common_prefix
 
 
 def heldout_prompts(heldout: HeldOut, n: int) -> list[list[int]]:

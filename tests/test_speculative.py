@@ -5,7 +5,6 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from edgekd.data import common_prefix
 from edgekd.evaluate import HeldOut
 from edgekd.speculative import (
     greedy_acceptance,
@@ -13,6 +12,7 @@ from edgekd.speculative import (
     speculative_decode,
 )
 from edgekd.testing import tiny_llama_config
+from edgekd.tokens import common_prefix
 
 
 def _model(tokenizer, seed, layers=2):

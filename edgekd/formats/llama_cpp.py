@@ -24,12 +24,12 @@ from edgekd.formats.runtime import (
     Runtime,
     Specials,
     TokenCost,
-    common_prefix,
     next_token,
     prompt_rng,
     score_continuation,
     scoring_context,
 )
+from edgekd.tokens import common_prefix
 
 if TYPE_CHECKING:
     import torch

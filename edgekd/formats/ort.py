@@ -19,12 +19,12 @@ from edgekd.formats.runtime import (
     Continuation,
     Runtime,
     TokenCost,
-    common_prefix,
     cut_at_stop,
     next_token,
     prompt_rng,
     score_continuation,
 )
+from edgekd.tokens import common_prefix
 
 if TYPE_CHECKING:
     import torch

@@ -81,16 +81,6 @@ def score_continuation(logits: torch.Tensor, tokens: list[int]) -> Continuation:
     return Continuation(float(picked.sum()), bool((logprobs.argmax(-1) == target).all()))
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many tokens two sequences share from their start."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """The text before the first of `stop` in it (empty stops ignored), and whether one was."""
     ends = [i for s in stop if s and (i := text.find(s)) >= 0]
