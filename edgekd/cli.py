@@ -11,11 +11,10 @@ from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
 from edgekd.config import known_profiles, load_profile, load_recipe
-from edgekd.console import console
+from edgekd.console import console, err, show_library_warning
 from edgekd.errors import EdgekdError, EdgekdWarning
 
 # bitsandbytes offers, at import on AVX512-BF16 CPUs, a kernel it would download from the hub;
@@ -25,17 +24,15 @@ if not sys.stderr.isatty():
     # transformers' GGUF loader draws a tqdm bar that fills a log file with carriage returns.
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-_show_warning = warnings.showwarning
-
 
 def _show_edgekd_warning(message, category, filename, lineno, file=None, line=None):
-    """edgekd's own guidance as one line, like its errors; a library's warning as Python shows it
-    (edgekd's source location and line mean nothing to the user)."""
+    """edgekd's own guidance as one line on the terminal, like its errors; a library's warning as
+    Python shows it, into the build's log while one is open (edgekd's source location and line
+    mean nothing to the user)."""
     if issubclass(category, EdgekdWarning):
-        err = Console(stderr=True)
-        err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err().print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
     else:
-        _show_warning(message, category, filename, lineno, file, line)
+        show_library_warning(message, category, filename, lineno, file, line)
 
 
 warnings.showwarning = _show_edgekd_warning
@@ -45,8 +42,8 @@ profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles.")
 app.add_typer(profiles_app, name="profiles")
 
 
-def _fail(err: EdgekdError) -> None:
-    Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+def _fail(error: EdgekdError) -> None:
+    err().print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -68,6 +65,9 @@ def build(
     allow_pickle: Annotated[
         bool, typer.Option(help="accept pickle weights (.bin/.pt) for teacher and student")
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option(help="show the libraries' own messages here, not in the run's logs")
+    ] = False,
 ) -> None:
     """Distill, recover, export and benchmark a student for a device profile."""
     from edgekd import pipeline
@@ -86,19 +86,23 @@ def build(
                 raise fit_error(plan, prof)
             return
         from edgekd.preflight import preflight
-        from edgekd.rundir import disk_full_as_error
+        from edgekd.rundir import BUILD_LOG, command_line, disk_full_as_error
 
         run_dir = out or Path("export") / prof.name
-        with disk_full_as_error(run_dir), pipeline.claim(run_dir):
+        with (
+            disk_full_as_error(run_dir),
+            pipeline.claim(run_dir),
+            pipeline.library_log(run_dir / BUILD_LOG, command_line(), verbose),
+        ):
             preflight(prof, rec, plan, run_dir)
-            pipeline.build(prof, rec, run_dir, chosen, force=force)
+            pipeline.build(prof, rec, run_dir, chosen, force=force, verbose=verbose)
     except EdgekdError as e:
         _fail(e)
     except KeyboardInterrupt:
         from edgekd.rundir import command_line
 
         # A stage cut short stays in its partial folder, unmarked; the rerun resumes from there.
-        Console(stderr=True).print(
+        err().print(
             "[yellow]stopped:[/] the build was interrupted (SIGINT); nothing unfinished is marked "
             f"done. Run the same command to resume: {command_line()}",
             highlight=False,

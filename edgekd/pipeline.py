@@ -18,7 +18,7 @@ from rich.table import Table
 
 from edgekd import data, models, rundir, stages
 from edgekd.config import Profile, Recipe, settings_hash
-from edgekd.console import console
+from edgekd.console import console, library_output
 from edgekd.context import Context, on_gpu
 from edgekd.effective import build_chain, resolve
 from edgekd.errors import EdgekdError
@@ -133,6 +133,18 @@ def claim(run_dir: Path) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def library_log(log: Path, header: str, verbose: bool) -> Iterator[None]:
+    """The libraries' messages into `log` (the main process's; with --verbose, on the terminal)."""
+    if verbose or not PartialState(cpu=not on_gpu()).is_main_process:
+        yield
+        return
+    if log.is_symlink():
+        raise EdgekdError(rundir.link_message(log))
+    with library_output(log, header):
+        yield
+
+
 def _prepare_work_dir(ctx: Context, spec: StageSpec, key: str) -> None:
     ctx.work_dir, ctx.stage_key = rundir.partial_dir(ctx.run_dir, spec.folder), key
     if ctx.is_main:
@@ -147,9 +159,11 @@ def build(
     names: list[str],
     *,
     force: bool = False,
+    verbose: bool = False,
 ) -> dict[str, str]:
     """Run the stages `names` in order, after checking that the stages they read from are built;
-    returns each stage's outcome ('ran' or 'up to date')."""
+    returns each stage's outcome ('ran' or 'up to date'). The libraries' messages go to each
+    stage's log, or to the terminal when `verbose`."""
     # The process state first: under `accelerate launch` on CPUs it sets torch's thread count,
     # which the effective eval threads default to.
     state = PartialState(cpu=not on_gpu())
@@ -196,7 +210,8 @@ def build(
         console.print(f"[bold]{stage}[/]: running in {ctx.work_dir}")
         start = time.perf_counter()
         if ctx.is_main or not spec.main_only:
-            result = spec.run(ctx, getattr(recipe, stage))
+            with library_log(ctx.work_dir / rundir.STAGE_LOG, stage, verbose):
+                result = spec.run(ctx, getattr(recipe, stage))
         if ctx.is_main:
             _finish_stage(ctx, spec, key, result, time.perf_counter() - start)
             console.print(quality_table(f"{stage}: held-out quality", result.quality))
@@ -210,4 +225,12 @@ def build(
         rundir.write_manifest(run_dir, stages.folders())
         report, html_path = summary.write(run_dir)
         summary.print_summary(report, console, html_path)
+        if not verbose and "ran" in outcome.values():
+            console.print(
+                f"The libraries' own messages: {run_dir / rundir.BUILD_LOG} and each stage's "
+                f"{rundir.STAGE_LOG} (--verbose shows them here)",
+                style="dim",
+                highlight=False,
+                soft_wrap=True,
+            )
     return outcome

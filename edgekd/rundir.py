@@ -8,6 +8,10 @@
     <run>/manifest.json         every finished stage's key and artifacts, for `edgekd verify`
     <run>/report.json, .html    the build report
     <run>/.lock                 held (flock) by the build that runs in the folder; who holds it
+    <run>/build.log             the libraries' own messages outside the stages (appended)
+
+Each stage folder also keeps `log.txt`: the libraries' messages while the stage ran (warnings,
+native code's and child processes' stderr), hashed with its artifacts when the stage finishes.
 
 A stage folder is renamed from `.partial` only when the stage succeeded, so a folder with a .done
 marker is whole. The folder names ("NN-name") are declared by each stage's spec. These names are all
@@ -47,7 +51,9 @@ CHECKPOINT = "checkpoint"
 # Inside the checkpoint: its step, loss curve and the key of the stage that wrote it.
 PROGRESS = "progress.json"
 # The files a build writes at the top of its run folder (the stage folders come from the specs).
-OWN_FILES = (BUILD_FILE, MANIFEST, REPORT_JSON, REPORT_HTML)
+BUILD_LOG = "build.log"
+STAGE_LOG = "log.txt"
+OWN_FILES = (BUILD_FILE, MANIFEST, REPORT_JSON, REPORT_HTML, BUILD_LOG)
 
 
 @dataclass
@@ -92,7 +98,7 @@ def lock(run_dir: Path) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise EdgekdError(_link_message(path)) from None
+            raise EdgekdError(link_message(path)) from None
         raise EdgekdError(
             f"cannot write in {run_dir} ({err.strerror}); pass --out a folder you can write to"
         ) from None
@@ -114,8 +120,10 @@ def lock(run_dir: Path) -> Iterator[None]:
         os.write(fd, json.dumps({**holder, "command": command_line()}).encode() + b"\n")
         yield
     finally:
-        # A build refused before it wrote anything leaves no folder behind.
-        if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+        # A build refused before it wrote anything leaves no folder behind (its refusal was on
+        # the terminal; the log holds at most the libraries' messages before it).
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK, BUILD_LOG}:
+            (run_dir / BUILD_LOG).unlink(missing_ok=True)
             path.unlink()
             for folder in created:
                 with contextlib.suppress(OSError):
@@ -132,7 +140,7 @@ def _holder(fd: int) -> str:
         return "pid not yet written"
 
 
-def _link_message(link: Path) -> str:
+def link_message(link: Path) -> str:
     return (
         f"{link} is a symbolic link (to {os.readlink(link)}); edgekd never writes, renames or "
         "deletes through a link in its run folder: remove the link or pass another --out"
@@ -152,12 +160,12 @@ def refuse_links(run_dir: Path, folders: Iterable[str]) -> None:
     its folders: writes, renames and deletes would go through it, out of the run."""
     for path in owned(Path(run_dir), folders):
         if path.is_symlink():
-            raise EdgekdError(_link_message(path))
+            raise EdgekdError(link_message(path))
         if path.is_dir():
             for parent, dirs, files in os.walk(path):
                 for name in [*dirs, *files]:
                     if os.path.islink(os.path.join(parent, name)):
-                        raise EdgekdError(_link_message(Path(parent, name)))
+                        raise EdgekdError(link_message(Path(parent, name)))
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -197,8 +205,9 @@ def check_run_dir(
                 )
                 raise EdgekdError(f"{run_dir} holds a different build ({diff}); {replace}")
             if is_main:
-                # The cache is keyed by what made each entry, so another build's is still right.
-                for child in mine - {CACHE, LOCK}:
+                # The cache is keyed by what made each entry, so another build's is still right;
+                # the log is appended to (this build's lines are already in it).
+                for child in mine - {CACHE, LOCK, BUILD_LOG}:
                     atomic.remove(run_dir / child)
     elif others and not force:
         raise EdgekdError(
@@ -278,14 +287,15 @@ def _free_bytes(run_dir: Path) -> int:
 
 
 def prepare_partial(work_dir: Path, key: str) -> None:
-    """Reuse the training checkpoint a killed run of the same stage and key left; start clean
-    otherwise. Anything else in a partial folder may have been cut short, so it goes."""
+    """Reuse the training checkpoint (and the log) a killed run of the same stage and key left;
+    start clean otherwise. Anything else in a partial folder may have been cut short, so it
+    goes."""
     held_key = work_dir / KEY
     if work_dir.exists() and (not held_key.exists() or held_key.read_text() != key):
         atomic.remove(work_dir)
     elif work_dir.exists():
         for child in work_dir.iterdir():
-            if child.name not in (KEY, CHECKPOINT):
+            if child.name not in (KEY, CHECKPOINT, STAGE_LOG):
                 atomic.remove(child)
     work_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(held_key, key)
@@ -316,7 +326,8 @@ def finish(work_dir: Path, final: Path, key: str, artifacts: list[str], report: 
     mark it done (the marker last: a folder with one is whole)."""
     atomic.write_json(work_dir / REPORT_JSON, report)
     hashed = {}
-    for name in [*artifacts, REPORT_JSON]:
+    logged = [STAGE_LOG] if (work_dir / STAGE_LOG).is_file() else []
+    for name in [*artifacts, REPORT_JSON, *logged]:
         path = work_dir / name
         if not path.is_file():
             raise RuntimeError(

@@ -27,6 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 from edgekd import atomic, models, on_policy
 from edgekd.chunked_kd import chunked_kd_loss, head_logits
 from edgekd.config import TrainSettings
+from edgekd.console import console
 from edgekd.context import Context, on_gpu
 from edgekd.data import collate, padding_id
 from edgekd.errors import EdgekdError
@@ -62,6 +63,8 @@ def _progress(name: str, enabled: bool) -> Progress:
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[tps]:.0f} tok/s"),
         TimeRemainingColumn(),
+        console=console,
+        redirect_stderr=False,  # a library's stderr belongs to the stage's log, not the bar
         disable=not enabled,
     )
 

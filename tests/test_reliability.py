@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekd import pipeline
+from edgekd import pipeline, rundir
 from edgekd.config import load_profile, load_recipe
 from edgekd.testing import (
     FAST_BUILD,
@@ -21,6 +21,7 @@ from edgekd.testing import (
     marker,
     partial_holds_file,
     set_args,
+    stage_folder,
     write_chat_jsonl,
 )
 from edgekd.verify import verify
@@ -104,6 +105,10 @@ def test_kill_during_each_export_then_resume(distilled, tiny_teacher_dir, tmp_pa
 
     out = Build(run, args).finish()
     assert "export_gguf: up to date" in out and "export_onnx: running" in out
+    # The exporter's tracer warnings are in the stage's log, both attempts', not on the terminal.
+    onnx_log = (stage_folder(run, "export_onnx") / rundir.STAGE_LOG).read_text()
+    assert "TracerWarning" in onnx_log and "TracerWarning" not in out
+    assert onnx_log.count("--- export_onnx (") == 2
     assert "distill: running" not in out and "export_gguf: running" not in out
     assert marker(run, "distill") == distill_done and marker(run, "export_gguf") == gguf_done
     assert manifest_stages(run) == {"distill", "export_gguf", "export_onnx"}

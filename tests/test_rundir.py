@@ -21,8 +21,10 @@ def test_prepare_keeps_the_checkpoint_of_the_same_key_only(tmp_path):
     rundir.prepare_partial(work, "k1")
     (work / rundir.CHECKPOINT).mkdir()
     (work / "half-written.bin").write_bytes(b"x")
+    (work / rundir.STAGE_LOG).write_text("the killed attempt's messages")
     rundir.prepare_partial(work, "k1")
-    assert sorted(p.name for p in work.iterdir()) == [rundir.KEY, rundir.CHECKPOINT]
+    kept = [rundir.KEY, rundir.CHECKPOINT, rundir.STAGE_LOG]
+    assert sorted(p.name for p in work.iterdir()) == sorted(kept)
     rundir.prepare_partial(work, "k2")
     assert [p.name for p in work.iterdir()] == [rundir.KEY]
     assert (work / rundir.KEY).read_text() == "k2"
@@ -34,10 +36,12 @@ def test_finish_renames_marks_done_and_the_manifest_lists_it(tmp_path):
     (work / "model").mkdir()
     (work / "model" / "w.bin").write_bytes(b"abc")
     final = tmp_path / "01-distill"
+    (work / rundir.STAGE_LOG).write_text("a library's notice\n")
     rundir.finish(work, final, "k", ["model/w.bin"], {"stage": "distill"})
     assert not work.exists() and not (final / rundir.KEY).exists()
     done = rundir.read_done(final)
-    assert done["key"] == "k" and set(done["artifacts"]) == {"model/w.bin", rundir.REPORT_JSON}
+    hashed = {"model/w.bin", rundir.REPORT_JSON, rundir.STAGE_LOG}
+    assert done["key"] == "k" and set(done["artifacts"]) == hashed
     assert done["artifacts"]["model/w.bin"]["bytes"] == 3
     rundir.write_manifest(tmp_path, {"distill": "01-distill", "qlora": "02-qlora"})
     manifest = json.loads((tmp_path / rundir.MANIFEST).read_text())

@@ -8,6 +8,7 @@ not import torch before it measures another runtime's peak memory.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,30 +76,35 @@ def generate_token_ids(
     """The new token ids per prompt, from left-padded batched generate(); an answer that ended
     early is followed by pad_id up to its batch's longest. `progress`: a bar with that title."""
     import torch
-    from rich.progress import track
+
+    from edgekd.console import progress as progress_bar
 
     # Batches of similar length waste less compute on padding.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    starts = range(0, len(order), batch_size)
-    for start in starts if progress is None else track(starts, description=progress):
-        batch = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        with torch.inference_mode():
-            gen = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                max_new_tokens=max_tokens,
-                pad_token_id=pad_id,
-                **decoding,
-            )
-        for i, new in zip(batch, gen[:, width:].tolist(), strict=True):
-            out[i] = new
+    bar = progress_bar(progress, len(prompts)) if progress else contextlib.nullcontext(None)
+    with bar as advance:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            # Left padding: every prompt ends where generation starts.
+            for row, i in enumerate(batch):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            with torch.inference_mode():
+                gen = model.generate(
+                    input_ids=ids.to(model.device),
+                    attention_mask=mask.to(model.device),
+                    max_new_tokens=max_tokens,
+                    pad_token_id=pad_id,
+                    **decoding,
+                )
+            for i, new in zip(batch, gen[:, width:].tolist(), strict=True):
+                out[i] = new
+            if advance:
+                advance(len(batch))
     return out
 
 

@@ -224,7 +224,8 @@ def _decode_continuously(
 ) -> list[list[int]]:
     """Generated token ids per prompt, keeping up to `parallel` sequences in every decode."""
     import llama_cpp
-    from rich.progress import Progress
+
+    from edgekd.console import progress
 
     vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -240,8 +241,7 @@ def _decode_continuously(
         batch.seq_id[n][0], batch.logits[n] = slot, wants_logits
         batch.n_tokens = n + 1
 
-    with Progress() as progress:
-        task = progress.add_task("Teacher answers (llama.cpp)", total=len(prompt_ids))
+    with progress("Teacher answers (llama.cpp)", len(prompt_ids)) as advance:
         while pending or active:
             while pending and free_slots:
                 index = pending.popleft()
@@ -275,7 +275,7 @@ def _decode_continuously(
                     del active[slot]
                     llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
                     free_slots.append(slot)
-                    progress.advance(task)
+                    advance()
     return answers
 
 
