@@ -85,6 +85,35 @@ def save_tiny_llama(path: Path, tokenizer, num_layers: int = 2, hidden: int = 64
     return path
 
 
+def save_tiny_qwen2_without_bos(path: Path, tokenizer, seed: int = 0) -> Path:
+    """A random tiny Qwen2 whose tokenizer has no BOS token at all (as Qwen2's: no bos_token,
+    nothing added before a text), saved in HF layout."""
+    import copy
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.bos_token = None
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "tokenizer.model").unlink(missing_ok=True)
+    return path
+
+
 def write_chat_jsonl(path: Path, n: int = 40) -> Path:
     """A small chat corpus in JSONL, enough for a held-out split and a few training steps."""
     rows = [
@@ -332,7 +361,9 @@ class FaultProxy:
     `times` requests to `paths` (then passing them on): 'drop' closes the connection unanswered,
     '429' answers Too Many Requests with Retry-After: 1, '500' an internal error, 'stall' waits
     `stall_s` before passing the request on, 'malformed' answers 200 with a body that is not JSON,
-    another status (401, 404...) answers that. `requests` counts what reached the proxy per path."""
+    'cap:N' passes the answer back with at most N top log-probs per token (a server that caps
+    them), another status (401, 404...) answers that. `requests` counts what reached the proxy
+    per path."""
 
     def __init__(self, upstream: str, fault: str = "", times: int = 1 << 30, paths=("/v1/",)):
         import http.server
@@ -403,15 +434,30 @@ class FaultProxy:
             "GET" if body is None else "POST", self.upstream + h.path, content=body,
             headers=headers, timeout=300,
         )  # fmt: skip
+        content = r.content
+        if faulty and self.fault.startswith("cap:") and r.status_code == 200:
+            content = _cap_logprobs(content, int(self.fault[4:]))
         h.send_response(r.status_code)
         h.send_header("Content-Type", r.headers.get("content-type", "application/json"))
-        h.send_header("Content-Length", str(len(r.content)))
+        h.send_header("Content-Length", str(len(content)))
         h.end_headers()
-        h.wfile.write(r.content)
+        h.wfile.write(content)
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _cap_logprobs(content: bytes, n: int) -> bytes:
+    """A completions answer with each token's top log-probs cut to the first n."""
+    reply = json.loads(content)
+    for choice in reply.get("choices", []):
+        lp = choice.get("logprobs") or {}
+        lp["top_logprobs"] = [
+            top if top is None else dict(list(top.items())[:n])
+            for top in lp.get("top_logprobs") or []
+        ]
+    return json.dumps(reply).encode()
 
 
 @contextlib.contextmanager
