@@ -177,7 +177,8 @@ def check_served(recipe: Recipe, plan: Plan, tokenizer) -> list[str]:
                 f"{'=0, '.join(kd)}=0 to train on the teacher's answers alone (sequence-level or "
                 "CoT distillation), or use a student of the teacher's family"
             )
-    served.check_bos(found, tokenizer, sample_sequences(recipe, tokenizer), teacher.where)
+    if found.pairing_unknown:
+        served.check_bos(found, tokenizer, sample_sequences(recipe, tokenizer), teacher.where)
     answers = recipe.data.source is None or recipe.data.regenerate
     return found.lines(teacher.where, answers, top_k=top_k, settings=recipe.teacher)
 

@@ -575,6 +575,12 @@ class Probe:
     answer_logprobs: int = 0
     bosless_pairs: bool | None = None
 
+    @property
+    def pairing_unknown(self) -> bool:
+        """Whether texts would be scored by a server whose echo of a text without a leading BOS
+        the probe could not pair."""
+        return self.bosless_pairs is None and self.same_tokenizer and self.prompt_logprobs
+
     def one_pass(self, settings: TeacherSettings, top_k: int) -> bool:
         """Whether the answers the teacher writes bring their own top-k log-probs."""
         return (
@@ -603,11 +609,16 @@ class Probe:
                     "second pass (completions with echo)"
                 )
             elif self.answer_logprobs < top_k:
+                fix = (
+                    f"; set logit_cache.top_k={self.answer_logprobs} for one pass"
+                    if self.answer_logprobs
+                    else ""
+                )
                 out.append(
                     f"the teacher server at {where} returns {self.answer_logprobs} alternatives "
                     f"with a token it generates, fewer than logit_cache.top_k={top_k}: its "
                     "answers are scored in a second pass (completions with echo), not taken from "
-                    f"the generation; set logit_cache.top_k={self.answer_logprobs} for one pass"
+                    f"the generation{fix}"
                 )
         if not self.prompt_logprobs:
             out.append(
@@ -699,7 +710,7 @@ def check_bos(probe: Probe, tokenizer, sequences: list[list[int]], where: str) -
     none, or text rows it adds none to) on a server whose echo of such a text the probe could
     not pair with the distributions that predicted it. Servers pair it right (vLLM) or, as
     llama-cpp-python's does, one position on; the probe tells which and `score` reads either."""
-    if probe.bosless_pairs is not None or not (probe.same_tokenizer and probe.prompt_logprobs):
+    if not probe.pairing_unknown:
         return
     bos = tokenizer.bos_token_id
     bad = [i for i, seq in enumerate(sequences) if seq and (bos is None or seq[0] != bos)]

@@ -51,7 +51,9 @@ def _check(recipe: Recipe, ctx: Context) -> None:
         )
     if not found.prompt_logprobs:
         raise EdgekdError(found.lines(teacher.where)[0])
-    served.check_bos(found, ctx.tokenizer, sample_sequences(recipe, ctx.tokenizer), teacher.where)
+    if found.pairing_unknown:
+        tok = ctx.tokenizer
+        served.check_bos(found, tok, sample_sequences(recipe, tok), teacher.where)
     answers = recipe.data.source is None or recipe.data.regenerate
     top_k = recipe.logit_cache.top_k
     for line in found.lines(teacher.where, answers, top_k=top_k, settings=recipe.teacher):

@@ -362,8 +362,10 @@ class FaultProxy:
     '429' answers Too Many Requests with Retry-After: 1, '500' an internal error, 'stall' waits
     `stall_s` before passing the request on, 'malformed' answers 200 with a body that is not JSON,
     'cap:N' passes the answer back with at most N top log-probs per token (a server that caps
-    them), another status (401, 404...) answers that. `requests` counts what reached the proxy
-    per path."""
+    them), 'max:N' answers 400 to a request for more than N log-probs (vLLM's --max-logprobs),
+    'nogen' passes a completion without echo back with no log-probs (a server that gives them
+    for prompts only), another status (401, 404...) answers that. `requests` counts what reached
+    the proxy per path."""
 
     def __init__(self, upstream: str, fault: str = "", times: int = 1 << 30, paths=("/v1/",)):
         import http.server
@@ -408,6 +410,17 @@ class FaultProxy:
             h.close_connection = True
             h.connection.shutdown(2)
             return
+        kind, _, arg = self.fault.partition(":")
+        asked = json.loads(body) if body else {}
+        if faulty and kind == "max" and (asked.get("logprobs") or 0) > int(arg):
+            message = f"Requested logprobs of {asked['logprobs']}, more than allowed: {arg}"
+            payload = json.dumps({"error": {"message": message, "type": "test"}}).encode()
+            h.send_response(400)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(payload)))
+            h.end_headers()
+            h.wfile.write(payload)
+            return
         if faulty and (self.fault.isdigit() or self.fault == "malformed"):
             status = 200 if self.fault == "malformed" else int(self.fault)
             payload = (
@@ -435,8 +448,10 @@ class FaultProxy:
             headers=headers, timeout=300,
         )  # fmt: skip
         content = r.content
-        if faulty and self.fault.startswith("cap:") and r.status_code == 200:
-            content = _cap_logprobs(content, int(self.fault[4:]))
+        if faulty and r.status_code == 200 and kind == "cap":
+            content = _cap_logprobs(content, int(arg))
+        if faulty and r.status_code == 200 and kind == "nogen" and not asked.get("echo"):
+            content = _cap_logprobs(content, 0)
         h.send_response(r.status_code)
         h.send_header("Content-Type", r.headers.get("content-type", "application/json"))
         h.send_header("Content-Length", str(len(content)))

@@ -122,6 +122,28 @@ def test_generate_journals_answers_and_resumes(proxy, tmp_path):
     assert proxy.requests["/v1/chat/completions"] - asked == 2
 
 
+def test_one_pass_answers_journal_their_logprobs_and_resume(proxy, tokenizer, tmp_path):
+    """Answers written in one pass are journaled with their prompt ids, tokens and top-k
+    log-probs as they arrive; a rerun asks only for the answers missing."""
+    from edgekd.data import render_ids
+
+    t = teacher(proxy.url, concurrency=2)
+    convs = [[{"role": "user", "content": f"Say {i}."}] for i in range(4)]
+    ids = [render_ids(tokenizer, c, add_generation_prompt=True) for c in convs]
+    rendered = [(i, served.decode(tokenizer, i)) for i in ids]
+    journal = tmp_path / "answers.jsonl"
+    kw = {"max_tokens": 3, "temperature": 0, "seed": 0, "journal": journal, "top_k": 5}
+    first = t.generate(convs[:2], rendered=rendered[:2], **kw)
+    rows = list(served.read_journal(journal, None).values())
+    assert [r["prompt_ids"] for r in rows] == ids[:2]
+    assert all(len(r["tokens"]) == len(r["tops"]) == 3 for r in rows)
+    assert all(len(top) >= 5 for r in rows for top in r["tops"])
+    asked = proxy.requests["/v1/completions"]
+    again = t.generate(convs, rendered=rendered, **kw)
+    assert again[:2] == first and proxy.requests["/v1/completions"] - asked == 2
+    assert "/v1/chat/completions" not in proxy.requests
+
+
 def _chat_rows(tmp_path):
     return [json.loads(line) for line in write_chat_jsonl(tmp_path / "c.jsonl", 3).open()]
 
@@ -247,6 +269,45 @@ def test_preflight_probes_bosless_text_rows(server, tiny_teacher_dir, tmp_path):
     tok = load_tokenizer(resolve_source(str(tiny_teacher_dir), role="student"))
     assert sample_sequences(recipe, tok)[0][0] != tok.bos_token_id
     assert check_served(recipe, plan, tok) == []
+
+
+def test_server_refusing_top_k_logprobs_is_one_line(proxy, tokenizer):
+    """A server that refuses more log-probs than its cap (vLLM's --max-logprobs) but gives one:
+    neither pass could ask for top_k, so the probe says to lower it."""
+    proxy.fault = "max:4"
+    with pytest.raises(EdgekdError, match=r"logit_cache.top_k=8: the teacher server at .* "
+                       r"refuses that many log-probs .*lower logit_cache.top_k"):  # fmt: skip
+        served.probe(teacher(proxy.url), tokenizer, 8)
+    assert served.probe(teacher(proxy.url), tokenizer, 4).answer_logprobs >= 4
+
+
+def test_server_without_generation_logprobs_refuses_bosless_text_at_preflight(
+    proxy, tiny_teacher_dir, tmp_path
+):
+    """A server that gives log-probs for prompts (echo) but none with a generation: the answers
+    need a second pass (one line), and the probe cannot find how it pairs a text without a
+    leading BOS, so text rows the tokenizer adds no BOS to are refused at preflight."""
+    from edgekd.config import load_profile, load_recipe
+    from edgekd.models import load_tokenizer
+    from edgekd.plan import make_plan
+    from edgekd.preflight import check_served
+
+    proxy.fault = "nogen"
+    tok = load_tokenizer(resolve_source(str(tiny_teacher_dir), role="student"))
+    found = served.probe(teacher(proxy.url), tok, 8)
+    assert found.prompt_logprobs and found.answer_logprobs == 0 and found.bosless_pairs is None
+    corpus = tmp_path / "text.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in _text_rows(tmp_path)))
+    sets = ["teacher.model=tiny", f"student.source={tiny_teacher_dir}"]
+    profile = load_profile("phone-1gb")
+    recipe = load_recipe(None, [*sets, f"data.source={corpus}"], teacher=proxy.url)
+    plan = make_plan(profile, recipe, ["distill"], timing=False)
+    with pytest.raises(EdgekdError, match="do not start with the tokenizer's BOS token"):
+        check_served(recipe, plan, tok)
+    # Chat rows start with the BOS the template writes; their answers need a second pass.
+    recipe = load_recipe(None, sets, teacher=proxy.url)
+    [line] = check_served(recipe, plan, tok)
+    assert "returns 0 alternatives with a token it generates" in line
 
 
 def _answers(t: served.Served, tokenizer, prompts: list[str], journal, one_pass: bool):
@@ -466,6 +527,7 @@ def test_build_killed_during_answers_asks_only_for_the_rest(proxy, tiny_llama_gg
         "teacher.model=tiny",
         f"student.source={tiny_llama_gguf[0]}",
         "teacher.concurrency=1",
+        "teacher.one_pass=false",  # answers through chat completions, counted by the proxy
         "data.num_prompts=24",
         "data.generation.max_tokens=48",
         "data.max_seq_len=64",
