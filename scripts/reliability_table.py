@@ -1236,7 +1236,11 @@ SERVED_CASES = [
         "served teacher giving fewer top log-probs with a generation than logit_cache.top_k: "
         "its answers are scored in a second pass",
         lambda ws: _served(
-            ws, _proxy(ws, "cap:4"), "data.regenerate=true", "data.generation.max_tokens=4"
+            ws,
+            _proxy(ws, "cap:4"),
+            "data.regenerate=true",
+            "data.generation.max_tokens=4",
+            name="run-served-capped",
         ),
         "fewer than logit_cache.top_k=8: its answers are scored in a second pass",
         exit_code=0,
