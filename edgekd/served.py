@@ -678,7 +678,8 @@ def _check_top_k_allowed(teacher: Served, top_k: int, refusal: str) -> None:
         return
     raise EdgekdError(
         f"logit_cache.top_k={top_k}: the teacher server at {teacher.where} refuses that many "
-        f"log-probs ({refusal.split('HTTP', 1)[-1][:80].strip()}) but gives 1; lower "
+        f"log-probs (HTTP {refusal.split('HTTP ', 1)[-1].split('; check')[0][:100]}) but gives "
+        "1; lower "
         "logit_cache.top_k to what it allows (vLLM: --max-logprobs)"
     )
 
