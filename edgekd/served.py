@@ -213,7 +213,11 @@ class Served:
                 row = {"answer": self.chat(conversations[i], **kw)}
             else:
                 ids, prompt = rendered[i]
-                row = {**self.complete(prompt, top_k=top_k, **kw), "prompt_ids": ids}
+                row = {
+                    **self.complete(prompt, top_k=top_k, **kw),
+                    "prompt_ids": ids,
+                    "top_k": top_k,
+                }
             with lock:
                 done[keys[i]] = row["answer"]
                 append_journal(journal, {"key": keys[i], **row})
@@ -377,7 +381,11 @@ class OnePass:
 
 
 def from_generation(
-    sequences: list[list[int]], positions: list[list[int]], answers: list[dict], tmap: TokenMap
+    sequences: list[list[int]],
+    positions: list[list[int]],
+    answers: list[dict],
+    tmap: TokenMap,
+    top_k: int,
 ) -> OnePass:
     """Scores of the sequences whose every answer span is one the teacher wrote in one pass
     (`Served.complete`, journaled with its prompt ids): the prompt's ids end right where the span
@@ -385,12 +393,15 @@ def from_generation(
     merge across the prompt/answer seam, an answer the corpus stripped of whitespace, a CoT
     prompt the student sees without its instruction) the example is left to the second pass.
     The distribution that predicts the turn's end token after an answer is not returned with a
-    generation (the server stops at it): that position trains on its label."""
+    generation (the server stops at it): that position trains on its label. Answers written for
+    a smaller top_k are not used."""
     index: dict[tuple, list] = {}
     for row in answers:
         tokens, tops = row.get("tokens") or [], row.get("tops") or []
         gen = [tmap.find(t) for t in tokens]
         if not tokens or len(tops) != len(tokens) or None in gen or not all(tops):
+            continue
+        if row.get("top_k", 0) < top_k:
             continue
         prompt = row["prompt_ids"]
         index.setdefault(tuple(prompt[-_SUFFIX:]), []).append((prompt, gen, row))
@@ -461,7 +472,7 @@ def score(
     cover take their scores from them and are not asked again (`from_generation`)."""
     tmap = TokenMap(tokenizer)
     special = special_ids(tokenizer)
-    generated = from_generation(sequences, positions, answers or [], tmap)
+    generated = from_generation(sequences, positions, answers or [], tmap, top_k)
     keys = [score_key(s, p, top_k) for s, p in zip(sequences, positions, strict=True)]
     kept = read_journal(journal, "rows") if journal is not None else {}
     out: list = [
@@ -679,8 +690,7 @@ def _check_top_k_allowed(teacher: Served, top_k: int, refusal: str) -> None:
     raise EdgekdError(
         f"logit_cache.top_k={top_k}: the teacher server at {teacher.where} refuses that many "
         f"log-probs (HTTP {refusal.split('HTTP ', 1)[-1].split('; check')[0][:100]}) but gives "
-        "1; lower "
-        "logit_cache.top_k to what it allows (vLLM: --max-logprobs)"
+        "1; lower logit_cache.top_k to what it allows (vLLM: --max-logprobs)"
     )
 
 
