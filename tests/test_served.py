@@ -136,7 +136,7 @@ def test_one_pass_answers_journal_their_logprobs_and_resume(proxy, tokenizer, tm
     first = t.generate(convs[:2], rendered=rendered[:2], **kw)
     rows = list(served.read_journal(journal, None).values())
     assert [r["prompt_ids"] for r in rows] == ids[:2]
-    assert all(len(r["tokens"]) == len(r["tops"]) == 3 for r in rows)
+    assert all(1 <= len(r["tokens"]) == len(r["tops"]) <= 3 for r in rows)
     assert all(len(top) >= 5 for r in rows for top in r["tops"])
     asked = proxy.requests["/v1/completions"]
     again = t.generate(convs, rendered=rendered, **kw)
@@ -352,8 +352,12 @@ def test_one_pass_cache_agrees_with_the_second_pass(proxy, tokenizer, tmp_path):
         for a, b in zip(rows_one, rows_two, strict=True):
             if a is None:
                 continue
-            assert [i for i, _ in a[:4]] == [i for i, _ in b[:4]]
-            assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=False)) < 0.02
+            da, db = dict(a), dict(b)
+            assert all(abs(da[i] - db[i]) < 0.02 for i in set(da) & set(db))
+            # The same top k, but for ids within the noise of the k-th (a random model's
+            # distribution is nearly flat, full of near-ties at the boundary).
+            for mine, other in ((da, db), (db, da)):
+                assert all(i in other for i, v in mine.items() if v > min(other.values()) + 0.02)
             compared += 1
     assert compared >= 2 * 3
 
