@@ -72,7 +72,8 @@ def agreement(a: Path, b: Path) -> tuple[float, float]:
     for ids_a, lp_a, ids_b, lp_b in rows:
         other = dict(zip(ids_b.tolist(), lp_b.float().tolist(), strict=True))
         mine = zip(ids_a.tolist(), lp_a.float().tolist(), strict=True)
-        diffs += [abs(v - other[i]) for i, v in mine if i in other and other[i] > -1e4]
+        # Empty slots and the label-only rows' padding sit at the fp16 floor: no log-prob given.
+        diffs += [abs(v - other[i]) for i, v in mine if v > -1e4 and other.get(i, -1e5) > -1e4]
     return same_top, sum(diffs) / max(len(diffs), 1)
 
 
@@ -144,17 +145,41 @@ def measure(root: Path) -> None:
         )
         remote_cache = root / "cache-served"
         _, served_fill = timed(lambda: remote.write_logit_cache(remote_cache))
+        # The server answers the prompts itself: one pass (each answer with its top-k log-probs)
+        # against chat answers scored in a second pass; answers and cache timed together.
+        served_sets = [*common, f"student.source={student_dir}", f"teacher.source={url}",
+                       f"teacher.model={ALIAS}"]  # fmt: skip
+        fills, answered = {}, {}
+        for name, extra in (("one pass", []), ("two passes", ["teacher.one_pass=false"])):
+            ctx = context(root / f"answers-{name.replace(' ', '-')}", [*served_sets, *extra])
+            cache = root / f"cache-{name.replace(' ', '-')}"
+            _, fills[name] = timed(lambda ctx=ctx, cache=cache: ctx.write_logit_cache(cache))
+            answered[name] = (ctx, cache)
+        one_pass_corpus = root / "corpus-one-pass.jsonl"
+        data.write_jsonl_atomic(one_pass_corpus, answered["one pass"][0].rows)
         prompts = data.default_prompts()[-args.speed_prompts :]
         one = tokens_per_s(remote, prompts, 1, args.max_tokens)
         many = tokens_per_s(remote, prompts, args.concurrency, args.max_tokens)
+        with_corpus = [s for s in both if not s.startswith("data.source=")]
         runs = {
             "in-process": distill(root / "run-local", "embedded", both, local_cache, corpus),
             "served": distill(root / "run-served", url, [*both, f"teacher.model={ALIAS}"],
                               remote_cache, corpus),
+            "served, one pass": distill(root / "run-one-pass", url,
+                                        [*with_corpus, f"teacher.model={ALIAS}"],
+                                        answered["one pass"][1], one_pass_corpus),
+            "served, two passes": distill(root / "run-two-passes", url,
+                                          [*with_corpus, f"teacher.model={ALIAS}"],
+                                          answered["two passes"][1], one_pass_corpus),
         }  # fmt: skip
 
     rows_out = []
-    folders = {"in-process": root / "run-local", "served": root / "run-served"}
+    folders = {
+        "in-process": root / "run-local",
+        "served": root / "run-served",
+        "served, one pass": root / "run-one-pass",
+        "served, two passes": root / "run-two-passes",
+    }
     for name, report in runs.items():
         trained = folders[name] / "01-distill" / "model"
         student = models.load_model(models.resolve_source(str(trained), role="student"))
@@ -162,7 +187,10 @@ def measure(root: Path) -> None:
         own = report["quality"]["student after"]["kld"]
         rows_out.append((name, kld, own))
     gap = abs(rows_out[1][1] - rows_out[0][1]) / rows_out[0][1]
+    gap_one = abs(rows_out[2][1] - rows_out[3][1]) / rows_out[3][1]
     same_top, mean_diff = agreement(local_cache, remote_cache)
+    one_ctx, two_ctx = answered["one pass"][0], answered["two passes"][0]
+    same_answers = one_ctx.rows == two_ctx.rows
     examples = len(local.train_examples)
     print(f"embedded teacher {gguf.name}; {args.prompts} shipped prompts ({examples} training "
           f"examples), {args.max_tokens}-token answers, distill {args.steps} steps, batch 4, "
@@ -172,10 +200,30 @@ def measure(root: Path) -> None:
         "| time to fill the cache |"
     )
     print("|---|---|---|---|")
-    fills = {"in-process": local_fill, "served": served_fill}
+    times = {
+        "in-process": f"{local_fill:.1f} s",
+        "served": f"{served_fill:.1f} s",
+        "served, one pass": f"{fills['one pass']:.1f} s with the answers",
+        "served, two passes": f"{fills['two passes']:.1f} s with the answers",
+    }
     for name, kld, own in rows_out:
-        print(f"| {name} | {kld:.4f} | {own:.4f} | {fills[name]:.1f} s |")
-    print(f"\nheld-out kld gap: {100 * gap:.1f}% of the in-process run's")
+        print(f"| {name} | {kld:.4f} | {own:.4f} | {times[name]} |")
+    print(
+        f"\nheld-out kld gap: {100 * gap:.1f}% of the in-process run's (served, second pass on "
+        "the in-process corpus); one pass against two passes on the server's own answers: "
+        f"{100 * gap_one:.1f}% (all students scored on the in-process corpus's held-out rows)"
+    )
+    print(
+        f"served answers and their cache: {fills['one pass']:.1f} s in one pass, "
+        f"{fills['two passes']:.1f} s as chat answers then a second pass "
+        f"(same answers both ways: {same_answers})"
+    )
+    if same_answers:
+        top, diff = agreement(answered["one pass"][1], answered["two passes"][1])
+        print(
+            f"one pass against two passes: same top token at {100 * top:.1f}% of positions, "
+            f"log-probs of the same ids differ by {diff:.4f} on average"
+        )
     print(
         f"the two caches: same top token at {100 * same_top:.1f}% of positions; log-probs of the "
         f"same token ids differ by {mean_diff:.3f} on average (llama.cpp computes the Q4_1 "

@@ -150,6 +150,12 @@ class TeacherSettings(Strict):
     max_retries: int = Field(
         4, ge=0, description="served teacher: retries of a failed request (backoff, Retry-After)"
     )
+    one_pass: bool = Field(
+        True,
+        description="served teacher: take the log-probs of the answers it writes from the "
+        "generation itself where the server gives top_k alternatives; false scores them in a "
+        "second pass",
+    )
 
 
 class StudentSettings(Strict):

@@ -91,7 +91,7 @@ class Context:
     @cached_property
     def served_probe(self) -> served.Probe:
         """What the served teacher can give: its tokenizer against the student's, log-probs."""
-        return served.probe(self.served_teacher, self.tokenizer)
+        return served.probe(self.served_teacher, self.tokenizer, self.recipe.logit_cache.top_k)
 
     @cached_property
     def tokenizer(self):
@@ -243,7 +243,17 @@ class Context:
             positions,
             top_k=top_k,
             journal=self.scores_journal(what),
+            answers=teacher_data.one_pass_answers(self),
+            bosless_pairs=probe.bosless_pairs,
         )
+        if scored.one_pass or scored.fallback:
+            console.print(
+                f"teacher: {scored.one_pass} of {len(sequences)} {what} examples took their "
+                f"log-probs from the answers' own generation (one pass), {scored.fallback} were "
+                "scored in a second pass (their tokens differ from the generated ones), "
+                f"{scored.ends} turn ends train on their label",
+                highlight=False,
+            )
         console.print(
             f"teacher: {total - scored.missing} of {total} positions have the server's log-probs "
             f"({scored.missing} train on their label); {scored.unmapped} of "

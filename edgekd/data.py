@@ -17,7 +17,7 @@ import torch
 from edgekd import chat_template
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
-from edgekd.tokens import common_prefix
+from edgekd.tokens import common_prefix, special_ids
 
 IGNORE = -100
 TEXT_SUFFIXES = (".txt", ".md")
@@ -273,7 +273,8 @@ class TokenizedExample:
     labels: list[int]
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """The token ids of `messages` through the chat template, as training tokenizes them."""
     text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -285,18 +286,14 @@ def _chat_example(tokenizer, messages: list[dict]) -> TokenizedExample:
     the tokens between that prefix and the end of the turn are the reply. Template text after the
     turn's last special token (ChatML's trailing newline) is not a target.
     """
-    ids = _render(tokenizer, messages, add_generation_prompt=False)
+    ids = render_ids(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE] * len(ids)
-    # Turn markers such as ChatML's <|im_end|> are added special tokens, not always listed
-    # among all_special_ids.
-    special = set(tokenizer.all_special_ids) | {
-        i for i, t in tokenizer.added_tokens_decoder.items() if t.special
-    }
+    special = special_ids(tokenizer)
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:k], add_generation_prompt=True) if k else []
-        upto = _render(tokenizer, messages[: k + 1], add_generation_prompt=False)
+        prefix = render_ids(tokenizer, messages[:k], add_generation_prompt=True) if k else []
+        upto = render_ids(tokenizer, messages[: k + 1], add_generation_prompt=False)
         start = common_prefix(prefix, ids)
         end = common_prefix(upto, ids)
         # A one-token mismatch is a BPE merge across the prompt/reply boundary; anything more

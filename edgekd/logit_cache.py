@@ -68,15 +68,19 @@ def dense_logprobs(
     r evenly before tempering instead would hand the flat tail most of the mass at T > 1.
 
     Entries at the fp16 floor are empty slots (a served teacher's alternatives that named no
-    token id): they hold no mass and are not the k-th largest probability."""
-    k = ids.shape[-1]
+    token id, or fewer than k given): their ids keep the tail's share and they are not the k-th
+    largest probability."""
     top = logprobs.float() / temperature
     real = logprobs.float().masked_fill(logprobs <= _EMPTY, math.inf)
     log_tail = log_rest.float() + (1 / temperature - 1) * real.min(-1).values
     norm = torch.logaddexp(top.logsumexp(-1), log_tail)
-    spread = log_tail - norm - math.log(max(vocab - k, 1))
+    # The tail is spread over every token not given, the ids of empty slots too.
+    n_tail = (vocab - (logprobs > _EMPTY).sum(-1)).clamp(min=1).float()
+    spread = log_tail - norm - n_tail.log()
     out = spread[:, None].expand(-1, vocab).clone()
-    out.scatter_(-1, ids.long(), top - norm[:, None])
+    # An empty slot's id keeps the tail's share: its slot may name any token, the target too.
+    given = torch.where(logprobs <= _EMPTY, spread[:, None], top - norm[:, None])
+    out.scatter_(-1, ids.long(), given)
     return out * temperature
 
 
@@ -161,9 +165,9 @@ def from_entries(
     gives them: fewer than top_k where some could not be mapped, none where the server gave none.
 
     The mass outside the given alternatives is the rest, and the smallest given one bounds the
-    tail as in dense_logprobs. Slots left empty take distinct unused ids at the fp16 floor (no
-    mass, and not the k-th largest); a position without alternatives puts all its mass on its
-    target token (it trains on the label)."""
+    tail as in dense_logprobs. Slots left empty take distinct unused ids at the fp16 floor (they
+    keep the tail's share whichever id they name, and are not the k-th largest); a position
+    without alternatives puts all its mass on its target token (it trains on the label)."""
     k = min(top_k, vocab)
     parts: dict[str, list[Tensor]] = {"ids": [], "logprobs": [], "log_rest": [], "positions": []}
     counts = []

@@ -156,7 +156,8 @@ def check_served(recipe: Recipe, plan: Plan, tokenizer) -> list[str]:
         ]
     teacher = served.Served.open(plan.teacher.ref, recipe.teacher)
     teacher.check_model()
-    found = served.probe(teacher, tokenizer)
+    top_k = recipe.logit_cache.top_k
+    found = served.probe(teacher, tokenizer, top_k)
     if not found.same_tokenizer:
         kd = [
             f"{stage}.kd.alpha"
@@ -176,7 +177,22 @@ def check_served(recipe: Recipe, plan: Plan, tokenizer) -> list[str]:
                 f"{'=0, '.join(kd)}=0 to train on the teacher's answers alone (sequence-level or "
                 "CoT distillation), or use a student of the teacher's family"
             )
-    return found.lines(teacher.where, answers=recipe.data.source is None or recipe.data.regenerate)
+    if found.pairing_unknown:
+        served.check_bos(found, tokenizer, sample_sequences(recipe, tokenizer), teacher.where)
+    answers = recipe.data.source is None or recipe.data.regenerate
+    return found.lines(teacher.where, answers, top_k=top_k, settings=recipe.teacher)
+
+
+def sample_sequences(recipe: Recipe, tokenizer, n: int = 8) -> list[list[int]]:
+    """Token sequences like those the build will score: the first rows of the user's corpus, or
+    (the teacher answers the prompts) a conversation through the chat template."""
+    s = recipe.data
+    if s.source is not None and not s.regenerate:
+        rows = data.load_corpus(s.source)[:n]
+    else:
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+        rows = [{"messages": turns}]
+    return [ex.input_ids for ex in data.tokenize_rows(rows, tokenizer, max_len=s.max_seq_len)]
 
 
 def guidance(recipe: Recipe, plan: Plan) -> list[str]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from edgekd.config import TeacherSettings
 from edgekd.errors import EdgekdError
 from edgekd.models import public_url
+from edgekd.tokens import special_ids
 
 # Texts whose tokenization the server and the student must agree on for logit KD.
 PROBE_TEXTS = (
@@ -159,6 +160,27 @@ class Served:
             )
             return reply.choices[0].message.content or ""
 
+    def complete(self, prompt: str, *, max_tokens: int, temperature: float, seed: int, top_k: int):
+        """One pass: the answer to an already rendered prompt (completions API) with, for each
+        generated token, its string and the top_k alternatives of the distribution it was drawn
+        from: {"answer", "tokens", "tops"}."""
+        with self.guard("a completion with log-probs"):
+            reply = self.client().completions.create(
+                model=self.settings.model,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=seed,
+                logprobs=top_k,
+            )
+            choice = reply.choices[0]
+            lp = choice.logprobs
+            return {
+                "answer": choice.text or "",
+                "tokens": list(lp.tokens or []) if lp else [],
+                "tops": list(lp.top_logprobs or []) if lp else [],
+            }
+
     def generate(
         self,
         conversations: list[list[dict]],
@@ -168,10 +190,16 @@ class Served:
         seed: int,
         journal: Path,
         on_answer: Callable[[int, int], None] | None = None,
+        rendered: list[tuple[list[int], str]] | None = None,
+        top_k: int = 0,
     ) -> list[str]:
         """The teacher's answers, teacher.concurrency requests at a time. Each answer is appended
         to `journal` (JSON lines keyed by conversation) as it arrives and flushed to disk; answers
-        already there are not asked again, so a killed run keeps them."""
+        already there are not asked again, so a killed run keeps them.
+
+        With `rendered` (each conversation's prompt as the student's token ids and their text)
+        the answers come in one pass with their top_k log-probs (`complete`), journaled beside
+        them for `score` to use instead of a second pass."""
         done = read_journal(journal)
         keys = [conversation_key(c, max_tokens, temperature, seed) for c in conversations]
         todo = [i for i, k in enumerate(keys) if k not in done]
@@ -180,12 +208,19 @@ class Served:
 
         def ask(i: int) -> None:
             # Sampled answers differ per prompt yet reproduce: the seed moves with the prompt.
-            text = self.chat(
-                conversations[i], max_tokens=max_tokens, temperature=temperature, seed=seed + i
-            )
+            kw = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed + i}
+            if rendered is None:
+                row = {"answer": self.chat(conversations[i], **kw)}
+            else:
+                ids, prompt = rendered[i]
+                row = {
+                    **self.complete(prompt, top_k=top_k, **kw),
+                    "prompt_ids": ids,
+                    "top_k": top_k,
+                }
             with lock:
-                done[keys[i]] = text
-                append_journal(journal, {"key": keys[i], "answer": text})
+                done[keys[i]] = row["answer"]
+                append_journal(journal, {"key": keys[i], **row})
                 if on_answer is not None:
                     on_answer(sum(k in done for k in keys), len(keys))
 
@@ -259,15 +294,16 @@ def append_journal(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def read_journal(path: Path, field: str = "answer") -> dict:
-    """What a journal already holds: key -> row[field]. A line cut short by a kill is skipped."""
+def read_journal(path: Path, field: str | None = "answer") -> dict:
+    """What a journal already holds: key -> row[field] (the whole row with None). A line cut
+    short by a kill is skipped."""
     done: dict = {}
     if not path.is_file():
         return done
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
-            done[row["key"]] = row[field]
+            done[row["key"]] = row if field is None else row[field]
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return done
@@ -278,7 +314,8 @@ def score_key(seq: list[int], positions: list[int], top_k: int) -> str:
     return hashlib.sha256(json.dumps([seq, positions, top_k]).encode()).hexdigest()[:32]
 
 
-def _text(tokenizer, ids: list[int]) -> str:
+def decode(tokenizer, ids: list[int]) -> str:
+    """The text a server is sent for `ids` (it tokenizes the text itself)."""
     # transformers' clean-up would turn " ." into "." and change the text the server tokenizes.
     return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
@@ -289,7 +326,7 @@ class TokenMap:
     def __init__(self, tokenizer):
         by_text: dict[str, list[int]] = {}
         for i in range(len(tokenizer)):
-            by_text.setdefault(_text(tokenizer, [i]), []).append(i)
+            by_text.setdefault(decode(tokenizer, [i]), []).append(i)
         # A string decoded from several ids (pieces of one UTF-8 character, unrenderable bytes)
         # names none of them.
         self.ids = {text: ids[0] for text, ids in by_text.items() if len(ids) == 1 and text}
@@ -300,9 +337,13 @@ class TokenMap:
     def text(self, token_id: int) -> str:
         return self._text.get(token_id, "")
 
-    def id_of(self, token: str) -> int | None:
+    def find(self, token: str) -> int | None:
+        """The id a token string names, or None; not counted."""
         m = _TOKEN_ID.match(token)
-        found = int(m.group(1)) if m else self.ids.get(token)
+        return int(m.group(1)) if m else self.ids.get(token)
+
+    def id_of(self, token: str) -> int | None:
+        found = self.find(token)
         if found is None:
             self.unmapped += 1
         else:
@@ -319,6 +360,90 @@ class Scored:
     missing: int = 0  # scored positions without teacher log-probs
     unmapped: int = 0  # alternatives whose token string names no single id
     mapped: int = 0
+    one_pass: int = 0  # examples whose log-probs came with the teacher's answers
+    fallback: int = 0  # examples with an answer of the teacher's, scored in a second pass
+    ends: int = 0  # positions after a generated answer (its turn's end): no log-probs returned
+
+
+# Prompt tokens, from the end, that find an answer's prompt in a sequence (then compared whole).
+_SUFFIX = 8
+
+
+@dataclass
+class OnePass:
+    """The log-probs the teacher's answers came with, per example (None: not covered, scored in
+    the second pass)."""
+
+    rows: list
+    examples: int = 0
+    fallback: int = 0
+    ends: int = 0
+
+
+def from_generation(
+    sequences: list[list[int]],
+    positions: list[list[int]],
+    answers: list[dict],
+    tmap: TokenMap,
+    top_k: int,
+) -> OnePass:
+    """Scores of the sequences whose every answer span is one the teacher wrote in one pass
+    (`Served.complete`, journaled with its prompt ids): the prompt's ids end right where the span
+    starts and the generated tokens are the sequence's own ids there. Where they differ (a BPE
+    merge across the prompt/answer seam, an answer the corpus stripped of whitespace, a CoT
+    prompt the student sees without its instruction) the example is left to the second pass.
+    The distribution that predicts the turn's end token after an answer is not returned with a
+    generation (the server stops at it): that position trains on its label. Answers written for
+    a smaller top_k are not used."""
+    index: dict[tuple, list] = {}
+    for row in answers:
+        tokens, tops = row.get("tokens") or [], row.get("tops") or []
+        gen = [tmap.find(t) for t in tokens]
+        if not tokens or len(tops) != len(tokens) or None in gen or not all(tops):
+            continue
+        if row.get("top_k", 0) < top_k:
+            continue
+        prompt = row["prompt_ids"]
+        index.setdefault(tuple(prompt[-_SUFFIX:]), []).append((prompt, gen, row))
+    out = OnePass([None] * len(sequences))
+    if not index:
+        return out
+    for n, (seq, want) in enumerate(zip(sequences, positions, strict=True)):
+        rows = _one_pass_rows(seq, want, index, tmap)
+        if rows is None:
+            out.fallback += 1
+            continue
+        out.rows[n] = rows
+        out.examples += 1
+        out.ends += sum(r is None for r in rows)
+    return out
+
+
+def _one_pass_rows(seq: list[int], want: list[int], index: dict, tmap: TokenMap):
+    at = {t: n for n, t in enumerate(want)}
+    rows: list = [None] * len(want)
+    for t0 in (t for t in want if t - 1 not in at):
+        span = 1
+        while t0 + span in at:
+            span += 1
+        a = t0 + 1  # the span's first target: where the answer starts
+        found = None
+        for prompt, gen, row in index.get(tuple(seq[max(0, a - _SUFFIX) : a]), []):
+            n = min(len(gen), len(seq) - a)
+            if (
+                a >= len(prompt)
+                and seq[a - len(prompt) : a] == prompt
+                and seq[a : a + n] == gen[:n]
+            ):
+                found = n, gen, row
+                break
+        # Only the turn's end token may follow the answer in the span.
+        if found is None or span - found[0] > 1:
+            return None
+        n, gen, row = found
+        for j in range(min(n, span)):
+            rows[at[t0 + j]] = _entries(row["tops"][j], row["tokens"][j], gen[j], tmap)
+    return rows
 
 
 def score(
@@ -330,6 +455,8 @@ def score(
     top_k: int,
     on_done: Callable[[int, int], None] | None = None,
     journal: Path | None = None,
+    answers: list[dict] | None = None,
+    bosless_pairs: bool | None = None,
 ) -> Scored:
     """The served teacher's top-k log-probs at `positions` (logit indices t: the distribution
     over sequences[i][t + 1]) of each token sequence, asked teacher.concurrency at a time.
@@ -339,18 +466,28 @@ def score(
     token j: at logit index i - 1 when that token is sequence token i.
 
     With a `journal` (JSON lines keyed by example), each example's scores are on disk as soon as
-    they arrive and those already there are not asked again: a killed run keeps them."""
-    check_starts_with_bos(tokenizer, sequences)
+    they arrive and those already there are not asked again: a killed run keeps them.
+
+    With `answers` (the journal rows of answers written in one pass), the examples those answers
+    cover take their scores from them and are not asked again (`from_generation`)."""
     tmap = TokenMap(tokenizer)
-    special = set(tokenizer.all_special_ids)
-    texts = [_text(tokenizer, s) for s in sequences]
+    special = special_ids(tokenizer)
+    generated = from_generation(sequences, positions, answers or [], tmap, top_k)
     keys = [score_key(s, p, top_k) for s, p in zip(sequences, positions, strict=True)]
     kept = read_journal(journal, "rows") if journal is not None else {}
     out: list = [
-        [None if r is None else [tuple(e) for e in r] for r in kept[k]] if k in kept else None
-        for k in keys
+        [None if r is None else [tuple(e) for e in r] for r in kept[k]] if k in kept else given
+        for k, given in zip(keys, generated.rows, strict=True)
     ]
     todo = [i for i, rows in enumerate(out) if rows is None]
+    # The last guard; preflight refused these before any work (`check_bos`).
+    check_bos(
+        Probe(True, True, "", 0, bosless_pairs),
+        tokenizer,
+        [sequences[i] for i in todo],
+        served.where,
+    )
+    texts = {i: decode(tokenizer, sequences[i]) for i in todo}
     if journal is not None:
         journal.parent.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
@@ -363,10 +500,14 @@ def score(
         if got is not None:
             tokens, tops = got
             at = {t: n for n, t in enumerate(want)}
+            # Echo entry j is the distribution that predicted seq[k], or (a text without a
+            # leading BOS, on a server the probe found pairing it one on) the one after seq[k].
+            on = int(bosless_pairs is False and (not seq or seq[0] != tokenizer.bos_token_id))
             for j, k in _align(tokens, seq, tmap, special):
-                t = k - 1  # echo entry j is the distribution that predicted seq[k]
+                t = k - 1 + on
                 if t in at and j < len(tops) and tops[j]:
-                    rows[at[t]] = _entries(tops[j], tokens[j], seq[k], tmap)
+                    # The echoed token's own string names seq[k]: only when it is the target.
+                    rows[at[t]] = _entries(tops[j], None if on else tokens[j], seq[k], tmap)
         with lock:
             out[i] = rows
             if journal is not None:
@@ -385,26 +526,15 @@ def score(
             pool.shutdown(cancel_futures=True)
             raise
     missing = sum(r is None for rows in out for r in rows)
-    return Scored(out, missing=missing, unmapped=tmap.unmapped, mapped=tmap.mapped)
-
-
-def check_starts_with_bos(tokenizer, sequences: list[list[int]]) -> None:
-    """Refuse sequences that do not start with the tokenizer's BOS token: a server reads a text
-    after the BOS it adds (llama.cpp's server always does, and hides it from the echo), or, adding
-    none, pairs each echoed token with the distribution one position on. Either way the
-    log-probs would belong to another context than the student's, so none are guessed."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return
-    bad = [i for i, seq in enumerate(sequences) if seq and seq[0] != bos]
-    if bad:
-        token = tokenizer.convert_ids_to_tokens(bos)
-        raise EdgekdError(
-            f"{len(bad)} of {len(sequences)} sequences (the first: example {bad[0]}) do not start "
-            f"with the tokenizer's BOS token {token!r}, which the served teacher reads every text "
-            "after: its log-probs would be scored one position off; use chat rows (the template "
-            "writes the BOS), a tokenizer that adds it (add_bos_token), or data.regenerate"
-        )
+    return Scored(
+        out,
+        missing=missing,
+        unmapped=tmap.unmapped,
+        mapped=tmap.mapped,
+        one_pass=generated.examples,
+        fallback=generated.fallback,
+        ends=generated.ends,
+    )
 
 
 def _align(tokens: list[str], seq: list[int], tmap: TokenMap, special: set[int]):
@@ -429,9 +559,10 @@ def _align(tokens: list[str], seq: list[int], tmap: TokenMap, special: set[int])
         i += 1
 
 
-def _entries(top: dict, echoed: str, target: int, tmap: TokenMap) -> list[tuple[int, float]]:
-    """(id, log-prob) pairs of one position; the echoed token is the sequence's own next token
-    (whatever string it came back as), the others are mapped from their strings."""
+def _entries(top: dict, echoed: str | None, target: int, tmap: TokenMap) -> list[tuple[int, float]]:
+    """(id, log-prob) pairs of one position; the echoed token (None: the entry is not the echoed
+    token's) is the sequence's own next token, whatever string it came back as; the others are
+    mapped from their strings."""
     pairs: dict[int, float] = {}
     for token, logprob in top.items():
         if logprob is None or not math.isfinite(logprob):
@@ -444,22 +575,62 @@ def _entries(top: dict, echoed: str, target: int, tmap: TokenMap) -> list[tuple[
 
 @dataclass(frozen=True)
 class Probe:
-    """What one probe of the server found: whether it tokenizes like the student, and whether it
-    returns prompt log-probs (completions with echo)."""
+    """What the probe of the server found: whether it tokenizes like the student, whether it
+    returns prompt log-probs (completions with echo), how many alternatives come with a token it
+    generates, and whether its echo pairs the tokens of a text without a leading BOS token with
+    the distributions that predicted them (None: not found out)."""
 
     same_tokenizer: bool
     prompt_logprobs: bool
     how: str  # how the tokenization was compared
+    answer_logprobs: int = 0
+    bosless_pairs: bool | None = None
 
-    def lines(self, where: str, answers: bool = False) -> list[str]:
+    @property
+    def pairing_unknown(self) -> bool:
+        """Whether texts would be scored by a server whose echo of a text without a leading BOS
+        the probe could not pair."""
+        return self.bosless_pairs is None and self.same_tokenizer and self.prompt_logprobs
+
+    def one_pass(self, settings: TeacherSettings, top_k: int) -> bool:
+        """Whether the answers the teacher writes bring their own top-k log-probs."""
+        return (
+            settings.one_pass
+            and self.same_tokenizer
+            and self.prompt_logprobs
+            and self.answer_logprobs >= top_k
+        )
+
+    def lines(
+        self,
+        where: str,
+        answers: bool = False,
+        *,
+        top_k: int = 0,
+        settings: TeacherSettings | None = None,
+    ) -> list[str]:
         """What the server cannot give, one line each; with `answers` (the teacher writes the
-        corpus), how its answers' log-probs are found."""
+        corpus), a line when its answers' log-probs need a second pass."""
         out = []
+        settings = settings or TeacherSettings()
         if self.prompt_logprobs and self.same_tokenizer and answers:
-            out.append(
-                f"the teacher's answers from {where} are scored in a second pass (completions "
-                "with echo), not taken from the generation's own log-probs"
-            )
+            if not settings.one_pass:
+                out.append(
+                    f"teacher.one_pass=false: the teacher's answers from {where} are scored in a "
+                    "second pass (completions with echo)"
+                )
+            elif self.answer_logprobs < top_k:
+                fix = (
+                    f"; set logit_cache.top_k={self.answer_logprobs} for one pass"
+                    if self.answer_logprobs
+                    else ""
+                )
+                out.append(
+                    f"the teacher server at {where} returns {self.answer_logprobs} alternatives "
+                    f"with a token it generates, fewer than logit_cache.top_k={top_k}: its "
+                    "answers are scored in a second pass (completions with echo), not taken from "
+                    f"the generation{fix}"
+                )
         if not self.prompt_logprobs:
             out.append(
                 f"the teacher server at {where} returns no prompt log-probs (completions with "
@@ -470,33 +641,109 @@ class Probe:
         return out
 
 
-def probe(teacher: Served, tokenizer) -> Probe:
-    """One look at the server: its tokenization of PROBE_TEXTS against the student tokenizer's
-    (its tokenize endpoint, else the tokens echoed with log-probs), and whether it gives prompt
-    log-probs at all."""
+def probe(teacher: Served, tokenizer, top_k: int = 2) -> Probe:
+    """A look at the server: its tokenization of PROBE_TEXTS against the student tokenizer's
+    (its tokenize endpoint, else the tokens echoed with log-probs), whether it gives prompt
+    log-probs at all, and (a second request: the same text less its last token, completed with
+    log-probs) how many alternatives come with a generated token and where its echo puts the
+    distribution that predicted the text's last token."""
     import openai
 
     try:
-        echoed = teacher.echo_logprobs(PROBE_TEXTS[0], 2)
+        echoed = teacher.echo_logprobs(PROBE_TEXTS[0], top_k)
     except EdgekdError as err:
         # A server without the completions API, or one refusing echo with log-probs, says so
         # with a 4xx; anything else (down, slow, 5xx) is a fault of the server, not a capability.
         if "HTTP 4" not in str(err):
             raise
         echoed = None
+        if top_k > 1:
+            _check_top_k_allowed(teacher, top_k, str(err))
     except openai.OpenAIError:
         echoed = None
     has_logprobs = bool(echoed and any(echoed[1]))
     server_ids = [teacher.tokenize(t) for t in PROBE_TEXTS]
     mine = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in PROBE_TEXTS]
+    answer_k, pairs = 0, None
+    if has_logprobs:
+        answer_k, pairs = _probe_generation(teacher, tokenizer, mine[0], echoed, top_k)
     if all(ids is not None for ids in server_ids):
         same = all(_same_ids(s, m, tokenizer) for s, m in zip(server_ids, mine, strict=True))
-        return Probe(same, has_logprobs, "the server's tokenize endpoint")
-    if echoed is not None:
+        how = "the server's tokenize endpoint"
+    elif echoed is not None:
         tmap = TokenMap(tokenizer)
-        got = [tmap.id_of(t) for t in echoed[0]]
-        return Probe(_same_ids(got, mine[0], tokenizer), has_logprobs, "the echoed tokens")
-    return Probe(False, has_logprobs, "nothing (no tokenize endpoint, no echo)")
+        same = _same_ids([tmap.id_of(t) for t in echoed[0]], mine[0], tokenizer)
+        how = "the echoed tokens"
+    else:
+        same, how = False, "nothing (no tokenize endpoint, no echo)"
+    return Probe(same, has_logprobs, how, answer_k, pairs)
+
+
+def _check_top_k_allowed(teacher: Served, top_k: int, refusal: str) -> None:
+    """A server that refuses top_k log-probs but gives one caps them (vLLM's --max-logprobs):
+    neither pass could ask for the cache's top_k."""
+    try:
+        if teacher.echo_logprobs(PROBE_TEXTS[0], 1) is None:
+            return
+    except EdgekdError:
+        return
+    raise EdgekdError(
+        f"logit_cache.top_k={top_k}: the teacher server at {teacher.where} refuses that many "
+        f"log-probs (HTTP {refusal.split('HTTP ', 1)[-1].split('; check')[0][:100]}) but gives "
+        "1; lower logit_cache.top_k to what it allows (vLLM: --max-logprobs)"
+    )
+
+
+def _probe_generation(teacher: Served, tokenizer, ids: list[int], echoed, top_k: int):
+    """(alternatives with a generated token, whether the echo of a text without a leading BOS
+    pairs its last token with the distribution that predicted it), from completing the text
+    less its last token: a generation's log-probs are those of the context it was given."""
+    got = teacher.complete(
+        decode(tokenizer, ids[:-1]), max_tokens=1, temperature=0, seed=0, top_k=top_k
+    )
+    top = got["tops"][0] if got["tops"] else None
+    if not top:
+        return 0, None
+    token, logprob = max(top.items(), key=lambda kv: kv[1])
+    tmap = TokenMap(tokenizer)
+    at = {k: j for j, k in _align(echoed[0], ids, tmap, special_ids(tokenizer))}
+
+    def holds(k: int) -> bool:
+        entry = echoed[1][at[k]] if k in at and at[k] < len(echoed[1]) else None
+        return bool(entry) and abs(entry.get(token, math.inf) - logprob) < 1e-3
+
+    pairs = True if holds(len(ids) - 1) else False if holds(len(ids) - 2) else None
+    return len(top), pairs
+
+
+def check_bos(probe: Probe, tokenizer, sequences: list[list[int]], where: str) -> None:
+    """Refuse, before any work, scoring sequences without a leading BOS token (a tokenizer with
+    none, or text rows it adds none to) on a server whose echo of such a text the probe could
+    not pair with the distributions that predicted it. Servers pair it right (vLLM) or, as
+    llama-cpp-python's does, one position on; the probe tells which and `score` reads either."""
+    if not probe.pairing_unknown:
+        return
+    bos = tokenizer.bos_token_id
+    bad = [i for i, seq in enumerate(sequences) if seq and (bos is None or seq[0] != bos)]
+    if not bad:
+        return
+    if bos is None:
+        what = "the student's tokenizer has no BOS token, so no sequence starts with one"
+        fix = "use a server whose completions echo gives log-probs (llama.cpp's, vLLM)"
+    else:
+        what = (
+            f"{len(bad)} of the {len(sequences)} sequences checked (the first: {bad[0]}) do not "
+            f"start with the tokenizer's BOS token {tokenizer.convert_ids_to_tokens(bos)!r}"
+        )
+        fix = (
+            "use chat rows (the template writes the BOS), a tokenizer that adds it "
+            "(add_bos_token), or data.regenerate"
+        )
+    raise EdgekdError(
+        f"{what}, and the probe could not find which distribution the teacher server at {where} "
+        f"echoes for each token of such a text: its log-probs could be scored one position off; "
+        f"{fix}"
+    )
 
 
 def _same_ids(server: list, mine: list[int], tokenizer) -> bool:

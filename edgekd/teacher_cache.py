@@ -10,14 +10,16 @@ held-out kld without the teacher.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from edgekd import data, logit_cache, models
+from edgekd import data, logit_cache, models, served
 from edgekd.config import Recipe, load_profile
 from edgekd.console import console
 from edgekd.context import Context
 from edgekd.effective import resolve
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, EdgekdWarning
+from edgekd.preflight import sample_sequences
 
 CORPUS = "corpus.jsonl"
 # The answers journal and scratch files, inside the output folder so a rerun resumes.
@@ -49,6 +51,13 @@ def _check(recipe: Recipe, ctx: Context) -> None:
         )
     if not found.prompt_logprobs:
         raise EdgekdError(found.lines(teacher.where)[0])
+    if found.pairing_unknown:
+        tok = ctx.tokenizer
+        served.check_bos(found, tok, sample_sequences(recipe, tok), teacher.where)
+    answers = recipe.data.source is None or recipe.data.regenerate
+    top_k = recipe.logit_cache.top_k
+    for line in found.lines(teacher.where, answers, top_k=top_k, settings=recipe.teacher):
+        warnings.warn(line, EdgekdWarning, stacklevel=2)
 
 
 def write_cache(recipe: Recipe, out: Path) -> Path:

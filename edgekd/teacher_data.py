@@ -9,8 +9,10 @@ the student learns to reason without being asked.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgekd import data, served
 from edgekd.benchmark import exact_match
 from edgekd.config import DataSettings, settings_hash
 from edgekd.console import console
@@ -113,6 +115,22 @@ def answered_row(prompt_row: dict, answer: str) -> dict:
     return row
 
 
+def answers_journal(ctx: Context) -> Path:
+    """Where the served teacher's answers (and the log-probs they came with) are journaled."""
+    key = settings_hash(ctx.teacher_key, generation_key(ctx.recipe.data))
+    return ctx.cache_path(f"answers-{key[:16]}.jsonl")
+
+
+def one_pass_answers(ctx: Context) -> list[dict]:
+    """The served teacher's answers that came with their log-probs (none where the corpus is the
+    user's own, or was answered otherwise)."""
+    s = ctx.recipe.data
+    if not ctx.is_served or (s.source is not None and not s.regenerate):
+        return []
+    rows = served.read_journal(answers_journal(ctx), None).values()
+    return [row for row in rows if row.get("tops")]
+
+
 def _generate(ctx: Context, prompts: list[dict]) -> list[dict]:
     g = ctx.recipe.data.generation
     beams = g.beams if g.strategy == "beam" else 1
@@ -124,15 +142,23 @@ def _generate(ctx: Context, prompts: list[dict]) -> list[dict]:
             f"({ctx.recipe.teacher.concurrency} requests at once)",
             highlight=False,
         )
-        journal = ctx.cache_path(
-            f"answers-{settings_hash(ctx.teacher_key, generation_key(ctx.recipe.data))[:16]}.jsonl"
-        )
+        top_k = ctx.recipe.logit_cache.top_k
+        rendered = None
+        if ctx.served_probe.one_pass(ctx.recipe.teacher, top_k):
+            # The student's own rendering of each prompt: the answer's log-probs are then those of
+            # the context it trains in.
+            rendered = []
+            for c in conversations:
+                ids = data.render_ids(ctx.tokenizer, c, add_generation_prompt=True)
+                rendered.append((ids, served.decode(ctx.tokenizer, ids)))
         answers = teacher.generate(
             conversations,
             max_tokens=g.max_tokens,
             temperature=g.temperature,
             seed=g.seed,
-            journal=journal,
+            journal=answers_journal(ctx),
+            rendered=rendered,
+            top_k=top_k,
         )
         return [answered_row(p, a) for p, a in zip(prompts, answers, strict=True)]
     if ctx.teacher_source.kind == "gguf" and beams == 1:

@@ -85,6 +85,35 @@ def save_tiny_llama(path: Path, tokenizer, num_layers: int = 2, hidden: int = 64
     return path
 
 
+def save_tiny_qwen2_without_bos(path: Path, tokenizer, seed: int = 0) -> Path:
+    """A random tiny Qwen2 whose tokenizer has no BOS token at all (as Qwen2's: no bos_token,
+    nothing added before a text), saved in HF layout."""
+    import copy
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.bos_token = None
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "tokenizer.model").unlink(missing_ok=True)
+    return path
+
+
 def write_chat_jsonl(path: Path, n: int = 40) -> Path:
     """A small chat corpus in JSONL, enough for a held-out split and a few training steps."""
     rows = [
@@ -332,7 +361,11 @@ class FaultProxy:
     `times` requests to `paths` (then passing them on): 'drop' closes the connection unanswered,
     '429' answers Too Many Requests with Retry-After: 1, '500' an internal error, 'stall' waits
     `stall_s` before passing the request on, 'malformed' answers 200 with a body that is not JSON,
-    another status (401, 404...) answers that. `requests` counts what reached the proxy per path."""
+    'cap:N' passes the answer back with at most N top log-probs per token (a server that caps
+    them), 'max:N' answers 400 to a request for more than N log-probs (vLLM's --max-logprobs),
+    'nogen' passes a completion without echo back with no log-probs (a server that gives them
+    for prompts only), another status (401, 404...) answers that. `requests` counts what reached
+    the proxy per path."""
 
     def __init__(self, upstream: str, fault: str = "", times: int = 1 << 30, paths=("/v1/",)):
         import http.server
@@ -377,6 +410,17 @@ class FaultProxy:
             h.close_connection = True
             h.connection.shutdown(2)
             return
+        kind, _, arg = self.fault.partition(":")
+        asked = json.loads(body) if body else {}
+        if faulty and kind == "max" and (asked.get("logprobs") or 0) > int(arg):
+            message = f"Requested logprobs of {asked['logprobs']}, more than allowed: {arg}"
+            payload = json.dumps({"error": {"message": message, "type": "test"}}).encode()
+            h.send_response(400)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(payload)))
+            h.end_headers()
+            h.wfile.write(payload)
+            return
         if faulty and (self.fault.isdigit() or self.fault == "malformed"):
             status = 200 if self.fault == "malformed" else int(self.fault)
             payload = (
@@ -403,15 +447,32 @@ class FaultProxy:
             "GET" if body is None else "POST", self.upstream + h.path, content=body,
             headers=headers, timeout=300,
         )  # fmt: skip
+        content = r.content
+        if faulty and r.status_code == 200 and kind == "cap":
+            content = _cap_logprobs(content, int(arg))
+        if faulty and r.status_code == 200 and kind == "nogen" and not asked.get("echo"):
+            content = _cap_logprobs(content, 0)
         h.send_response(r.status_code)
         h.send_header("Content-Type", r.headers.get("content-type", "application/json"))
-        h.send_header("Content-Length", str(len(r.content)))
+        h.send_header("Content-Length", str(len(content)))
         h.end_headers()
-        h.wfile.write(r.content)
+        h.wfile.write(content)
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _cap_logprobs(content: bytes, n: int) -> bytes:
+    """A completions answer with each token's top log-probs cut to the first n."""
+    reply = json.loads(content)
+    for choice in reply.get("choices", []):
+        lp = choice.get("logprobs") or {}
+        lp["top_logprobs"] = [
+            top if top is None else dict(list(top.items())[:n])
+            for top in lp.get("top_logprobs") or []
+        ]
+    return json.dumps(reply).encode()
 
 
 @contextlib.contextmanager

@@ -1138,6 +1138,15 @@ def _served(ws: Workspace, url: str, *sets: str, name: str = "run-served") -> li
     ]  # fmt: skip
 
 
+def _served_text_rows(ws: Workspace, url: str) -> list[str]:
+    """A served build on plain text rows, to which the tokenizer adds no BOS token."""
+    rows = [{"text": f"the quick brown fox jumps over the lazy dog {i}"} for i in range(30)]
+    text = _write(ws.path("text-rows.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    args = _served(ws, url, name="run-served-text")
+    args[args.index("--data") + 1] = str(text)
+    return args
+
+
 def _teacher_cache(ws: Workspace, name: str, data: Path, teacher: Path | None = None) -> Path:
     """`edgekd teacher-cache` of the workspace teacher (or `teacher`, in process) for `data`."""
     out = ws.path(name)
@@ -1221,6 +1230,33 @@ SERVED_CASES = [
         lambda ws: _served(ws, _proxy(ws, "404", paths=("/v1/completions",))),
         "returns no prompt log-probs",
         exit_code=0,
+        fast=False,
+    ),
+    Case(
+        "served teacher giving fewer top log-probs with a generation than logit_cache.top_k: "
+        "its answers are scored in a second pass",
+        lambda ws: _served(
+            ws,
+            _proxy(ws, "cap:4"),
+            "data.regenerate=true",
+            "data.generation.max_tokens=4",
+            name="run-served-capped",
+        ),
+        "fewer than logit_cache.top_k=8: its answers are scored in a second pass",
+        exit_code=0,
+        fast=False,
+    ),
+    Case(
+        "served teacher refusing more log-probs than its cap (HTTP 400, vLLM's --max-logprobs)",
+        lambda ws: _served(ws, _proxy(ws, "max:4")),
+        "logit_cache.top_k=8: the teacher server at",
+        fast=False,
+    ),
+    Case(
+        "served teacher without log-probs for generations, text rows without a leading BOS "
+        "(the echo's pairing cannot be found)",
+        lambda ws: _served_text_rows(ws, _proxy(ws, "nogen")),
+        "do not start with the tokenizer's BOS token",
         fast=False,
     ),
     Case(

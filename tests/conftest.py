@@ -9,7 +9,13 @@ import torch
 from transformers import AutoTokenizer
 
 from edgekd.formats.gguf import write_gguf
-from edgekd.testing import save_embedded_tokenizer, save_tiny_llama, sshd, write_chat_jsonl
+from edgekd.testing import (
+    save_embedded_tokenizer,
+    save_tiny_llama,
+    save_tiny_qwen2_without_bos,
+    sshd,
+    write_chat_jsonl,
+)
 
 # Tiny models gain nothing from threads, and OpenMP threads fighting over two shared cores make a
 # tiny forward pass 30 times slower; subprocesses the tests start inherit this too.
@@ -38,6 +44,14 @@ def tiny_llama_gguf(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
     """A tiny tied Llama (HF folder) and its F16 GGUF."""
     root = tmp_path_factory.mktemp("tiny-model")
     folder = save_tiny_llama(root / "model", tokenizer, num_layers=2)
+    return folder, write_gguf(folder, root / "model-F16.gguf", dtype="F16")
+
+
+@pytest.fixture(scope="session")
+def no_bos_gguf(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """A tiny Qwen2-style model whose tokenizer has no BOS token (HF folder) and its F16 GGUF."""
+    root = tmp_path_factory.mktemp("no-bos")
+    folder = save_tiny_qwen2_without_bos(root / "model", tokenizer)
     return folder, write_gguf(folder, root / "model-F16.gguf", dtype="F16")
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from edgekd import logit_cache
 from edgekd.data import TokenizedExample, collate
 from edgekd.logit_cache import (
     LogitCache,
@@ -44,6 +45,18 @@ def test_rebuild_at_a_temperature_hand_computed():
     # At the same T the true tempered distribution keeps the top 2 in the same ratio.
     q = (logits / 2.0).softmax(-1)[0]
     assert (q[0] / q[1]).item() == pytest.approx(math.sqrt(0.5 / 0.3), rel=1e-3)
+
+
+def test_empty_slots_keep_the_tail_share_even_on_the_target():
+    """A server giving fewer alternatives than top_k leaves empty slots; one may take the
+    target's id (the lowest unused ids: a turn's end token is often among them), which must
+    keep its share of the rest mass, not the fp16 floor."""
+    tensors = logit_cache.from_entries([[[(5, -0.2)]]], [[0]], [[0]], top_k=4, vocab=10)
+    assert 0 in tensors["ids"][0].tolist()  # an empty slot names the target
+    dense = logit_cache.dense_reference(tensors)[0][0]
+    rest = math.log(1 - math.exp(-0.2)) - math.log(9)
+    assert dense[0].item() == pytest.approx(rest, abs=1e-3)
+    assert dense.exp().sum().item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_trained_positions_follow_the_shifted_labels():

@@ -40,12 +40,31 @@ def test_model_name_is_checked_against_the_served_list(server):
 
 
 def test_probe_finds_the_same_tokenizer_and_prompt_logprobs(server, tokenizer, tmp_path):
-    found = served.probe(teacher(server), tokenizer)
+    found = served.probe(teacher(server), tokenizer, 8)
     assert found.same_tokenizer and found.prompt_logprobs
     assert found.how == "the server's tokenize endpoint"
     assert found.lines("x") == []
-    # Answers the teacher writes are scored in a second pass, and the capability line says so.
-    assert ["second pass" in line for line in found.lines("x", answers=True)] == [True]
+    # llama-cpp-python's server gives any k with a generation: answers come in one pass.
+    assert found.answer_logprobs >= 8 and found.one_pass(TeacherSettings(), 8)
+    assert found.lines("x", answers=True, top_k=8) == []
+    # It echoes a text without a leading BOS one position on, and the probe finds that out.
+    assert found.bosless_pairs is False
+    two = found.lines("x", answers=True, top_k=8, settings=TeacherSettings(one_pass=False))
+    assert ["teacher.one_pass=false" in line and "second pass" in line for line in two] == [True]
+
+
+def test_server_capping_top_logprobs_falls_back_in_one_line(proxy, tokenizer):
+    """A server that gives fewer alternatives than logit_cache.top_k with a generation (OpenAI
+    caps them at 20): the answers are scored in a second pass, said in one line."""
+    proxy.fault = "cap:4"
+    found = served.probe(teacher(proxy.url), tokenizer, 8)
+    assert found.prompt_logprobs and found.answer_logprobs == 4
+    assert not found.one_pass(TeacherSettings(), 8)
+    [line] = found.lines("x", answers=True, top_k=8)
+    assert (
+        "returns 4 alternatives with a token it generates, fewer than logit_cache.top_k=8" in line
+    )
+    assert "second pass" in line and "logit_cache.top_k=4" in line
 
 
 def test_probe_sees_another_tokenizer(server, tmp_path):
@@ -103,6 +122,28 @@ def test_generate_journals_answers_and_resumes(proxy, tmp_path):
     assert proxy.requests["/v1/chat/completions"] - asked == 2
 
 
+def test_one_pass_answers_journal_their_logprobs_and_resume(proxy, tokenizer, tmp_path):
+    """Answers written in one pass are journaled with their prompt ids, tokens and top-k
+    log-probs as they arrive; a rerun asks only for the answers missing."""
+    from edgekd.data import render_ids
+
+    t = teacher(proxy.url, concurrency=2)
+    convs = [[{"role": "user", "content": f"Say {i}."}] for i in range(4)]
+    ids = [render_ids(tokenizer, c, add_generation_prompt=True) for c in convs]
+    rendered = [(i, served.decode(tokenizer, i)) for i in ids]
+    journal = tmp_path / "answers.jsonl"
+    kw = {"max_tokens": 3, "temperature": 0, "seed": 0, "journal": journal, "top_k": 5}
+    first = t.generate(convs[:2], rendered=rendered[:2], **kw)
+    rows = list(served.read_journal(journal, None).values())
+    assert [r["prompt_ids"] for r in rows] == ids[:2]
+    assert all(1 <= len(r["tokens"]) == len(r["tops"]) <= 3 for r in rows)
+    assert all(len(top) >= 5 for r in rows for top in r["tops"])
+    asked = proxy.requests["/v1/completions"]
+    again = t.generate(convs, rendered=rendered, **kw)
+    assert again[:2] == first and proxy.requests["/v1/completions"] - asked == 2
+    assert "/v1/chat/completions" not in proxy.requests
+
+
 def _chat_rows(tmp_path):
     return [json.loads(line) for line in write_chat_jsonl(tmp_path / "c.jsonl", 3).open()]
 
@@ -112,9 +153,10 @@ def _text_rows(tmp_path):
     return [{"text": "the quick brown fox jumps over the lazy dog " * (i + 1)} for i in range(3)]
 
 
-def test_text_without_bos_is_refused_not_misscored(server, tokenizer):
-    """The tiny tokenizer adds no BOS to plain text, and llama.cpp's server reads the text after
-    one: the scores would be one position off, so the sequences are refused in one line."""
+def test_text_without_bos_is_refused_when_the_pairing_is_unknown(server, tokenizer):
+    """The tiny tokenizer adds no BOS to plain text, and llama-cpp-python's server echoes such a
+    text one position on: without the probe's finding (`bosless_pairs`) the scores could be one
+    position off, so the sequences are refused in one line."""
     examples = tokenize_rows(_text_rows(None), tokenizer, max_len=64)
     assert examples[0].input_ids[0] != tokenizer.bos_token_id
     positions = [logit_cache.trained_positions(ex.labels) for ex in examples]
@@ -124,25 +166,45 @@ def test_text_without_bos_is_refused_not_misscored(server, tokenizer):
         )
 
 
-@pytest.mark.parametrize("make_rows", [_chat_rows, _text_rows], ids=["chat", "text with bos"])
-def test_scores_match_the_in_process_teacher(
-    server, tiny_llama_gguf, tokenizer, tmp_path, make_rows
-):
+def _text_rows_with_bos(tmp_path, tokenizer):
+    return [{"text": tokenizer.bos_token + r["text"]} for r in _text_rows(tmp_path)]
+
+
+@pytest.mark.parametrize(
+    "rows_of",
+    [
+        lambda tmp, tok: _chat_rows(tmp),
+        _text_rows_with_bos,
+        lambda tmp, tok: _text_rows(tmp),
+    ],
+    ids=["chat", "text with bos", "text without bos"],
+)
+def test_scores_match_the_in_process_teacher(server, tiny_llama_gguf, tokenizer, tmp_path, rows_of):
     """The server's top-k log-probs land at the same logit indices, with the same values, as the
     teacher's own forward pass in torch (the GGUF is F16 of the same weights), for chat rows and
-    for plain text rows that start with BOS."""
-    rows = make_rows(tmp_path)
-    if make_rows is _text_rows:
-        rows = [{"text": tokenizer.bos_token + r["text"]} for r in rows]
+    for plain text rows with and without a leading BOS (the last read one position on, as the
+    probe found the server echoes them)."""
+    _check_scores(server, tiny_llama_gguf[0], tokenizer, rows_of(tmp_path, tokenizer))
+
+
+def _check_scores(url: str, model_dir, tokenizer, rows: list[dict]) -> None:
     examples = tokenize_rows(rows, tokenizer, max_len=64)
     positions = [logit_cache.trained_positions(ex.labels) for ex in examples]
+    t = teacher(url)
+    found = served.probe(t, tokenizer, 8)
+    assert found.bosless_pairs is False  # llama-cpp-python: one position on
     scored = served.score(
-        teacher(server), tokenizer, [ex.input_ids for ex in examples], positions, top_k=8
+        t,
+        tokenizer,
+        [ex.input_ids for ex in examples],
+        positions,
+        top_k=8,
+        bosless_pairs=found.bosless_pairs,
     )
     # llama.cpp's echo gives nothing for the first token: a text row's first scored position.
-    assert scored.missing == (len(examples) if make_rows is _text_rows else 0)
+    assert scored.missing == sum(0 in p for p in positions)
     assert scored.mapped > 0
-    model = load_model(resolve_source(str(tiny_llama_gguf[0]), role="teacher"))
+    model = load_model(resolve_source(str(model_dir), role="teacher"))
     checked = 0
     for ex, pos, rows_ in zip(examples, positions, scored.entries, strict=True):
         with torch.no_grad():
@@ -152,6 +214,152 @@ def test_scores_match_the_in_process_teacher(
                 assert abs(logp[t, token].item() - lp) < 0.02, (t, token)
                 checked += 1
     assert checked >= 8 * (sum(len(p) for p in positions) - scored.missing) * 0.9
+
+
+@pytest.mark.slow
+def test_a_tokenizer_without_bos_is_scored_right(no_bos_gguf, tmp_path):
+    """A Qwen2-style model whose tokenizer has no BOS token: llama-cpp-python's server echoes
+    every text of it one position on; the probe finds that and the scores land where the
+    model's own forward pass in torch puts them, for chat and text rows."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(no_bos_gguf[0])
+    assert tok.bos_token_id is None
+    rows = _chat_rows(tmp_path) + _text_rows(tmp_path)
+    with llama_server(no_bos_gguf[1], alias="tiny") as url:
+        _check_scores(url, no_bos_gguf[0], tok, rows)
+
+
+def test_bosless_text_is_refused_at_preflight_where_the_pairing_is_unknown(tokenizer, tmp_path):
+    """Where the probe could not find how a server echoes a text without a leading BOS, text
+    rows the tokenizer adds no BOS to, and any row of a tokenizer with none, are refused in one
+    line before any work; rows that start with BOS pass."""
+    import copy
+
+    unknown = served.Probe(True, True, "x", answer_logprobs=8, bosless_pairs=None)
+    text = [ex.input_ids for ex in tokenize_rows(_text_rows(tmp_path), tokenizer, max_len=64)]
+    with pytest.raises(EdgekdError, match="3 of the 3 sequences checked .*do not start with the "
+                       "tokenizer's BOS token.*one position off; use chat rows"):  # fmt: skip
+        served.check_bos(unknown, tokenizer, text, "http://h/v1")
+    chat = [ex.input_ids for ex in tokenize_rows(_chat_rows(tmp_path), tokenizer, max_len=64)]
+    served.check_bos(unknown, tokenizer, chat, "http://h/v1")
+    none = copy.deepcopy(tokenizer)
+    none.bos_token = None
+    with pytest.raises(EdgekdError, match="the student's tokenizer has no BOS token"):
+        served.check_bos(unknown, none, chat, "http://h/v1")
+    # A server whose pairing the probe found is not refused.
+    found = served.Probe(True, True, "x", answer_logprobs=8, bosless_pairs=False)
+    served.check_bos(found, none, text, "http://h/v1")
+
+
+def test_preflight_probes_bosless_text_rows(server, tiny_teacher_dir, tmp_path):
+    """check_served runs the BOS check on the user's rows at preflight: llama-cpp-python's
+    server is found to echo them one position on, so they are scored, not refused."""
+    from edgekd.config import load_profile, load_recipe
+    from edgekd.plan import make_plan
+    from edgekd.preflight import check_served, sample_sequences
+
+    corpus = tmp_path / "text.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in _text_rows(tmp_path)))
+    sets = ["teacher.model=tiny", f"student.source={tiny_teacher_dir}", f"data.source={corpus}"]
+    recipe = load_recipe(None, sets, teacher=server)
+    plan = make_plan(load_profile("phone-1gb"), recipe, ["distill"], timing=False)
+    from edgekd.models import load_tokenizer
+
+    tok = load_tokenizer(resolve_source(str(tiny_teacher_dir), role="student"))
+    assert sample_sequences(recipe, tok)[0][0] != tok.bos_token_id
+    assert check_served(recipe, plan, tok) == []
+
+
+def test_server_refusing_top_k_logprobs_is_one_line(proxy, tokenizer):
+    """A server that refuses more log-probs than its cap (vLLM's --max-logprobs) but gives one:
+    neither pass could ask for top_k, so the probe says to lower it."""
+    proxy.fault = "max:4"
+    with pytest.raises(EdgekdError, match=r"logit_cache.top_k=8: the teacher server at .* "
+                       r"refuses that many log-probs .*lower logit_cache.top_k"):  # fmt: skip
+        served.probe(teacher(proxy.url), tokenizer, 8)
+    assert served.probe(teacher(proxy.url), tokenizer, 4).answer_logprobs >= 4
+
+
+def test_server_without_generation_logprobs_refuses_bosless_text_at_preflight(
+    proxy, tiny_teacher_dir, tmp_path
+):
+    """A server that gives log-probs for prompts (echo) but none with a generation: the answers
+    need a second pass (one line), and the probe cannot find how it pairs a text without a
+    leading BOS, so text rows the tokenizer adds no BOS to are refused at preflight."""
+    from edgekd.config import load_profile, load_recipe
+    from edgekd.models import load_tokenizer
+    from edgekd.plan import make_plan
+    from edgekd.preflight import check_served
+
+    proxy.fault = "nogen"
+    tok = load_tokenizer(resolve_source(str(tiny_teacher_dir), role="student"))
+    found = served.probe(teacher(proxy.url), tok, 8)
+    assert found.prompt_logprobs and found.answer_logprobs == 0 and found.bosless_pairs is None
+    corpus = tmp_path / "text.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in _text_rows(tmp_path)))
+    sets = ["teacher.model=tiny", f"student.source={tiny_teacher_dir}"]
+    profile = load_profile("phone-1gb")
+    recipe = load_recipe(None, [*sets, f"data.source={corpus}"], teacher=proxy.url)
+    plan = make_plan(profile, recipe, ["distill"], timing=False)
+    with pytest.raises(EdgekdError, match="do not start with the tokenizer's BOS token"):
+        check_served(recipe, plan, tok)
+    # Chat rows start with the BOS the template writes; their answers need a second pass.
+    recipe = load_recipe(None, sets, teacher=proxy.url)
+    [line] = check_served(recipe, plan, tok)
+    assert "returns 0 alternatives with a token it generates" in line
+
+
+def _answers(t: served.Served, tokenizer, prompts: list[str], journal, one_pass: bool):
+    from edgekd.data import render_ids
+    from edgekd.teacher_data import answered_row
+
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    rendered = None
+    if one_pass:
+        ids = [render_ids(tokenizer, c, add_generation_prompt=True) for c in convs]
+        rendered = [(i, served.decode(tokenizer, i)) for i in ids]
+    got = t.generate(
+        convs, max_tokens=6, temperature=1.0, seed=3, journal=journal, rendered=rendered, top_k=8
+    )
+    return [answered_row({"prompt": p}, a) for p, a in zip(prompts, got, strict=True)]
+
+
+def test_one_pass_cache_agrees_with_the_second_pass(proxy, tokenizer, tmp_path):
+    """Answers written with their log-probs (completions with logprobs=k on the student's own
+    rendering of the prompt) give the cache the second pass gives for the same answers: the same
+    top-k ids, log-probs within llama.cpp's batch-size noise. Examples whose tokens differ from the
+    generated ones (a stripped answer, a merge at the seam) are counted and scored in the second
+    pass; the turn's end token, which no generation returns, trains on its label."""
+    t = teacher(proxy.url, concurrency=2)
+    journal = tmp_path / "answers.jsonl"
+    prompts = [f"Tell me about {w}." for w in ["cats", "the sea", "rain", "Rome", "maths", "tea"]]
+    rows = _answers(t, tokenizer, prompts, journal, one_pass=True)
+    answers = [r for r in served.read_journal(journal, None).values() if r.get("tops")]
+    assert len(answers) == len(prompts)
+    examples = tokenize_rows(rows, tokenizer, max_len=96)
+    seqs = [ex.input_ids for ex in examples]
+    positions = [logit_cache.trained_positions(ex.labels) for ex in examples]
+    before = proxy.requests.get("/v1/completions", 0)
+    one = served.score(t, tokenizer, seqs, positions, top_k=8, answers=answers)
+    asked = proxy.requests["/v1/completions"] - before
+    two = served.score(t, tokenizer, seqs, positions, top_k=8)
+    assert one.one_pass >= 2 and one.one_pass + one.fallback == len(seqs)
+    assert asked == one.fallback  # only the examples the generation does not cover were asked
+    assert one.ends == one.one_pass  # one turn end per one-pass example
+    compared = 0
+    for rows_one, rows_two in zip(one.entries, two.entries, strict=True):
+        for a, b in zip(rows_one, rows_two, strict=True):
+            if a is None:
+                continue
+            da, db = dict(a), dict(b)
+            assert all(abs(da[i] - db[i]) < 0.02 for i in set(da) & set(db))
+            # The same top k, but for ids within the noise of the k-th (a random model's
+            # distribution is nearly flat, full of near-ties at the boundary).
+            for mine, other in ((da, db), (db, da)):
+                assert all(i in other for i, v in mine.items() if v > min(other.values()) + 0.02)
+            compared += 1
+    assert compared >= 2 * 3
 
 
 @pytest.mark.slow
@@ -323,6 +531,7 @@ def test_build_killed_during_answers_asks_only_for_the_rest(proxy, tiny_llama_gg
         "teacher.model=tiny",
         f"student.source={tiny_llama_gguf[0]}",
         "teacher.concurrency=1",
+        "teacher.one_pass=false",  # answers through chat completions, counted by the proxy
         "data.num_prompts=24",
         "data.generation.max_tokens=48",
         "data.max_seq_len=64",
