@@ -117,12 +117,12 @@ def target_params(teacher_config, recipe: Recipe) -> tuple[int, str]:
     """The most parameters a student may have, and the setting it comes from."""
     s = recipe.student
     if s.target_params is not None:
-        return s.target_params, f"student.target_params={s.target_params:,}"
+        return s.target_params, f"student.target_params={s.target_params}"
     n = s.num_layers or max(1, round(s.layer_fraction * teacher_config.num_hidden_layers))
     cap = models.param_count(models.with_layers(teacher_config, n))
-    why = f"student.num_layers={n}" if s.num_layers else f"layer_fraction={s.layer_fraction:.2f}"
-    why = "student." + why.removeprefix("student.")
-    return cap, f"{why}'s size, {cap / 1e6:.1f}M params"
+    if s.num_layers:
+        return cap, f"student.num_layers={n}"
+    return cap, f"student.layer_fraction={s.layer_fraction:.2f}"
 
 
 def _options(teacher_config, recipe: Recipe, method: str, quant: str):
@@ -206,12 +206,15 @@ def shape_for(
             break
     if best is not None:
         margin = recipe.student.budget_margin
-        note = f"{method}: within {why} and {profile.name}'s budget less {margin:.0%}"
+        note = (
+            f"{method}: at most {target / 1e6:.1f}M params ({why}) and {profile.name}'s budget "
+            f"less {margin:.0%}"
+        )
         return _candidate(teacher_config, method, best.shape, quant, profile, note)
     smallest = make(layer_opts[-1], hidden_opts[-1], inter_opts[-1])
     if smallest.params > target:
         raise EdgekdError(
-            f"{why.split(',')[0]}: no {method} student of this teacher is that small; the "
+            f"{why}: no {method} student of this teacher is that small; the "
             f"smallest is {smallest.shape.describe()} ({smallest.params / 1e6:.1f}M params): "
             f"set student.target_params to at least {smallest.params} or try another "
             "student.prune"
