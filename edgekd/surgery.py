@@ -107,6 +107,8 @@ def slice_model(model, keep: Keep):
             raise EdgekdError(f"query heads {kept} are not kept evenly per key/value group")
     shape = Shape(len(keep.layers), len(keep.channels), new_inter.pop(), heads)
     new_config = reshaped_config(config, shape)
+    if getattr(config, "layer_types", None) is not None:
+        new_config.layer_types = [config.layer_types[i] for i in keep.layers]
     ch = torch.tensor(keep.channels)
     old = model.state_dict()
     new = {}
