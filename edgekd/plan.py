@@ -162,6 +162,8 @@ def make_plan(
         # The plan sizes the largest candidate: whichever auto keeps then fits too.
         chosen = max(candidates, key=lambda c: c.gguf_bytes + c.kv_bytes)
         student_config, note = chosen.config, chosen.note
+        if len(candidates) > 1:
+            note = f"student.prune=auto: sized as its largest candidate, {chosen.method}"
     check_architecture(student_config, stages)
     budget = profile.memory_budget_mb * MB
     plan = Plan(

@@ -172,7 +172,11 @@ def shape_for(
         shape = Shape(n, h, i, _heads(teacher_config, recipe, method, h))
         return _candidate(teacher_config, method, shape, quant, profile, "")
 
+    over_budget = []  # shapes within the target that the budget refused
+
     def ok(c: Candidate) -> bool:
+        if c.params <= target and c.gguf_bytes + c.kv_bytes > budget:
+            over_budget.append(c)
         return c.params <= target and c.gguf_bytes + c.kv_bytes <= budget
 
     if method == "depth" and recipe.student.num_layers is not None:
@@ -206,10 +210,9 @@ def shape_for(
             break
     if best is not None:
         margin = recipe.student.budget_margin
-        note = (
-            f"{method}: at most {target / 1e6:.1f}M params ({why}) and {profile.name}'s budget "
-            f"less {margin:.0%}"
-        )
+        note = f"{method}: at most {target / 1e6:.1f}M params ({why})"
+        if any(c.params > best.params for c in over_budget):
+            note = f"{method}: largest that fits {profile.name}'s budget less {margin:.0%}"
         return _candidate(teacher_config, method, best.shape, quant, profile, note)
     smallest = make(layer_opts[-1], hidden_opts[-1], inter_opts[-1])
     if smallest.params > target:

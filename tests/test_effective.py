@@ -59,7 +59,7 @@ def test_export_quant_override_is_fit_checked_at_its_size():
     )
     assert chosen.fits
     assert chosen.student_config.num_hidden_layers < q4.student_config.num_hidden_layers
-    assert "largest count that fits" in chosen.student_layers_note
+    assert "largest that fits phone-1gb's budget" in chosen.student_layers_note
 
 
 def test_a_profile_format_no_export_writes_is_refused_before_work():
