@@ -335,8 +335,9 @@ def heal(student, teacher, batches: list[dict], steps: int, lr: float) -> None:
     """A few steps of KL(teacher || student) at temperature 1 on `batches`, in place: enough to
     rank candidates by how well they recover, not to finish training."""
     targets = _teacher_targets(batches, teacher)
+    student.requires_grad_(True)  # a copy of the frozen teacher's layers starts frozen
     student.train()
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr)
     for step in range(steps):
         i = step % len(batches)
         loss = F.kl_div(

@@ -106,3 +106,31 @@ def test_source_with_pruning_settings_is_refused():
     with pytest.raises(EdgekdError, match="student.source is given, so nothing is pruned"):
         load_recipe(None, ["student.source=some/model", "student.prune=width"])
     load_recipe(None, ["student.source=some/model", "student.num_layers=2"])  # unchanged
+
+
+def test_auto_heals_every_candidate_and_keeps_the_lowest_kld(
+    tiny_teacher_dir, chat_jsonl, tmp_path
+):
+    import json
+
+    from transformers import AutoConfig
+
+    from edgekd import pipeline
+    from edgekd.testing import FAST_BUILD
+
+    fast = [s for s in FAST_BUILD if not s.startswith("student.num_layers")]
+    sets = [*fast, "distill.max_steps=1", "student.prune=auto", "student.heal_steps=2"]
+    recipe = load_recipe(None, sets, teacher=str(tiny_teacher_dir), data=str(chat_jsonl))
+    pipeline.build(load_profile("phone-1gb"), recipe, tmp_path / "run", ["distill"])
+    stage = tmp_path / "run" / "01-distill"
+    student = json.loads((stage / "report.json").read_text())["student"]
+    rows = student["candidates"]
+    assert [r["method"] for r in rows] == ["depth", "width", "depth_width"]
+    assert rows[0]["shape"]["layers"] < 4 and rows[1]["shape"]["intermediate"] < 128
+    best = min(rows, key=lambda r: r["kld_after_heal"])
+    assert student["method"] == best["method"] and student["heal_steps"] == 2
+    config = AutoConfig.from_pretrained(stage / "model")
+    assert (config.num_hidden_layers, config.hidden_size) == (
+        best["shape"]["layers"],
+        best["shape"]["hidden"],
+    )
