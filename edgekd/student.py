@@ -41,14 +41,17 @@ class Candidate:
     gguf_bytes: int
     kv_bytes: int
     note: str
+    quant: str
 
     def row(self) -> dict:
+        """What the distill report records of it (sizes are estimates from the config)."""
         return {
             "method": self.method,
             "shape": self.shape.__dict__,
             "params": self.params,
-            "gguf_bytes": self.gguf_bytes,
+            "gguf_bytes_estimate": self.gguf_bytes,
             "kv_bytes": self.kv_bytes,
+            "row_fallbacks": row_fallbacks(self.config, self.quant),
         }
 
 
@@ -110,6 +113,7 @@ def _candidate(teacher_config, method: str, shape: Shape, quant: str, profile, n
         gguf_bytes=models.gguf_bytes_estimate(config, quant),
         kv_bytes=models.kv_cache_bytes(config, profile.context_length),
         note=note,
+        quant=quant,
     )
 
 
