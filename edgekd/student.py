@@ -8,8 +8,9 @@ the largest student whose GGUF weights at the exported type plus its KV cache at
 context fit the profile's budget less `student.budget_margin`. Each method reaches that target its
 own way: `depth` drops layers (the least useful contiguous block, by block-drop kld); `width`
 keeps every layer and narrows the hidden size, the MLP and (last) the query heads by measured
-importance (importance.py, Minitron); `depth_width` shrinks layers and widths by one ratio;
-`auto` builds one candidate per method, heals each briefly and keeps the lowest held-out kld.
+importance (importance.py, Minitron); `depth_width` does both. Each takes the shape whose most
+pruned axis is pruned least. `auto` builds one candidate per method, heals each briefly and keeps
+the lowest held-out kld.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from edgekd.surgery import Shape
 
 MB = 1024 * 1024
 METHODS = ("depth", "width", "depth_width")
-# The ratio grid the shape search walks down (widths are then rounded to their quantum).
-_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -63,15 +62,11 @@ def quantum(width: int, quant: str) -> int:
     return 256 if block == 256 and width % 256 == 0 else 32
 
 
-def _round(width: int, ratio: float, q: int) -> int:
-    return max(q, math.floor(width * ratio / q) * q)
-
-
 def _budget(profile: Profile, recipe: Recipe) -> int:
     return int(profile.memory_budget_mb * MB * (1 - recipe.student.budget_margin))
 
 
-def _check_given(teacher_config, recipe: Recipe, quant: str) -> None:
+def _check_given(teacher_config, recipe: Recipe) -> None:
     """The widths a user gave, against the teacher's and the architecture's constraints."""
     s = recipe.student
     kv = surgery.kv_heads(teacher_config)
@@ -166,7 +161,7 @@ def shape_for(
     """The `method` student within the parameter target and the profile's budget whose most
     pruned axis (layers, hidden, intermediate, as shares of the teacher's) is pruned least;
     among equals, the largest."""
-    _check_given(teacher_config, recipe, quant)
+    _check_given(teacher_config, recipe)
     target, why = target_params(teacher_config, recipe)
     budget = _budget(profile, recipe)
     t = surgery.shape_of(teacher_config)
