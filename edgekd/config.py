@@ -162,8 +162,10 @@ class StudentSettings(Strict):
         8, gt=0, description="examples used to choose the layers and score the units"
     )
     allow_pickle: bool = Field(False, description="load pickle weights (they can run code)")
+    # docs/pruning.md: depth_width healed to the lowest held-out kld of the three at equal size
+    # on the embedded teacher; auto would cost the default build minutes of candidates.
     prune: Literal["auto", "depth", "width", "depth_width"] = Field(
-        "depth",
+        "depth_width",
         description="how the teacher shrinks: drop layers, narrow widths by measured importance, "
         "both, or auto (one candidate each, healed briefly, lowest held-out kld kept)",
     )

@@ -27,7 +27,7 @@ def _shape(method, *sets, profile="phone-1gb", teacher=SMOLLM2):
     return shape_for(teacher, recipe, load_profile(profile), "Q4_K_M", method)
 
 
-def test_default_depth_student_is_unchanged():
+def test_depth_student_keeps_the_layer_fraction():
     c = _shape("depth")
     assert c.shape.layers == 20 and c.shape.hidden == 576
     assert c.params == models.param_count(models.with_layers(SMOLLM2, 20))
@@ -134,3 +134,9 @@ def test_auto_heals_every_candidate_and_keeps_the_lowest_kld(
         best["shape"]["layers"],
         best["shape"]["hidden"],
     )
+
+
+def test_the_default_is_what_the_bench_measured_best():
+    c = candidates(SMOLLM2, load_recipe(), load_profile("phone-1gb"), "Q4_K_M")
+    assert [x.method for x in c] == ["depth_width"]
+    assert (c[0].shape.layers, c[0].shape.hidden, c[0].shape.intermediate) == (29, 480, 1280)
