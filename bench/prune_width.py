@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--methods", default="width,depth_width,depth")
     ap.add_argument("--profile", default="phone-1gb")
     ap.add_argument("--steps", type=int, default=None, help="distill.max_steps (default: config)")
-    ap.add_argument("--threads", type=int, default=2)
+    # One thread: on a shared host, llama.cpp's threads waiting on each other swamp the measure.
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("export/prune-width"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
