@@ -164,8 +164,54 @@ class StudentSettings(Strict):
     )
     num_layers: int | None = Field(None, gt=0, description="unset: layer_fraction of the teacher")
     layer_fraction: float = Field(2 / 3, gt=0, le=1)
-    calibration_examples: int = Field(8, gt=0, description="examples used to choose the layers")
+    calibration_examples: int = Field(
+        8, gt=0, description="examples used to choose the layers and score the units"
+    )
     allow_pickle: bool = Field(False, description="load pickle weights (they can run code)")
+    # docs/pruning.md: depth_width healed to the lowest held-out kld of the three at equal size
+    # on the embedded teacher; auto would cost the default build minutes of candidates.
+    prune: Literal["auto", "depth", "width", "depth_width"] = Field(
+        "depth_width",
+        description="how the teacher shrinks: drop layers, narrow widths by measured importance, "
+        "both, or auto (one candidate each, healed briefly, lowest held-out kld kept)",
+    )
+    target_params: int | None = Field(
+        None, gt=0, description="unset: the layer_fraction depth student's parameter count"
+    )
+    hidden_size: int | None = Field(None, gt=0, description="unset: chosen by the size target")
+    intermediate_size: int | None = Field(
+        None, gt=0, description="unset: chosen by the size target"
+    )
+    num_attention_heads: int | None = Field(
+        None, gt=0, description="unset: chosen by the size target"
+    )
+    budget_margin: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="share of the profile's memory budget the sized student leaves free "
+        "(the runtime's own buffers, estimate error)",
+    )
+    heal_steps: int = Field(
+        20, gt=0, description="auto: KD steps on the calibration examples per candidate"
+    )
+    heal_lr: float = Field(1e-4, gt=0, description="auto: learning rate of those steps")
+
+    @model_validator(mode="after")
+    def _source_or_pruning(self) -> StudentSettings:
+        pruning = {
+            "prune",
+            "target_params",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+        } & self.model_fields_set
+        if self.source is not None and pruning:
+            raise ValueError(
+                "student.source is given, so nothing is pruned: remove "
+                f"{', '.join(sorted(pruning))} or unset student.source"
+            )
+        return self
 
 
 class GenerationSettings(Strict):

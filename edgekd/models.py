@@ -463,7 +463,7 @@ def _decoder_layers(model) -> nn.ModuleList:
 
 
 @contextmanager
-def _only_layers(model, keep: list[int]) -> Iterator[None]:
+def only_layers(model, keep: list[int]) -> Iterator[None]:
     """Temporarily run `model` with only the decoder layers in `keep` (shared, not copied)."""
     full = _decoder_layers(model)
     model.model.layers = nn.ModuleList(full[i] for i in keep)
@@ -473,7 +473,7 @@ def _only_layers(model, keep: list[int]) -> Iterator[None]:
         model.model.layers = full
 
 
-def _target_logprobs(model, batch: dict) -> torch.Tensor:
+def target_logprobs(model, batch: dict) -> torch.Tensor:
     """Log-probabilities at target positions, [n_targets, vocab]; labels are unshifted."""
     mask = batch.get("attention_mask")
     out = model(
@@ -488,16 +488,16 @@ def _target_logprobs(model, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def _kld_per_kept_set(model, batches: list[dict], keeps: list[list[int]]) -> list[float]:
     """Mean KL(full || model with only the layers in keep) over target tokens, for each keep."""
-    full = [_target_logprobs(model, b) for b in batches]
+    full = [target_logprobs(model, b) for b in batches]
     n_targets = sum(ref.shape[0] for ref in full)
     if n_targets == 0:
         raise EdgekdError("calibration batches have no target positions (all labels are -100)")
     klds = []
     for keep in keeps:
-        # use_cache=False in _target_logprobs, so the kept layers' layer_idx gaps are harmless.
-        with _only_layers(model, keep):
+        # use_cache=False in target_logprobs, so the kept layers' layer_idx gaps are harmless.
+        with only_layers(model, keep):
             total = sum(
-                F.kl_div(_target_logprobs(model, b), ref, reduction="sum", log_target=True).item()
+                F.kl_div(target_logprobs(model, b), ref, reduction="sum", log_target=True).item()
                 for b, ref in zip(batches, full, strict=True)
             )
         klds.append(total / n_targets)
@@ -534,7 +534,7 @@ def prune_layers(model, keep: list[int]):
     """A copy of `model` (same class) with only the decoder layers in `keep`, renumbered."""
     _check_keep(keep, len(_decoder_layers(model)))
     # Deep-copying with the dropped layers detached copies only what is kept (ties included).
-    with _only_layers(model, keep):
+    with only_layers(model, keep):
         pruned = copy.deepcopy(model)
     config = pruned.config
     config.num_hidden_layers = len(keep)
@@ -637,6 +637,11 @@ def _tensors(config) -> list[_Tensor]:
             ]
         tensors += [_Tensor(name, shape, layer=i) for name, shape in layer]
     return tensors
+
+
+def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every GGUF tensor of the model by name, its shape in GGUF order (row length first)."""
+    return {t.name: t.shape for t in _tensors(config)}
 
 
 def param_count(config) -> int:

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 import torch
 
 from edgekd import architectures, models, train_memory
+from edgekd import student as student_shape
 from edgekd.config import Profile, Recipe
 from edgekd.effective import Effective, resolve
 from edgekd.errors import EdgekdError
 from edgekd.stages import get as spec_of
 from edgekd.stages import of_kind
 from edgekd.stages.spec import SizeInputs
-from edgekd.student import MB, layer_count
+from edgekd.student import MB
 
 GB = 1024 * MB
 
@@ -34,6 +35,7 @@ class Plan:
     student_q_bytes: int
     kv_bytes: int
     budget_bytes: int
+    candidates: list = field(default_factory=list)  # student.Candidate, when pruned
     tokens: dict[str, int] = field(default_factory=dict)
     estimates: dict[str, float] = field(default_factory=dict)  # seconds, labelled as estimates
     host_gflops: float = 0.0
@@ -55,12 +57,26 @@ class Plan:
             f"{t.num_hidden_layers} layers"
             if t is not None
             else f"teacher   {self.teacher.describe()}: its weights are not on this machine",
-            f"student   {models.param_count(s) / 1e6:.1f}M params, {s.num_hidden_layers} layers "
+            f"student   {models.param_count(s) / 1e6:.1f}M params, {s.num_hidden_layers} layers, "
+            f"hidden {s.hidden_size} "
             f"({self.student_layers_note})",
             f"size      {quant} ~{self.student_q_bytes / MB:.0f} MB (estimate) + KV "
             f"cache {self.kv_bytes / MB:.0f} MB at {profile.context_length} tokens = {need:.0f} MB "
             f"of {profile.memory_budget_mb} MB budget: {'fits' if self.fits else 'DOES NOT FIT'}",
         ]
+        if len(self.candidates) > 1:
+            lines.append("candidates (student.prune=auto: each healed, lowest held-out kld kept)")
+        for c in self.candidates:
+            lines.append(
+                f"  {c.method:<11} {c.shape.describe()}: {c.params / 1e6:.1f}M params, {quant} "
+                f"~{c.gguf_bytes / MB:.0f} MB + KV {c.kv_bytes / MB:.0f} MB (estimate)"
+            )
+            fallbacks = student_shape.row_fallbacks(c.config, quant)
+            if fallbacks:
+                lines.append(
+                    "              rows not a multiple of the block, written as: "
+                    + ", ".join(f"{k} {t}" for k, t in sorted(fallbacks.items()))
+                )
         if self.disk_bytes:
             lines.append(
                 f"disk      ~{sum(self.disk_bytes.values()) / GB:.1f} GB for the run folder "
@@ -142,14 +158,12 @@ def make_plan(
         student_config = models.load_config(student_source)
         note = f"given: {student_source.describe()}"
     else:
-        n, note = layer_count(teacher_config, recipe, profile, effective.gguf_quant)
-        if n == 0:
-            raise EdgekdError(
-                f"no student pruned from {teacher.describe()} fits {profile.name}'s "
-                f"memory_budget_mb={profile.memory_budget_mb}: even one layer with its embeddings "
-                "and KV cache is too large; choose a smaller teacher or a larger profile"
-            )
-        student_config = models.with_layers(teacher_config, n)
+        candidates = student_shape.candidates(teacher_config, recipe, profile, effective.gguf_quant)
+        # The plan sizes the largest candidate: whichever auto keeps then fits too.
+        chosen = max(candidates, key=lambda c: c.gguf_bytes + c.kv_bytes)
+        student_config, note = chosen.config, chosen.note
+        if len(candidates) > 1:
+            note = f"student.prune=auto: sized as its largest candidate, {chosen.method}"
     check_architecture(student_config, stages)
     budget = profile.memory_budget_mb * MB
     plan = Plan(
@@ -163,6 +177,7 @@ def make_plan(
         student_q_bytes=models.gguf_bytes_estimate(student_config, effective.gguf_quant),
         kv_bytes=models.kv_cache_bytes(student_config, profile.context_length),
         budget_bytes=budget,
+        candidates=[] if student_source is not None else candidates,
     )
     if strict and not plan.fits:
         raise fit_error(plan, profile)

@@ -724,6 +724,35 @@ CASES = [
         "exceeds the teacher's 4 layers",
     ),
     Case(
+        "student.target_params smaller than any pruned student",
+        lambda ws: ws.build("--set", "student.prune=width", "--set", "student.target_params=1000"),
+        "set student.target_params to at least",
+    ),
+    Case(
+        "student.num_attention_heads not a multiple of the teacher's KV heads",
+        lambda ws: ws.build(
+            "--set", "student.prune=width", "--set", "student.num_attention_heads=3"
+        ),
+        "does not divide over the teacher's 2 key/value heads",
+    ),
+    Case(
+        "student.hidden_size not a multiple of the quantization block",
+        lambda ws: ws.build("--set", "student.prune=width", "--set", "student.hidden_size=40"),
+        "student.hidden_size=40 is not a multiple of 32",
+    ),
+    Case(
+        "no pruned student fits the profile's memory budget",
+        lambda ws: ws.build("--set", "student.prune=width", "--set", "student.budget_margin=0.999"),
+        "needs memory_budget_mb of at least",
+    ),
+    Case(
+        "student.source combined with pruning settings",
+        lambda ws: ws.build(
+            "--set", f"student.source={ws.teacher}", "--set", "student.prune=width"
+        ),
+        "student.source is given, so nothing is pruned",
+    ),
+    Case(
         "qat_kd asked for with a Q8_0 export",
         lambda ws: _with(ws.build("--set", "export_gguf.quant=Q8_0"), "--stages", "distill,qat_kd"),
         "qat_kd imitates llama.cpp's Q4_K_M",

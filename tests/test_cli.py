@@ -1,6 +1,7 @@
 """The command line: plans, profiles and one-line errors before any work starts."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -130,6 +131,36 @@ def test_example_recipes_plan_from_configs_alone():
     for strategy in ("DDP", "ZeRO-2", "FSDP2"):
         assert f"\n          {strategy} " in mid.output
     assert "logits 2.9 GB chunked (1024 tokens); naive full logits would be 23.2 GB" in mid.output
+
+
+def _pruned_dry_run(recipe, profile, *sets):
+    return _run(
+        "build", "--profile", profile, "--recipe", str(RECIPES / recipe), "--dry-run",
+        "--teacher", str(CONFIGS / "qwen2.5-7b-instruct"), "--set", "student.source=null",
+        *[a for s in sets for a in ("--set", s)],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("recipe", "profile", "budget"),
+    [("qwen2.5-7b-to-0.5b.yaml", "phone-1gb", 480), ("qwen2.5-7b-to-1.5b.yaml", "phone-4gb", 1500)],
+)
+def test_a_7b_teacher_is_pruned_to_fit_the_profile(recipe, profile, budget):
+    out = _pruned_dry_run(recipe, profile, "student.prune=auto").output
+    assert "7615.6M params" in out and f"of {budget} MB budget: fits" in out
+    rows = re.findall(r"\n  (width|depth_width|depth) +(\d+) layers, hidden (\d+), .*?: ([\d.]+)M "
+                      r"params, Q4_K_M ~(\d+) MB \+ KV (\d+) MB", out)  # fmt: skip
+    assert {r[0] for r in rows} >= {"width", "depth_width"}
+    for _, _, hidden, _, weights, kv in rows:
+        assert int(hidden) % 256 == 0 and int(weights) + int(kv) <= 0.95 * budget
+
+
+def test_depth_alone_is_refused_for_a_7b_teacher_on_a_1gb_phone():
+    line = _error_line(
+        _pruned_dry_run("qwen2.5-7b-to-0.5b.yaml", "phone-1gb", "student.prune=depth")
+    )
+    assert "no depth student of this teacher fits phone-1gb's memory_budget_mb=480" in line
+    assert "set student.prune=depth_width" in line
 
 
 def test_student_that_cannot_fit_is_refused():

@@ -33,7 +33,7 @@ def test_chain_follows_the_profile_formats_and_the_enabled_flags():
 def test_export_quant_override_is_fit_checked_at_its_size():
     # The embedded teacher's 20-layer student: ~77 MB at Q4_K_M, ~102 MB at Q8_0, + 30 MB of KV.
     profile = load_profile("phone-1gb").model_copy(update={"memory_budget_mb": 120})
-    fixed = ["student.num_layers=20"]
+    fixed = ["student.num_layers=20", "student.prune=depth"]
     q4 = make_plan(profile, load_recipe(None, fixed), ["distill"], timing=False)
     assert q4.fits and q4.effective.gguf_quant == "Q4_K_M"
     q8 = make_plan(
@@ -55,11 +55,14 @@ def test_export_quant_override_is_fit_checked_at_its_size():
     # Left to choose, the student keeps fewer layers at Q8_0: what fits at the exported size (the
     # count distill prunes to, from the same function and the same effective quant).
     chosen = make_plan(
-        profile, load_recipe(None, ["export_gguf.quant=Q8_0"]), ["distill"], timing=False
+        profile,
+        load_recipe(None, ["export_gguf.quant=Q8_0", "student.prune=depth"]),
+        ["distill"],
+        timing=False,
     )
     assert chosen.fits
     assert chosen.student_config.num_hidden_layers < q4.student_config.num_hidden_layers
-    assert "largest count that fits" in chosen.student_layers_note
+    assert "largest that fits phone-1gb's budget" in chosen.student_layers_note
 
 
 def test_a_profile_format_no_export_writes_is_refused_before_work():

@@ -45,7 +45,7 @@ def test_distill_writes_student_report_and_manifest(tiny_teacher_dir, chat_jsonl
     # A random tiny teacher has near-ties that the fp16 reference can flip; kld is the real check.
     assert report["quality"]["teacher"]["top1"] > 0.9
     assert report["student"]["kept_layers"] in ([0, 1], [0, 3], [2, 3])
-    assert len(report["student"]["candidates"]) == 3
+    assert len(report["student"]["layer_candidates"]) == 3
     curve = [json.loads(line) for line in (stage / "loss_curve.jsonl").read_text().splitlines()]
     assert [row["step"] for row in curve] == [1, 2, 3, 4]
     manifest = json.loads((run / "manifest.json").read_text())

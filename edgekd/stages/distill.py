@@ -5,38 +5,47 @@ from __future__ import annotations
 
 import torch
 
-from edgekd import evaluate, models
+from edgekd import evaluate, models, student
 from edgekd.config import DistillSettings
 from edgekd.context import Context
 from edgekd.data import collate, padding_id
 from edgekd.evaluate import evaluate_torch
 from edgekd.rundir import StageResult
 from edgekd.stages.spec import SizeInputs, StageSpec
-from edgekd.student import layer_count
 from edgekd.train import save_curve, train_kd
 
 
-def _choose_layers(ctx: Context, teacher) -> tuple[list[int], dict]:
-    """Keep the layers whose contiguous complement changes the teacher's output least (kld)."""
-    total = teacher.config.num_hidden_layers
-    n_keep, why = layer_count(teacher.config, ctx.recipe, ctx.profile, ctx.effective.gguf_quant)
-    n_drop = total - n_keep
+def _calibration(ctx: Context) -> list[dict]:
     calib = ctx.train_examples[: ctx.recipe.student.calibration_examples]
     pad = padding_id(ctx.tokenizer)
-    batches = [collate(calib[i : i + 4], pad) for i in range(0, len(calib), 4)]
-    scores = models.block_drop_scores(teacher, batches, n_drop)
-    start, kld = min(scores, key=lambda s: s[1])
-    keep = [i for i in range(total) if not start <= i < start + n_drop]
-    report = {
-        "teacher_layers": total,
-        "kept_layers": keep,
-        "dropped_block": [start, start + n_drop - 1] if n_drop else None,
-        "dropped_block_kld": kld,
-        "why": why,
-        "candidates": [{"first": s, "last": s + n_drop - 1, "kld": k} for s, k in scores],
-        "calibration_examples": len(calib),
-    }
-    return keep, report
+    return [collate(calib[i : i + 4], pad) for i in range(0, len(calib), 4)]
+
+
+def _prune(ctx: Context) -> tuple[torch.nn.Module, dict]:
+    """The student cut from the teacher; with several candidates (prune=auto) each is healed
+    briefly and the lowest held-out kld wins."""
+    spec, teacher = ctx.recipe.student, ctx.teacher
+    candidates = student.candidates(
+        teacher.config, ctx.recipe, ctx.profile, ctx.effective.gguf_quant
+    )
+    batches = _calibration(ctx)
+    common = {"source": "pruned teacher", "prune": spec.prune}
+    common["calibration_examples"] = sum(len(b["input_ids"]) for b in batches)
+    if len(candidates) == 1:
+        model, report = student.build(teacher, batches, candidates[0])
+        row = candidates[0].row()
+        return model.float(), {**common, **report, **row, "why": candidates[0].note}
+    rows, best = [], None
+    for c in candidates:
+        model, report = student.build(teacher, batches, c)
+        model = model.float()
+        student.heal(model, teacher, batches, spec.heal_steps, spec.heal_lr)
+        kld = evaluate_torch(model, ctx.heldout, ctx.reference).kld
+        rows.append({**c.row(), "kld_after_heal": kld, "why": c.note, **report})
+        if best is None or kld < best[0]:
+            best = (kld, model, rows[-1])
+    chosen = best[2]
+    return best[1], {**common, **chosen, "heal_steps": spec.heal_steps, "candidates": rows}
 
 
 def _load_student(ctx: Context) -> tuple[torch.nn.Module, dict]:
@@ -49,29 +58,27 @@ def _load_student(ctx: Context) -> tuple[torch.nn.Module, dict]:
             teacher_name=ctx.teacher_source.describe(),
             student_name=src.describe(),
         )
-        student = models.load_model(src, allow_pickle=spec.allow_pickle, role="student")
-        return student, {"source": src.describe()}
-    keep, report = _choose_layers(ctx, ctx.teacher)
+        model = models.load_model(src, allow_pickle=spec.allow_pickle, role="student")
+        return model, {"source": src.describe()}
     # The student trains in float32 whatever dtype the teacher is held in.
-    student = models.prune_layers(ctx.teacher, keep).float()
-    return student, {"source": "pruned teacher", **report}
+    return _prune(ctx)
 
 
 def run(ctx: Context, settings: DistillSettings) -> StageResult:
-    student, student_report = _load_student(ctx)
-    student.requires_grad_(True)
+    model, student_report = _load_student(ctx)
+    model.requires_grad_(True)
     # Every process takes the reference: its first use synchronizes the processes.
     reference = ctx.reference
     quality = {}
     if ctx.is_main:
         # The reference is the teacher's own held-out log-probs: its row needs no second pass.
         quality["teacher"] = evaluate.quality(reference, reference, ctx.heldout.targets).as_dict()
-        quality["student before"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
-    curve, train_report = train_kd(ctx, student, settings, name="distill")
+        quality["student before"] = evaluate_torch(model, ctx.heldout, reference).as_dict()
+    curve, train_report = train_kd(ctx, model, settings, name="distill")
     artifacts = []
     if ctx.is_main:
-        quality["student after"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
-        artifacts = models.save_model(student, ctx.tokenizer, ctx.work_dir / "model")
+        quality["student after"] = evaluate_torch(model, ctx.heldout, reference).as_dict()
+        artifacts = models.save_model(model, ctx.tokenizer, ctx.work_dir / "model")
         artifacts = [f"model/{a}" for a in artifacts]
         artifacts.append(save_curve(ctx.work_dir, curve))
     return StageResult(

@@ -1,4 +1,4 @@
-"""The exports of the embedded default student (SmolLM2-135M pruned to 20 layers), end to end."""
+"""The exports of the embedded default student (SmolLM2-135M pruned in depth and width)."""
 
 import json
 
@@ -27,7 +27,12 @@ def test_embedded_default_student_exports_match_torch(tmp_path, chat_jsonl):
     assert pipeline.select_stages(None, profile, recipe) == [*stages, "bench"]
     pipeline.build(profile, recipe, tmp_path / "run", stages)
     distill = json.loads((tmp_path / "run" / "01-distill" / "report.json").read_text())
-    assert len(distill["student"]["kept_layers"]) == 20
+    assert distill["student"]["shape"] == {
+        "layers": 29,
+        "hidden": 480,
+        "intermediate": 1280,
+        "heads": 9,
+    }
     gguf = json.loads((tmp_path / "run" / "04-export-gguf" / "report.json").read_text())
     assert gguf["tokenizer"]["mismatches"] == 0
     assert gguf["f16_vs_torch"]["kld"] < 1e-3 and gguf["f16_vs_torch"]["top1"] > 0.97
