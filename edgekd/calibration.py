@@ -4,6 +4,7 @@ blocks' linear layers, accumulated as llama.cpp's imatrix tool does (quant.imatr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from edgekd import models
 from edgekd.errors import EdgekdError
 from edgekd.quant import ggml_types
 from edgekd.quant.imatrix import Imatrix, accumulate
+
+if TYPE_CHECKING:
+    from edgekd.context import Context
 
 
 def weighted_tensors(config) -> dict[str, int]:
@@ -66,3 +70,14 @@ def collect(
         model.train(was_training)
     imatrix.chunk_count = seen // chunk_size
     return imatrix
+
+
+def of_build(ctx: Context, model: nn.Module) -> Imatrix:
+    """The imatrix of `model` on the build's training split (never the held-out slice), sized by
+    the export_gguf settings."""
+    s = ctx.recipe.export_gguf
+    source = ctx.recipe.data.source or "edgekd's shipped prompts answered by the teacher"
+    sequences = [ex.input_ids for ex in ctx.train_examples]
+    return collect(
+        model, sequences, s.imatrix_chunks, s.imatrix_chunk_size, f"{source} (training split)"
+    )

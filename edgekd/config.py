@@ -396,6 +396,15 @@ class SpeculativeSettings(Strict):
 class ExportGgufSettings(Strict):
     quant: GgufQuant | None = Field(None, description="unset: the profile's gguf_quant")
     keep_f16: bool = Field(True, description="keep the F16 GGUF the quantized one is made from")
+    imatrix: bool = Field(
+        False,
+        description="Q4_K_M weighted by an importance matrix of the model on the build's "
+        "training split (llama.cpp's imatrix; qat_kd then trains against the weighted search)",
+    )
+    imatrix_chunks: int = Field(64, gt=0, description="imatrix calibration chunks at most")
+    imatrix_chunk_size: int = Field(
+        512, gt=0, description="tokens per imatrix chunk (llama-imatrix's context)"
+    )
 
 
 class ExportOnnxSettings(Strict):

@@ -16,6 +16,13 @@ from edgekd.quant.imatrix import Imatrix
 
 DATASETS, CHUNK_COUNT, CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 _SUMS, _COUNTS = ".in_sum2", ".counts"
+# The file's name in a stage folder: qat_kd leaves it beside its model, export_gguf ships it.
+FILE = "imatrix.gguf"
+
+
+def beside(model_dir: Path) -> Path:
+    """Where a training stage leaves the imatrix that goes with its `model/` folder."""
+    return Path(model_dir).parent / FILE
 
 
 def write(imatrix: Imatrix, path: Path) -> Path:
