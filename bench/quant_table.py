@@ -25,7 +25,6 @@ import torch
 
 from edgekd import calibration, data, models
 from edgekd.config import ExportGgufSettings, ExportOnnxSettings, load_recipe
-from edgekd.device_runner import OrtSession
 from edgekd.evaluate import HeldOut, evaluate_torch, load_reference, quality
 from edgekd.formats import gguf, onnx
 from edgekd.formats.gguf_weighted import quantize_weighted
@@ -41,24 +40,6 @@ ONNX_INT4 = [
     ("rtn_sym", 32, 4),
     ("rtn_asym", 32, 32),
 ]
-
-
-class Calibration:
-    """onnxruntime's CalibrationDataReader over training sequences (each from an empty cache)."""
-
-    def __init__(self, onnx_dir: Path, sequences: list[list[int]]):
-        session = OrtSession(str(onnx_dir), threads=1)
-        self.feeds = [session.feed(s, session.empty_past(), 0) for s in sequences]
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= len(self.feeds):
-            return None
-        self.i += 1
-        return self.feeds[self.i - 1]
-
-    def rewind(self):
-        self.i = 0
 
 
 def folder_bytes(path: Path) -> int:
@@ -157,7 +138,7 @@ def main() -> None:
             start = time.perf_counter()
             calib = None
             if method == "gptq":
-                calib = Calibration(fp32, train_ids[: args.gptq_sequences])
+                calib = onnx.Calibration(fp32, train_ids[: args.gptq_sequences])
             try:
                 path = onnx.quantize_onnx(
                     fp32,

@@ -101,6 +101,27 @@ def _untie_transposed_weights(model) -> None:
 INT4_METHODS = ("rtn_sym", "rtn_asym", "hqq", "k_quant", "gptq")
 
 
+class Calibration:
+    """onnxruntime's CalibrationDataReader (for GPTQ) over token sequences, each run from an
+    empty cache with the inputs the exported graph declares."""
+
+    def __init__(self, onnx_dir: Path, sequences: list[list[int]]):
+        from edgekd.device_runner import OrtSession
+
+        session = OrtSession(str(onnx_dir), threads=1)
+        self.feeds = [session.feed(list(s), session.empty_past(), 0) for s in sequences]
+        self.i = 0
+
+    def get_next(self) -> dict | None:
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
 def _int4_pass(model, method: str, block_size: int, accuracy_level: int, head: list, calibration):
     """The int4 MatMul pass of `method` (the head excluded); returns the quantizer."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
