@@ -35,7 +35,7 @@ ONNX_INT4 = [
     *[("rtn_sym", b, 8) for b in (32, 64, 128)],
     *[("rtn_asym", b, 8) for b in (32, 64, 128)],
     *[("hqq", b, 8) for b in (32, 64, 128)],
-    *[("k_quant", b, 8) for b in (32, 128)],
+    ("k_quant", 32, 8),
     ("gptq", 32, 8),
     ("rtn_sym", 32, 4),
     ("rtn_asym", 32, 32),

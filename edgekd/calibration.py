@@ -52,6 +52,9 @@ def collect(
 
         hooks.append(module.register_forward_pre_hook(hook))
     device = next(model.parameters()).device
+    # The blocks only: the output projection is not collected, and its logits over the whole
+    # vocabulary would cost as much as the rest of the model.
+    decoder = model.get_decoder()
     budget = chunks * chunk_size
     was_training = model.training
     model.eval()
@@ -62,7 +65,7 @@ def collect(
                 ids = list(seq[: budget - seen])
                 if not ids:
                     break
-                model(input_ids=torch.tensor([ids], device=device))
+                decoder(input_ids=torch.tensor([ids], device=device))
                 seen += len(ids)
     finally:
         for h in hooks:
