@@ -34,11 +34,11 @@ from edgekd.formats.registry import open_runtime
 ONNX_INT4 = [
     *[("rtn_sym", b, 8) for b in (32, 64, 128)],
     *[("rtn_asym", b, 8) for b in (32, 64, 128)],
-    *[("hqq", b, 8) for b in (32, 64, 128)],
-    ("k_quant", 32, 8),
-    ("gptq", 32, 8),
-    ("rtn_sym", 32, 4),
-    ("rtn_asym", 32, 32),
+    ("hqq", 32, 8),
+    *[("k_quant", b, 8) for b in (32, 64)],
+    *[("gptq", b, 8) for b in (32, 64)],
+    ("rtn_asym", 64, 4),
+    ("rtn_asym", 64, 32),
 ]
 
 
@@ -53,6 +53,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["gguf", "onnx"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gptq-sequences", type=int, default=16)
+    ap.add_argument(
+        "--int4",
+        action="append",
+        help="only these ONNX int4 rows, by method or METHOD-BLOCK-hHEAD (then no int8 row)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,8 +66,9 @@ def main() -> None:
     s = load_recipe(None, []).data
     rows = data.read_jsonl(next((args.run / "cache").glob("corpus-*.jsonl")))
     train, held = data.split_heldout(rows, s.heldout_fraction, s.max_heldout)
-    students = {"before qat_kd": args.run / "02-qlora" / "model"}
-    students["final"] = args.run / "03-qat-kd" / "model"
+    # The final student first: it is what the build ships.
+    students = {"final": args.run / "03-qat-kd" / "model"}
+    students["before qat_kd"] = args.run / "02-qlora" / "model"
     tokenizer = models.load_tokenizer(models.resolve_source(str(students["final"]), role="student"))
     heldout = HeldOut.from_examples(data.tokenize_rows(held, tokenizer, max_len=s.max_seq_len))
     reference = load_reference(next((args.run / "cache").glob("reference-*.safetensors")))
@@ -122,18 +128,22 @@ def main() -> None:
         fp32 = args.run / "05-export-onnx" / "fp32"
         o = ExportOnnxSettings()
         start = time.perf_counter()
-        int8 = onnx.quantize_onnx(
-            fp32, work / "onnx-int8", "int8", block_size=32, accuracy_level=o.accuracy_level
-        )
-        add(
-            "ONNX int8 final (block 32)",
-            "onnxruntime",
-            int8,
-            measure(int8),
-            floats["final"],
-            time.perf_counter() - start,
-        )
+        if not args.int4:
+            int8 = onnx.quantize_onnx(
+                fp32, work / "onnx-int8", "int8", block_size=32, accuracy_level=o.accuracy_level
+            )
+            q8 = measure(int8)
+            add(
+                "ONNX int8 final (block 32)",
+                "onnxruntime",
+                int8,
+                q8,
+                floats["final"],
+                time.perf_counter() - start,
+            )
         for method, block, head in ONNX_INT4:
+            if args.int4 and not {method, f"{method}-{block}-h{head}"} & set(args.int4):
+                continue
             name = f"onnx-int4-{method}-{block}-h{head}"
             start = time.perf_counter()
             calib = None

@@ -401,7 +401,9 @@ class ExportGgufSettings(Strict):
         description="Q4_K_M weighted by an importance matrix of the model on the build's "
         "training split (llama.cpp's imatrix; qat_kd then trains against the weighted search)",
     )
-    imatrix_chunks: int = Field(64, gt=0, description="imatrix calibration chunks at most")
+    imatrix_chunks: int = Field(
+        16, gt=0, description="imatrix calibration chunks at most (a forward pass each, on CPU)"
+    )
     imatrix_chunk_size: int = Field(
         512, gt=0, description="tokens per imatrix chunk (llama-imatrix's context)"
     )

@@ -121,6 +121,10 @@ class Calibration:
     def rewind(self) -> None:
         self.i = 0
 
+    def __iter__(self):
+        # GPTQ's data loader iterates a copy of the reader rather than calling get_next.
+        return iter(self.feeds)
+
 
 def _int4_pass(model, method: str, block_size: int, accuracy_level: int, head: list, calibration):
     """The int4 MatMul pass of `method` (the head excluded); returns the quantizer."""
@@ -143,7 +147,15 @@ def _int4_pass(model, method: str, block_size: int, accuracy_level: int, head: l
         if calibration is None:
             raise EdgekdError("ONNX int4 method gptq needs calibration sequences")
         config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration)
-    return _nbits_quantizer_class()(model, bits=4, is_symmetric=False, algo_config=config, **common)
+    quantizer = _nbits_quantizer_class()(
+        model, bits=4, is_symmetric=False, algo_config=config, **common
+    )
+    if method == "gptq":
+        # onnxruntime hands GPTQ no excluded nodes (it does for RTN and k-quant): mark the head
+        # "fp32", the way it marks them for those, so the head pass finds it unquantized.
+        nodes = quantizer._generate_q4_node_config
+        quantizer._generate_q4_node_config = lambda: {**nodes(), **dict.fromkeys(head, "fp32")}
+    return quantizer
 
 
 def quantize_onnx(

@@ -7,7 +7,7 @@ import torch
 from edgekd.config import ExportOnnxSettings
 from edgekd.errors import EdgekdError
 from edgekd.formats import onnx as onnx_module
-from edgekd.formats.onnx import export_onnx, quantize_onnx
+from edgekd.formats.onnx import INT4_METHODS, Calibration, export_onnx, quantize_onnx
 from edgekd.formats.ort import Ort
 from tests.formats.test_gguf import CHAT, PROSE, measure, save_tiny, torch_logprobs
 
@@ -118,6 +118,43 @@ def test_large_models_keep_weights_in_a_side_file(exported, tokenizer, tmp_path,
     seqs = [tokenizer(PROSE)["input_ids"][:20]]
     a, b = Ort(small, threads=1).logprobs(seqs)[0], Ort(side, threads=1).logprobs(seqs)[0]
     assert torch.equal(a, b)
+
+
+HEAD_BITS = {"rtn_sym": 4, "rtn_asym": 32, "hqq": 8, "k_quant": 8, "gptq": 8}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", INT4_METHODS)
+def test_every_int4_method_quantizes_every_matmul(exported, tokenizer, tmp_path, method):
+    """Each of onnxruntime's int4 quantizers: 4-bit body, the head at head_bits (32: float),
+    the embedding in 4 bits, and a model that still tracks its float self."""
+    model, onnx_dir = exported["llama"]
+    seqs = [tokenizer(PROSE)["input_ids"]]
+    calibration = Calibration(onnx_dir, seqs) if method == "gptq" else None
+    out = quantize_onnx(
+        onnx_dir,
+        tmp_path / method,
+        "int4",
+        **QUANT,
+        method=method,
+        head_bits=HEAD_BITS[method],
+        calibration=calibration,
+    )
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    bits = _bits(graph)
+    head = bits.pop("lm_head", 32)
+    assert head == HEAD_BITS[method]
+    assert len(bits) == 2 * 7 and set(bits.values()) == {4}
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
+    ref = torch_logprobs(model, seqs)
+    q = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
+    other = save_tiny(tmp_path / "other", "llama", tokenizer, seed=1)
+    assert q.kld < 0.1 * measure(torch_logprobs(other, seqs), ref, seqs).kld
+
+
+def test_quantize_refuses_unknown_method(tmp_path):
+    with pytest.raises(EdgekdError, match="int4 method 'awq' is not one of"):
+        quantize_onnx(tmp_path, tmp_path / "q", "int4", **QUANT, method="awq")
 
 
 def test_quantize_refuses_unknown_kind(tmp_path):
