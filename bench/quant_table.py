@@ -130,7 +130,13 @@ def main() -> None:
         start = time.perf_counter()
         if not args.int4:
             int8 = onnx.quantize_onnx(
-                fp32, work / "onnx-int8", "int8", block_size=32, accuracy_level=o.accuracy_level
+                fp32,
+                work / "onnx-int8",
+                "int8",
+                block_size=32,
+                accuracy_level=o.accuracy_level,
+                method=o.int4_method,
+                head_bits=o.head_bits,
             )
             q8 = measure(int8)
             add(

@@ -413,7 +413,7 @@ class ExportOnnxSettings(Strict):
     quant: list[OnnxQuant] | None = Field(None, description="unset: the profile's onnx_quant")
     block_size: int = Field(32, ge=16, description="int4 MatMulNBits block size (power of 2)")
     int4_method: Literal["rtn_sym", "rtn_asym", "hqq", "k_quant", "gptq"] = Field(
-        "rtn_sym",
+        "rtn_asym",
         description="onnxruntime's int4 MatMul quantizer: round to nearest (symmetric or with a "
         "zero point), HQQ, its k-quant search, GPTQ on calibration sequences of the training "
         "split; chosen by bench/quant_table.py (docs/quantization.md)",

@@ -165,8 +165,8 @@ def quantize_onnx(
     *,
     block_size: int,
     accuracy_level: int,
-    method: str = "rtn_sym",
-    head_bits: int = 8,
+    method: str,
+    head_bits: int,
     calibration=None,
 ) -> Path:
     """Quantize an exported folder's weights into `out_dir`, a folder with the same files.

@@ -12,6 +12,7 @@ from edgekd.formats.ort import Ort
 from tests.formats.test_gguf import CHAT, PROSE, measure, save_tiny, torch_logprobs
 
 QUANT = ExportOnnxSettings().model_dump(include={"block_size", "accuracy_level"})
+DEFAULT = {**QUANT, "method": ExportOnnxSettings().int4_method, "head_bits": 8}
 
 
 def greedy_torch(model, tokenizer, messages, max_tokens):
@@ -74,7 +75,7 @@ def _bits(graph) -> dict[str, int]:
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_quantized_loads_and_stays_close(exported, tokenizer, tmp_path, kind):
     model, onnx_dir = exported["llama"]
-    out = quantize_onnx(onnx_dir, tmp_path / kind, kind, **QUANT)
+    out = quantize_onnx(onnx_dir, tmp_path / kind, kind, **DEFAULT)
     assert {p.name for p in out.iterdir()} == {p.name for p in onnx_dir.iterdir()}
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
@@ -111,9 +112,9 @@ def test_quantized_loads_and_stays_close(exported, tokenizer, tmp_path, kind):
 def test_large_models_keep_weights_in_a_side_file(exported, tokenizer, tmp_path, monkeypatch):
     """Past 2 GiB protobuf cannot hold the weights; the same path, forced on a tiny model."""
     _, onnx_dir = exported["qwen2"]
-    small = quantize_onnx(onnx_dir, tmp_path / "inline", "int4", **QUANT)
+    small = quantize_onnx(onnx_dir, tmp_path / "inline", "int4", **DEFAULT)
     monkeypatch.setattr(onnx_module, "_EXTERNAL_DATA_BYTES", 0)
-    side = quantize_onnx(onnx_dir, tmp_path / "side", "int4", **QUANT)
+    side = quantize_onnx(onnx_dir, tmp_path / "side", "int4", **DEFAULT)
     assert (side / "model.onnx").stat().st_size < 0.1 * (small / "model.onnx").stat().st_size
     seqs = [tokenizer(PROSE)["input_ids"][:20]]
     a, b = Ort(small, threads=1).logprobs(seqs)[0], Ort(side, threads=1).logprobs(seqs)[0]
@@ -154,17 +155,17 @@ def test_every_int4_method_quantizes_every_matmul(exported, tokenizer, tmp_path,
 
 def test_quantize_refuses_unknown_method(tmp_path):
     with pytest.raises(EdgekdError, match="int4 method 'awq' is not one of"):
-        quantize_onnx(tmp_path, tmp_path / "q", "int4", **QUANT, method="awq")
+        quantize_onnx(tmp_path, tmp_path / "q", "int4", **QUANT, method="awq", head_bits=8)
 
 
 def test_quantize_refuses_unknown_kind(tmp_path):
     with pytest.raises(EdgekdError, match="int3"):
-        quantize_onnx(tmp_path, tmp_path / "out", "int3", **QUANT)
+        quantize_onnx(tmp_path, tmp_path / "out", "int3", **DEFAULT)
 
 
 def test_quantize_refuses_bad_block_size(tmp_path):
     with pytest.raises(EdgekdError, match="block_size 48"):
-        quantize_onnx(tmp_path, tmp_path / "out", "int4", block_size=48, accuracy_level=4)
+        quantize_onnx(tmp_path, tmp_path / "out", "int4", **{**DEFAULT, "block_size": 48})
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
