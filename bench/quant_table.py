@@ -128,19 +128,20 @@ def main() -> None:
         fp32 = args.run / "05-export-onnx" / "fp32"
         o = ExportOnnxSettings()
         start = time.perf_counter()
-        if not args.int4:
+        for block in () if args.int4 else (32, 64):
+            start = time.perf_counter()
             int8 = onnx.quantize_onnx(
                 fp32,
-                work / "onnx-int8",
+                work / f"onnx-int8-{block}",
                 "int8",
-                block_size=32,
+                block_size=block,
                 accuracy_level=o.accuracy_level,
                 method=o.int4_method,
                 head_bits=o.head_bits,
             )
             q8 = measure(int8)
             add(
-                "ONNX int8 final (block 32)",
+                f"ONNX int8 final (block {block})",
                 "onnxruntime",
                 int8,
                 q8,
