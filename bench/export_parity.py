@@ -197,6 +197,8 @@ def main() -> None:
             kind,
             block_size=settings.block_size,
             accuracy_level=settings.accuracy_level,
+            method=settings.int4_method,
+            head_bits=settings.head_bits,
         )
         print(f"  {kind:<14} {time.perf_counter() - t:.1f} s, {size_mb(out):.1f} MB")
         measure(kind, Ort(out, threads=args.threads).logprobs(seqs), reference, seqs)

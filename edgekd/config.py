@@ -448,11 +448,32 @@ class SpeculativeSettings(Strict):
 class ExportGgufSettings(Strict):
     quant: GgufQuant | None = Field(None, description="unset: the profile's gguf_quant")
     keep_f16: bool = Field(True, description="keep the F16 GGUF the quantized one is made from")
+    imatrix: bool = Field(
+        False,
+        description="Q4_K_M weighted by an importance matrix of the model on the build's "
+        "training split (llama.cpp's imatrix; qat_kd then trains against the weighted search)",
+    )
+    imatrix_chunks: int = Field(
+        16, gt=0, description="imatrix calibration chunks at most (a forward pass each, on CPU)"
+    )
+    imatrix_chunk_size: int = Field(
+        512, gt=0, description="tokens per imatrix chunk (llama-imatrix's context)"
+    )
 
 
 class ExportOnnxSettings(Strict):
     quant: list[OnnxQuant] | None = Field(None, description="unset: the profile's onnx_quant")
     block_size: int = Field(32, ge=16, description="int4 MatMulNBits block size (power of 2)")
+    int4_method: Literal["rtn_sym", "rtn_asym", "hqq", "k_quant", "gptq"] = Field(
+        "rtn_asym",
+        description="onnxruntime's int4 MatMul quantizer: round to nearest (symmetric or with a "
+        "zero point), HQQ, its k-quant search, GPTQ on calibration sequences of the training "
+        "split; chosen by bench/quant_table.py (docs/quantization.md)",
+    )
+    head_bits: Literal[4, 8, 32] = Field(
+        8, description="int4 export's output matrix (lm_head) width; 32 keeps it float"
+    )
+    gptq_sequences: int = Field(16, gt=0, description="training sequences GPTQ calibrates on")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         4, description="MatMulNBits compute type: 4 = int8 (fast on CPU), 0 = unset (fp32)"
     )

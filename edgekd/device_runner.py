@@ -286,7 +286,8 @@ class OrtSession:
             past[name] = np.zeros(shape, dtype=dtype)
         return past
 
-    def step(self, ids: list[int], past: dict, n_past: int):
+    def feed(self, ids: list[int], past: dict, n_past: int) -> dict:
+        """The graph's inputs for `ids` after `n_past` cached positions."""
         import numpy as np
 
         feed = {"input_ids": np.array([ids], dtype=np.int64), **past}
@@ -294,7 +295,10 @@ class OrtSession:
             feed["attention_mask"] = np.ones((1, n_past + len(ids)), dtype=np.int64)
         if "position_ids" in self.inputs:
             feed["position_ids"] = np.arange(n_past, n_past + len(ids), dtype=np.int64)[None]
-        outputs = self.session.run(["logits", *self.present_names], feed)
+        return feed
+
+    def step(self, ids: list[int], past: dict, n_past: int):
+        outputs = self.session.run(["logits", *self.present_names], self.feed(ids, past, n_past))
         return outputs[0][0], dict(zip(self.past_names, outputs[1:], strict=True))
 
 

@@ -26,6 +26,9 @@ class Effective:
     eval_threads: int  # eval.threads, else torch's threads on this host
     bench_threads: int  # bench.threads, else the profile's, at most this host's cores
     chain: tuple[StageSpec, ...]  # every stage of the build, in order
+    # export_gguf.imatrix when the chain exports GGUF: qat_kd then trains against the weighted
+    # search too.
+    gguf_imatrix: bool = False
 
 
 def build_chain(profile: Profile, recipe: Recipe, requested: list[str]) -> tuple[StageSpec, ...]:
@@ -56,10 +59,12 @@ def resolve(profile: Profile, recipe: Recipe, requested: list[str]) -> Effective
     """The effective values of a build of `requested` stages (all of the chain when empty)."""
     check_formats(profile)
     onnx_quant = recipe.export_onnx.quant
+    chain = build_chain(profile, recipe, requested)
     return Effective(
         gguf_quant=recipe.export_gguf.quant or profile.gguf_quant,
         onnx_quant=tuple(onnx_quant if onnx_quant is not None else profile.onnx_quant),
         eval_threads=recipe.eval.threads or torch.get_num_threads(),
         bench_threads=bench_threads(profile.threads, recipe.bench.threads),
-        chain=build_chain(profile, recipe, requested),
+        chain=chain,
+        gguf_imatrix=recipe.export_gguf.imatrix and any(s.produces == "gguf" for s in chain),
     )

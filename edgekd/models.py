@@ -665,6 +665,11 @@ _METADATA_BYTES_PER_TOKEN = 36
 _METADATA_BYTES_OTHER = 4096
 
 
+def gguf_tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> shape as GGUF gives it (the input width first) of every tensor of this model."""
+    return {t.name: t.shape for t in _tensors(config)}
+
+
 def gguf_tensor_types(config, quant: str) -> dict[str, str]:
     """The ggml type llama.cpp's quantizer gives each tensor of this model in a `quant` GGUF file,
     by GGUF name (1-D tensors, the norms and biases, stay F32)."""

@@ -395,6 +395,38 @@ def _outside_kept(name: str) -> Callable[[Workspace], str]:
     return check
 
 
+_IMATRIX_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _imatrix_beside(ws: Workspace, name: str, entries: dict[str, int]) -> list[str]:
+    """A copy of the run with an imatrix.gguf beside its student (GGUF name -> width), then its
+    imatrix-weighted GGUF export."""
+    import torch
+
+    from edgekd.formats import imatrix as imatrix_file
+    from edgekd.quant.imatrix import Imatrix
+
+    copy = _run_copy(ws, name)
+    imatrix = Imatrix(chunk_count=1, chunk_size=32, datasets=["another corpus"])
+    for tensor, width in entries.items():
+        imatrix.sums[tensor], imatrix.counts[tensor] = torch.ones(width), 32
+    imatrix_file.write(imatrix, copy / "01-distill" / imatrix_file.FILE)
+    return _imatrix_export(ws, copy)
+
+
+def _imatrix_export(ws: Workspace, run: Path, *sets: str) -> list[str]:
+    args = _with(ws.build(out=run), "--stages", "export_gguf")
+    return [*args, "--set", "export_gguf.imatrix=true", *[a for s in sets for a in ("--set", s)]]
+
+
+def _imatrix_not_gguf(ws: Workspace) -> list[str]:
+    from edgekd.formats import imatrix as imatrix_file
+
+    copy = _run_copy(ws, "run-imatrix-dat")
+    _write(copy / "01-distill" / imatrix_file.FILE, "a legacy .dat or anything else")
+    return _imatrix_export(ws, copy)
+
+
 def _linked_cache(ws: Workspace) -> list[str]:
     copy = _run_copy(ws, "run-linked-cache")
     shutil.rmtree(copy / CACHE)
@@ -851,6 +883,42 @@ CASES = [
         ),
         "distill: the sampled model's logits became nan at step 3 of 4",
         intact=lambda ws: _diverged_not_done(ws, "diverged-on-policy"),
+    ),
+    Case(
+        "imatrix.gguf beside the student made for another model (its tensor names)",
+        lambda ws: _imatrix_beside(ws, "run-imatrix-other", {"blk.40.attn_q.weight": 64}),
+        "it was made for another model",
+    ),
+    Case(
+        "imatrix.gguf beside the student made for another model (its widths)",
+        lambda ws: _imatrix_beside(
+            ws,
+            "run-imatrix-width",
+            {f"blk.{i}.{t}.weight": 4096 for i in range(2) for t in _IMATRIX_TENSORS},
+        ),
+        "columns, the model's tensor",
+    ),
+    Case(
+        "imatrix.gguf beside the student with no entries for some of its tensors",
+        lambda ws: _imatrix_beside(ws, "run-imatrix-partial", {"blk.0.attn_q.weight": 64}),
+        "has no entry for",
+    ),
+    Case(
+        "imatrix.gguf beside the student that is not a GGUF imatrix",
+        _imatrix_not_gguf,
+        "is not a GGUF imatrix file",
+    ),
+    Case(
+        "imatrix calibration data under one chunk (`export_gguf.imatrix_chunk_size=1000000`)",
+        lambda ws: _imatrix_export(
+            ws, _run_copy(ws, "run-imatrix-small"), "export_gguf.imatrix_chunk_size=1000000"
+        ),
+        "the imatrix needs at least one chunk",
+    ),
+    Case(
+        "imatrix with a type the weighted search does not cover (`export_gguf.quant=Q8_0`)",
+        lambda ws: _imatrix_export(ws, _run_copy(ws, "run-imatrix-q8"), "export_gguf.quant=Q8_0"),
+        "edgekd's weighted search covers Q4_K_M",
     ),
     Case(
         "finished distill whose model holds NaN (marked done by an older edgekd), then its export",

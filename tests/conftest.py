@@ -75,14 +75,24 @@ def ssh_server(tmp_path_factory):
         yield server
 
 
+def _llama_tool(name: str) -> Path:
+    binary = Path(os.environ.get("EDGEKD_LLAMA_TOOLS", "/nonexistent")) / name
+    if not os.access(binary, os.X_OK):
+        pytest.skip(
+            f"no {name}: run `export EDGEKD_LLAMA_TOOLS=$(scripts/build_llama_tools.sh)` "
+            "(cmake and a C++ compiler; several minutes) before pytest"
+        )
+    return binary
+
+
 @pytest.fixture(scope="session")
 def llama_bench_bin() -> Path:
     """llama.cpp's llama-bench, built by scripts/build_llama_tools.sh (`.ci/run` builds it and
     sets EDGEKD_LLAMA_TOOLS to its folder)."""
-    binary = Path(os.environ.get("EDGEKD_LLAMA_TOOLS", "/nonexistent")) / "llama-bench"
-    if not os.access(binary, os.X_OK):
-        pytest.skip(
-            "no llama-bench: run `export EDGEKD_LLAMA_TOOLS=$(scripts/build_llama_tools.sh)` "
-            "(cmake and a C++ compiler; several minutes) before pytest"
-        )
-    return binary
+    return _llama_tool("llama-bench")
+
+
+@pytest.fixture(scope="session")
+def llama_quantize_bin() -> Path:
+    """llama.cpp's llama-quantize, built beside llama-bench."""
+    return _llama_tool("llama-quantize")

@@ -95,16 +95,89 @@ def _untie_transposed_weights(model) -> None:
         model.graph.node.remove(node)
 
 
+# onnxruntime's MatMulNBits quantizers edgekd measures for int4 (bench/quant_table.py): round to
+# nearest, symmetric or with a zero point; HQQ (half-quadratic, zero points in float); its
+# k-quant scale search; GPTQ on calibration sequences.
+INT4_METHODS = ("rtn_sym", "rtn_asym", "hqq", "k_quant", "gptq")
+
+
+class Calibration:
+    """onnxruntime's CalibrationDataReader (for GPTQ) over token sequences, each run from an
+    empty cache with the inputs the exported graph declares."""
+
+    def __init__(self, onnx_dir: Path, sequences: list[list[int]]):
+        from edgekd.device_runner import OrtSession
+
+        session = OrtSession(str(onnx_dir), threads=1)
+        self.feeds = [session.feed(list(s), session.empty_past(), 0) for s in sequences]
+        self.i = 0
+
+    def get_next(self) -> dict | None:
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self) -> None:
+        self.i = 0
+
+    def __iter__(self):
+        # GPTQ's data loader iterates a copy of the reader rather than calling get_next.
+        return iter(self.feeds)
+
+
+def _int4_pass(model, method: str, block_size: int, accuracy_level: int, head: list, calibration):
+    """The int4 MatMul pass of `method` (the head excluded); returns the quantizer."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    common = {"block_size": block_size, "accuracy_level": accuracy_level, "nodes_to_exclude": head}
+    if method in ("rtn_sym", "rtn_asym"):
+        return _nbits_quantizer_class()(
+            model,
+            bits=4,
+            is_symmetric=method == "rtn_sym",
+            op_types_to_quantize=("MatMul", "Gather"),
+            **common,
+        )
+    if method == "hqq":
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+    elif method == "k_quant":
+        config = nbits.KQuantWeightOnlyQuantConfig()
+    else:
+        if calibration is None:
+            raise EdgekdError("ONNX int4 method gptq needs calibration sequences")
+        config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration)
+    quantizer = _nbits_quantizer_class()(
+        model, bits=4, is_symmetric=False, algo_config=config, **common
+    )
+    if method == "gptq":
+        # onnxruntime hands GPTQ no excluded nodes (it does for RTN and k-quant): mark the head
+        # "fp32", the way it marks them for those, so the head pass finds it unquantized.
+        nodes = quantizer._generate_q4_node_config
+        quantizer._generate_q4_node_config = lambda: {**nodes(), **dict.fromkeys(head, "fp32")}
+    return quantizer
+
+
 def quantize_onnx(
-    onnx_dir: Path, out_dir: Path, kind: str, *, block_size: int, accuracy_level: int
+    onnx_dir: Path,
+    out_dir: Path,
+    kind: str,
+    *,
+    block_size: int,
+    accuracy_level: int,
+    method: str,
+    head_bits: int,
+    calibration=None,
 ) -> Path:
     """Quantize an exported folder's weights into `out_dir`, a folder with the same files.
 
-    Weight-only, block-wise (`block_size` weights per scale), symmetric, with onnxruntime's
-    MatMulNBits quantizer; activations stay float. 'int4': MatMul weights and the token
-    embedding (GatherBlockQuantized) in 4 bits, the output matrix (lm_head) in 8; 'int8': every
-    MatMul weight in 8 bits, the embedding stays float (onnxruntime quantizes Gather to 4 bits
-    only). `accuracy_level` is MatMulNBits' compute type: 4 multiplies in int8 on the CPU.
+    Weight-only, block-wise (`block_size` weights per scale), with onnxruntime's MatMulNBits
+    quantizer; activations stay float. 'int4': MatMul weights by `method` (one of INT4_METHODS;
+    gptq takes `calibration`, an onnxruntime CalibrationDataReader) and the token embedding
+    (GatherBlockQuantized, round to nearest, 4 bits: the only width onnxruntime gives a Gather)
+    in 4 bits, the output matrix (lm_head) in `head_bits` (8 or 4; 32 keeps it float); 'int8':
+    every MatMul weight in 8 bits, symmetric, the embedding stays float. `accuracy_level` is
+    MatMulNBits' compute type: 4 multiplies in int8 on the CPU.
     """
     import onnx
 
@@ -115,6 +188,8 @@ def quantize_onnx(
         raise EdgekdError(f"ONNX quantization {kind!r} is not one of {', '.join(_QUANT_KINDS)}")
     if block_size < 16 or block_size & (block_size - 1):
         raise EdgekdError(f"ONNX quantization block_size {block_size} must be a power of two >= 16")
+    if method not in INT4_METHODS:
+        raise EdgekdError(f"ONNX int4 method {method!r} is not one of {', '.join(INT4_METHODS)}")
     if not (onnx_dir / MODEL).is_file():
         raise EdgekdError(f"{onnx_dir} has no {MODEL}: export the model first")
     external = _weights_bytes(onnx_dir) > _EXTERNAL_DATA_BYTES
@@ -125,26 +200,33 @@ def quantize_onnx(
     # (int4 decoded at 1/6 of fp32's speed); at level 4 int4 decodes 2.6x faster than fp32.
     quantizer_class = functools.partial(_nbits_quantizer_class(), accuracy_level=accuracy_level)
     head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output]
-    quantizer = quantizer_class(
-        model,
-        bits=_QUANT_KINDS[kind],
-        block_size=block_size,
-        is_symmetric=True,
-        nodes_to_exclude=head if kind == "int4" else None,
-        op_types_to_quantize=("MatMul", "Gather") if kind == "int4" else ("MatMul",),
-    )
-    quantizer.process()
-    if kind == "int4" and head:
-        # The output matrix in 8 bits, as llama.cpp's Q4_K_M keeps it at 6-8: on SmolLM2-135M
-        # it cut KL from 0.46 to 0.39 for 14 MB. Only it is left as a constant-weight MatMul.
+    if kind == "int8":
         quantizer = quantizer_class(
-            quantizer.model.model,
+            model,
             bits=8,
             block_size=block_size,
             is_symmetric=True,
             op_types_to_quantize=("MatMul",),
         )
         quantizer.process()
+    else:
+        quantizer = _int4_pass(model, method, block_size, accuracy_level, head, calibration)
+        quantizer.process()
+        # The later passes take what the first left as plain MatMul / Gather: the embedding
+        # where the method did only MatMuls, then the head.
+        passes = [] if method.startswith("rtn") else [(4, ("Gather",))]
+        # The output matrix in 8 bits, as llama.cpp's Q4_K_M keeps it at 6-8: on SmolLM2-135M
+        # it cut KL from 0.46 to 0.39 for 14 MB.
+        passes += [(head_bits, ("MatMul",))] if head and head_bits < 32 else []
+        for bits, ops in passes:
+            quantizer = quantizer_class(
+                quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model,
+                bits=bits,
+                block_size=block_size,
+                is_symmetric=True,
+                op_types_to_quantize=ops,
+            )
+            quantizer.process()
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for f in onnx_dir.iterdir():

@@ -742,6 +742,9 @@ def render(report: dict) -> str:
         "teacher's log-probs at temperature 1; exports measured through their runtimes."
         "</figcaption></figure>",
     ]
+    if report.get("quantization"):
+        items = "".join(f"<li>{_e(line)}</li>" for line in report["quantization"])
+        parts.append(f'<h2>How each artifact was quantized</h2><ul id="quantization">{items}</ul>')
     if report.get("qat_recovery"):
         parts.append(_recovery(report["qat_recovery"]))
     if bench is not None:

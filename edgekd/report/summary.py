@@ -106,7 +106,30 @@ def build_report(
         "bench_stale_inputs": stale,
         "profile_verdicts": profile_verdicts(bench, profiles) if bench else [],
         "qat_recovery": stages.get("qat_kd", {}).get("recovery"),
+        "quantization": quantization_methods(stages),
     }
+
+
+def quantization_methods(stages: dict[str, dict]) -> list[str]:
+    """How each export made its artifacts, one line per artifact kind (from the stages' reports)."""
+    lines = []
+    if "fake_quantizer" in stages.get("qat_kd", {}):
+        lines.append(f"qat_kd trained against {stages['qat_kd']['fake_quantizer']} fake quantizer")
+    gguf = stages.get("export_gguf", {})
+    if "method" in gguf:
+        m = gguf["method"]
+        line = f"GGUF {gguf['quant']}: {m['quantizer']}"
+        if "imatrix" in m:
+            line += (
+                f", {m['imatrix']} made by {m['imatrix_made_by']} on {m['dataset']}, "
+                f"{m['chunks']} chunks of {m['chunk_size']} tokens; tensors: "
+                + ", ".join(f"{n} {k}" for k, n in m["tensors"].items())
+            )
+        lines.append(line)
+    for kind, method in stages.get("export_onnx", {}).get("method", {}).items():
+        if kind in stages["export_onnx"].get("quant", []):
+            lines.append(f"ONNX {kind}: {method}")
+    return lines
 
 
 def gather(run_dir: Path) -> dict:
@@ -314,6 +337,8 @@ def recovery_line(rec: dict) -> str:
 def print_summary(report: dict, console: Console, html_path: Path | None = None) -> None:
     """The end-of-build summary: verdict, bench table, other profiles, the HTML path."""
     bench = report["bench"]
+    for line in report.get("quantization", []):
+        console.print(line, highlight=False)
     if report.get("qat_recovery"):
         console.print(recovery_line(report["qat_recovery"]), highlight=False)
     if bench is None:

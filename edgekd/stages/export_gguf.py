@@ -1,18 +1,25 @@
-"""export_gguf: write the student as GGUF with gguf-py, quantize it with llama.cpp's own quantizer,
-and prove in llama.cpp that the file is the model it came from."""
+"""export_gguf: write the student as GGUF with gguf-py, quantize it with llama.cpp's own quantizer
+(or, with export_gguf.imatrix, with edgekd's importance-weighted search, bit-exact with
+llama-quantize --imatrix), and prove in llama.cpp that the file is the model it came from."""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgekd import models
+from edgekd import calibration, models
 from edgekd.config import ExportGgufSettings
 from edgekd.context import Context
+from edgekd.errors import EdgekdError
 from edgekd.evaluate import quality, torch_logprobs
 from edgekd.formats import gguf
+from edgekd.formats import imatrix as imatrix_file
+from edgekd.formats.gguf_weighted import quantize_weighted
 from edgekd.formats.registry import open_runtime
+from edgekd.quant.imatrix import Imatrix
+from edgekd.quant.imatrix import check as check_imatrix
 from edgekd.report.export_readme import gguf_readme
 from edgekd.rundir import StageResult
 from edgekd.stages.spec import Output, SizeInputs, StageSpec
@@ -21,17 +28,50 @@ if TYPE_CHECKING:
     from edgekd.plan import Plan
 
 
+def _imatrix(ctx: Context, model_dir: Path) -> tuple[Imatrix, str]:
+    """The imatrix that came with the model (qat_kd's), else one computed from it now, checked
+    against the model before any file is written; and which stage made it."""
+    path = imatrix_file.beside(model_dir)
+    source = models.resolve_source(str(model_dir), role="student")
+    if path.exists():
+        imatrix, made_by = imatrix_file.read(path), "the training stage before (its input model)"
+    else:
+        imatrix = calibration.of_build(ctx, models.load_model(source))
+        made_by = "export_gguf (its input model)"
+    widths = calibration.weighted_tensors(models.load_config(source))
+    check_imatrix(imatrix, widths, str(path))
+    return imatrix, made_by
+
+
 def run(ctx: Context, settings: ExportGgufSettings) -> StageResult:
     quant = ctx.effective.gguf_quant
     model_dir, out = ctx.latest_model(), ctx.work_dir
     models.check_finite_weights(model_dir)
     heldout, threads = ctx.heldout, ctx.threads
+    imatrix = _imatrix(ctx, model_dir) if settings.imatrix else None
 
     start = time.perf_counter()
     f16 = gguf.write_gguf(model_dir, out / "model-F16.gguf", dtype="F16")
     seconds = {"write_f16": time.perf_counter() - start}
     start = time.perf_counter()
-    quantized = gguf.quantize_gguf(f16, out / f"model-{quant}.gguf", quant, threads=threads)
+    quantized = out / f"model-{quant}.gguf"
+    method = {"quantizer": "llama.cpp (llama_model_quantize, no imatrix)"}
+    if imatrix is None:
+        gguf.quantize_gguf(f16, quantized, quant, threads=threads)
+    else:
+        plain = gguf.quantize_gguf(f16, out / f"plain-{quant}.gguf", quant, threads=threads)
+        written = imatrix_file.write(imatrix[0], out / imatrix_file.FILE)
+        tensors = quantize_weighted(f16, plain, quantized, imatrix[0], written.name)
+        plain.unlink()
+        method = {
+            "quantizer": "edgekd's importance-weighted search (llama.cpp's imatrix path)",
+            "imatrix": written.name,
+            "imatrix_made_by": imatrix[1],
+            "dataset": imatrix[0].datasets[0],
+            "chunks": imatrix[0].chunk_count,
+            "chunk_size": imatrix[0].chunk_size,
+            "tensors": dict(Counter(tensors.values())),
+        }
     seconds[f"quantize_{quant}"] = time.perf_counter() - start
 
     hf_ids = [ctx.tokenizer(t)["input_ids"] for t in ctx.heldout_texts]
@@ -40,7 +80,8 @@ def run(ctx: Context, settings: ExportGgufSettings) -> StageResult:
 
     student = models.load_model(models.resolve_source(str(model_dir), role="student"))
     torch_lp = torch_logprobs(student, heldout)
-    report = {"quant": quant, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+    report = {"quant": quant, "method": method}
+    report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     report["tokenizer"] = {"texts": len(hf_ids), "mismatches": mismatches}
     files = {"F16": f16, quant: quantized}
     rows, sizes, samples = {}, {}, {}
@@ -57,7 +98,7 @@ def run(ctx: Context, settings: ExportGgufSettings) -> StageResult:
             max_tokens=ctx.recipe.eval.sample_max_tokens,
         )[0]
     report.update(sizes=sizes, samples={"prompt": ctx.recipe.eval.sample_prompt, **samples})
-    artifacts = [quantized.name]
+    artifacts = [quantized.name] + ([imatrix_file.FILE] if imatrix is not None else [])
     if settings.keep_f16:
         artifacts.append(f16.name)
     else:
@@ -73,6 +114,12 @@ def disk_bytes(s: SizeInputs) -> int:
 
 def check(plan: Plan, tokenizer) -> None:
     gguf.check_exportable(plan.student_config, tokenizer)
+    quant = plan.effective.gguf_quant
+    if plan.effective.gguf_imatrix and quant != "Q4_K_M":
+        raise EdgekdError(
+            f"export_gguf.imatrix: edgekd's weighted search covers Q4_K_M's tensor types, but "
+            f"this build exports {quant}; set export_gguf.imatrix=false or export Q4_K_M"
+        )
 
 
 def outputs(folder: Path, report: dict) -> list[Output]:

@@ -45,12 +45,19 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
     seconds = {"export_fp32": time.perf_counter() - start}
     for kind in kinds:
         start = time.perf_counter()
+        calibration = None
+        if kind == "int4" and settings.int4_method == "gptq":
+            sequences = [ex.input_ids for ex in ctx.train_examples[: settings.gptq_sequences]]
+            calibration = onnx.Calibration(folders["fp32"], sequences)
         folders[kind] = onnx.quantize_onnx(
             folders["fp32"],
             out / kind,
             kind,
             block_size=settings.block_size,
             accuracy_level=settings.accuracy_level,
+            method=settings.int4_method,
+            head_bits=settings.head_bits,
+            calibration=calibration,
         )
         seconds[f"quantize_{kind}"] = time.perf_counter() - start
 
@@ -60,6 +67,13 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
         "quant": kinds,
         "block_size": settings.block_size,
         "accuracy_level": settings.accuracy_level,
+        "method": {
+            "int4": f"onnxruntime MatMulNBits {settings.int4_method}, block {settings.block_size}, "
+            f"{'float' if settings.head_bits == 32 else f'{settings.head_bits}-bit'} head, "
+            "4-bit embedding",
+            "int8": f"onnxruntime MatMulNBits 8-bit symmetric, block {settings.block_size}, "
+            "float embedding",
+        },
     }
     for name, folder in folders.items():
         runtime = open_runtime(folder, threads=threads, tokenizer=ctx.tokenizer)

@@ -1,6 +1,7 @@
 """qat_kd: train the student through fake quantization that reproduces llama.cpp's Q4_K_M export
-tensor by tensor, against the full-precision teacher, and measure in llama.cpp how much of the
-quantization loss it recovered."""
+tensor by tensor (weighted by the importance matrix of its incoming student when the export uses
+one, which it leaves beside its model), against the full-precision teacher, and measure in
+llama.cpp how much of the quantization loss it recovered."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edgekd import models
+from edgekd import calibration, models
 from edgekd.config import QatKdSettings
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
 from edgekd.evaluate import evaluate_torch, quality
 from edgekd.formats import gguf
+from edgekd.formats import imatrix as imatrix_file
+from edgekd.formats.gguf_weighted import quantize_weighted
 from edgekd.formats.registry import open_runtime
+from edgekd.quant import ggml_types
 from edgekd.quant.gguf_k import fake_quantize, q4_k_m_types
+from edgekd.quant.imatrix import Imatrix, importance
 from edgekd.rundir import StageResult
 from edgekd.stages.spec import SizeInputs, StageSpec
 from edgekd.train import full_state_dict, save_curve, train_kd
@@ -33,25 +38,33 @@ if TYPE_CHECKING:
 class FakeQuant(nn.Module):
     """A weight parametrization: forward sees the exported values, gradients pass straight."""
 
-    def __init__(self, ggml_type: str):
+    def __init__(self, ggml_type: str, importance: torch.Tensor | None = None):
         super().__init__()
         self.ggml_type = ggml_type
+        self.register_buffer("importance", importance, persistent=False)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.ggml_type)
+        return fake_quantize(w, self.ggml_type, self.importance)
 
 
-def attach_fake_quant(model: nn.Module) -> dict[str, str]:
-    """Fake-quantize every weight the way Q4_K_M exports it; returns weight name -> ggml type."""
+def attach_fake_quant(model: nn.Module, imatrix: Imatrix | None = None) -> dict[str, str]:
+    """Fake-quantize every weight the way Q4_K_M exports it (weighted by `imatrix` where it has
+    the tensor, as the export does); returns weight name -> ggml type."""
     types = q4_k_m_types(model.config)
     modules = dict(model.named_modules())
     targets = dict(types)
     if model.config.tie_word_embeddings:
         # The output projection reads the same tensor, exported once at the embedding's type.
         targets["lm_head.weight"] = types["model.embed_tokens.weight"]
+    weights = {}
+    if imatrix is not None:
+        weights = {ggml_types.hf_name(n): importance(imatrix, n) for n in imatrix.sums}
     for weight, ggml_type in targets.items():
         owner, _, attr = weight.rpartition(".")
-        parametrize.register_parametrization(modules[owner], attr, FakeQuant(ggml_type))
+        imp = weights.get(weight)
+        if imp is not None:
+            imp = imp.to(getattr(modules[owner], attr).device)
+        parametrize.register_parametrization(modules[owner], attr, FakeQuant(ggml_type, imp))
     return types
 
 
@@ -62,10 +75,14 @@ def detach_fake_quant(model: nn.Module) -> None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
-def _q4_k_m_kld(ctx: Context, model_dir: Path, folder: Path) -> float:
-    """Held-out kld to the teacher of the model's Q4_K_M GGUF, measured in llama.cpp."""
+def _q4_k_m_kld(ctx: Context, model_dir: Path, folder: Path, imatrix: Imatrix | None) -> float:
+    """Held-out kld to the teacher of the model's Q4_K_M GGUF (made as the export makes it),
+    measured in llama.cpp."""
     f16 = gguf.write_gguf(model_dir, folder / "model-F16.gguf")
     q = gguf.quantize_gguf(f16, folder / "model-Q4_K_M.gguf", "Q4_K_M", threads=ctx.threads)
+    if imatrix is not None:
+        q = folder / "weighted-Q4_K_M.gguf"
+        quantize_weighted(f16, folder / "model-Q4_K_M.gguf", q, imatrix, imatrix_file.FILE)
     lp = open_runtime(q, threads=ctx.threads).heldout_logprobs(ctx.heldout)
     return quality(lp, ctx.reference, ctx.heldout.targets).kld
 
@@ -77,7 +94,9 @@ def run(ctx: Context, settings: QatKdSettings) -> StageResult:
     quality_rows = {}
     if ctx.is_main:
         quality_rows["student before"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
-    types = attach_fake_quant(student)
+    # The export's importance matrix, of the student as it comes in, before training moves it.
+    imatrix = calibration.of_build(ctx, student) if ctx.effective.gguf_imatrix else None
+    types = attach_fake_quant(student, imatrix)
     student.requires_grad_(True)
     before = evaluate_torch(student, ctx.heldout, reference)
     quality_rows["fake Q4_K_M before"] = before.as_dict()
@@ -97,6 +116,7 @@ def run(ctx: Context, settings: QatKdSettings) -> StageResult:
         student.load_state_dict(best["state"])
     artifacts: list[str] = []
     report = {"best_step": best["step"], "types": Counter(types.values()), "training": train_report}
+    report["fake_quantizer"] = "llama.cpp's imatrix-weighted search" if imatrix else "llama.cpp's"
     if ctx.is_main:
         quality_rows["fake Q4_K_M after"] = evaluate_torch(
             student, ctx.heldout, reference
@@ -105,9 +125,12 @@ def run(ctx: Context, settings: QatKdSettings) -> StageResult:
         quality_rows["student after"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
         saved = models.save_model(student, ctx.tokenizer, ctx.work_dir / "model")
         artifacts = [f"model/{a}" for a in saved] + [save_curve(ctx.work_dir, curve)]
+        if imatrix is not None:
+            imatrix_file.write(imatrix, imatrix_file.beside(ctx.work_dir / "model"))
+            artifacts.append(imatrix_file.FILE)
         with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
-            q_before = _q4_k_m_kld(ctx, model_dir, Path(tmp) / "before")
-            q_after = _q4_k_m_kld(ctx, ctx.work_dir / "model", Path(tmp) / "after")
+            q_before = _q4_k_m_kld(ctx, model_dir, Path(tmp) / "before", imatrix)
+            q_after = _q4_k_m_kld(ctx, ctx.work_dir / "model", Path(tmp) / "after", imatrix)
         full = quality_rows["student before"]["kld"]
         full_after = quality_rows["student after"]["kld"]
         gap_before, gap_after = q_before - full, q_after - full
@@ -156,6 +179,7 @@ SPEC = StageSpec(
     run=run,
     check=check,
     needs="qat",
-    # Its KD targets may come from the logit cache: another folder or top_k is another output.
-    keyed_with=("logit_cache",),
+    # Its KD targets may come from the logit cache: another folder or top_k is another output;
+    # its fake quantizer follows export_gguf's imatrix settings.
+    keyed_with=("logit_cache", "export_gguf"),
 )

