@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import warnings
@@ -17,9 +16,6 @@ from edgekd.config import known_profiles, load_profile, load_recipe
 from edgekd.console import console, err, show_library_warning
 from edgekd.errors import EdgekdError, EdgekdWarning
 
-# bitsandbytes offers, at import on AVX512-BF16 CPUs, a kernel it would download from the hub;
-# its own kernel serves, and nothing is downloaded at run time.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 if not sys.stderr.isatty():
     # transformers' GGUF loader draws a tqdm bar that fills a log file with carriage returns.
     os.environ.setdefault("TQDM_DISABLE", "1")
