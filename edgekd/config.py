@@ -168,10 +168,11 @@ class StudentSettings(Strict):
         8, gt=0, description="examples used to choose the layers and score the units"
     )
     allow_pickle: bool = Field(False, description="load pickle weights (they can run code)")
-    # docs/pruning.md: depth_width healed to the lowest held-out kld of the three at equal size
-    # on the embedded teacher; auto would cost the default build minutes of candidates.
+    # docs/pruning.md: at equal size and the default distill budget, depth healed to the lowest
+    # held-out kld on the embedded teacher (depth_width led only after a 6-step heal); auto would
+    # cost the default build minutes of candidates.
     prune: Literal["auto", "depth", "width", "depth_width"] = Field(
-        "depth_width",
+        "depth",
         description="how the teacher shrinks: drop layers, narrow widths by measured importance, "
         "both, or auto (one candidate each, healed briefly, lowest held-out kld kept)",
     )

@@ -222,12 +222,12 @@ def shape_for(
             "student.prune"
         )
     need = (smallest.gguf_bytes + smallest.kv_bytes) / MB / (1 - recipe.student.budget_margin)
+    narrower = "" if method == "depth_width" else "set student.prune=depth_width (it narrows too), "
     raise EdgekdError(
         f"no {method} student of this teacher fits {profile.name}'s memory_budget_mb="
         f"{profile.memory_budget_mb} (less student.budget_margin={recipe.student.budget_margin}): "
         f"the smallest, {smallest.shape.describe()}, needs memory_budget_mb of at least "
-        f"{math.ceil(need)} at {quant}; set student.prune=depth_width, pick a larger profile or "
-        "a smaller teacher"
+        f"{math.ceil(need)} at {quant}; {narrower}pick a larger profile or a smaller teacher"
     )
 
 

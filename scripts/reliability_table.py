@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekd.atomic import TMP_MARK
-from edgekd.rundir import CACHE, LOCK, PROGRESS
+from edgekd.rundir import BUILD_LOG, CACHE, KEY, LOCK, PROGRESS, STAGE_LOG
 from edgekd.testing import (
     FAST_BUILD,
     Build,
@@ -299,8 +299,9 @@ def _no_stage_started(ws: Workspace) -> str:
 def _export_not_done(ws: Workspace) -> str:
     run = ws.path("run-nan")
     assert_killed_stage_not_done(run, "export_onnx")
-    assert [p.name for p in (run / ".05-export-onnx.partial").iterdir()] == [".key"]
-    return "export_onnx not marked done, nothing written"
+    left = {p.name for p in (run / ".05-export-onnx.partial").iterdir()}
+    assert left == {KEY, STAGE_LOG}, left
+    return "export_onnx not marked done, nothing written (its key and log only)"
 
 
 def _nan_gguf_bench(ws: Workspace) -> list[str]:
@@ -1385,12 +1386,13 @@ CASES += SERVED_CASES
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder`, by relative path; the lock file says who last held
-    the folder (every build that reaches it rewrites it) and is no part of the build."""
+    """sha256 of every file under `folder`, by relative path; the lock file (who last held the
+    folder) and the build log (the libraries' messages, appended to) change with every build that
+    reaches the folder and are no part of the build."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.relative_to(folder) != Path(LOCK)
+        if p.is_file() and p.relative_to(folder) not in (Path(LOCK), Path(BUILD_LOG))
     }
 
 

@@ -135,7 +135,8 @@ def test_one_pass_answers_journal_their_logprobs_and_resume(proxy, tokenizer, tm
     kw = {"max_tokens": 3, "temperature": 0, "seed": 0, "journal": journal, "top_k": 5}
     first = t.generate(convs[:2], rendered=rendered[:2], **kw)
     rows = list(served.read_journal(journal, None).values())
-    assert [r["prompt_ids"] for r in rows] == ids[:2]
+    # Two requests at once: the journal is in the order the answers arrived.
+    assert sorted(r["prompt_ids"] for r in rows) == sorted(ids[:2])
     assert all(1 <= len(r["tokens"]) == len(r["tops"]) <= 3 for r in rows)
     assert all(len(top) >= 5 for r in rows for top in r["tops"])
     asked = proxy.requests["/v1/completions"]

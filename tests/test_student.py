@@ -138,5 +138,5 @@ def test_auto_heals_every_candidate_and_keeps_the_lowest_kld(
 
 def test_the_default_is_what_the_bench_measured_best():
     c = candidates(SMOLLM2, load_recipe(), load_profile("phone-1gb"), "Q4_K_M")
-    assert [x.method for x in c] == ["depth_width"]
-    assert (c[0].shape.layers, c[0].shape.hidden, c[0].shape.intermediate) == (29, 480, 1280)
+    assert [x.method for x in c] == ["depth"]
+    assert (c[0].shape.layers, c[0].shape.hidden, c[0].shape.intermediate) == (20, 576, 1536)
