@@ -2,24 +2,16 @@
 its margin, and the settings refused before any work."""
 
 import pytest
-from transformers import LlamaConfig
 
 from edgekd import models
 from edgekd.config import load_profile, load_recipe
 from edgekd.errors import EdgekdError
 from edgekd.student import MB, candidates, quantum, row_fallbacks, shape_for
 from tests.test_cli import CONFIGS
+from tests.test_models import smollm2_config
 
 # SmolLM2-135M's shape, the embedded teacher's.
-SMOLLM2 = LlamaConfig(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    tie_word_embeddings=True,
-)
+SMOLLM2 = smollm2_config()
 
 
 def _shape(method, *sets, profile="phone-1gb", teacher=SMOLLM2):
