@@ -271,6 +271,11 @@ class DataSettings(Strict):
     max_heldout: int = Field(24, gt=0)
     num_prompts: int | None = Field(None, gt=0, description="use only the first N shipped prompts")
     pack: bool = False
+    answer_cache: bool = Field(
+        True,
+        description="reuse a GGUF teacher's answers that an earlier build on this machine wrote "
+        "(in $EDGEKD_CACHE, else ~/.cache/edgekd); false: the teacher answers again",
+    )
     generation: GenerationSettings = GenerationSettings()
     cot: CotSettings = CotSettings()
 
@@ -382,6 +387,9 @@ class TrainSettings(Strict):
         "live", description="'live': run the teacher each step; 'cache': read <run>/cache/ top-k"
     )
     lr: float = Field(2e-4, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="after the warmup: cosine decay to 0 at max_steps, or constant"
+    )
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_steps: int = Field(40, gt=0)

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from edgekd import atomic, models, on_policy
 from edgekd.chunked_kd import chunked_kd_loss, head_logits
@@ -293,9 +293,11 @@ def train_kd(
         lr=settings.lr,
         weight_decay=settings.weight_decay,
     )
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(settings.warmup_ratio * settings.max_steps), settings.max_steps
-    )
+    warmup = math.ceil(settings.warmup_ratio * settings.max_steps)
+    if settings.lr_schedule == "constant":
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    else:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.max_steps)
     if (ds := accelerator.state.deepspeed_plugin) is not None:
         # accelerate sizes DeepSpeed's batch from a dataloader, and edgekd batches itself; the
         # recipe's clipping wins over the config's, as its precision does.

@@ -50,6 +50,9 @@ from edgekd.testing import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# The builds here never read or fill the user's machine-wide answer cache.
+ANSWER_CACHE = tempfile.mkdtemp(prefix="edgekd-reliability-cache-")
+atexit.register(shutil.rmtree, ANSWER_CACHE, ignore_errors=True)
 FAST = [*FAST_BUILD, "distill.max_steps=2"]
 
 
@@ -1413,7 +1416,7 @@ def make_workspace(root: Path, cli=None, teacher: Path | None = None) -> Workspa
 
 def run_cli(args: list[str]) -> tuple[int, str]:
     """The real command line in a child process: exit code and output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400", "EDGEKD_CACHE": ANSWER_CACHE}
     proc = subprocess.run(
         [sys.executable, "-m", "edgekd.cli", *args],
         capture_output=True,
