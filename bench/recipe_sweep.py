@@ -75,7 +75,7 @@ def run_arm(name: str, distill: dict, corpus: Path, out: Path, examples: int) ->
         "arm": name,
         "settings": distill,
         "steps": steps,
-        "tokens": training["tokens_this_run"],
+        "train_tokens": training["tokens_this_run"],
         "train_seconds": training["seconds_this_run"],
         "stage_seconds": round(seconds, 1),
         "cpu_seconds": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime),
@@ -99,7 +99,7 @@ def main() -> None:
         row = run_arm(name, distill, args.corpus.resolve(), args.out / f"arm-{i}", args.examples)
         rows.append(row)
         print(
-            f"{name:58} steps {row['steps']:4} tokens {row['tokens']:6} "
+            f"{name:58} steps {row['steps']:4} tokens {row['train_tokens']:6} "
             f"train {row['train_seconds']:7.1f}s  kld {row['kld']:.4f}  top1 {row['top1']:.4f}  "
             f"ppl {row['ppl']:.3f}",
             flush=True,

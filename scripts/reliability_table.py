@@ -51,8 +51,8 @@ from edgekd.testing import (
 
 ROOT = Path(__file__).resolve().parents[1]
 # The builds here never read or fill the user's machine-wide answer cache.
-ANSWER_CACHE = tempfile.mkdtemp(prefix="edgekd-reliability-cache-")
-atexit.register(shutil.rmtree, ANSWER_CACHE, ignore_errors=True)
+os.environ["EDGEKD_CACHE"] = tempfile.mkdtemp(prefix="edgekd-reliability-cache-")
+atexit.register(shutil.rmtree, os.environ["EDGEKD_CACHE"], ignore_errors=True)
 FAST = [*FAST_BUILD, "distill.max_steps=2"]
 
 
@@ -503,6 +503,23 @@ def _read_only_undone(ws: Workspace) -> str:
         subprocess.run(["umount", "-l", str(folder)], check=True)
     folder.chmod(0o755)
     return "nothing written"
+
+
+def _cut_answer_cache(ws: Workspace) -> list[str]:
+    """The machine's cached answers of a GGUF teacher to the workspace's prompts, cut short."""
+    from edgekd import answer_cache, data, teacher_data
+    from edgekd.config import DataSettings
+    from edgekd.formats.gguf import write_gguf
+
+    teacher = ws.path("answering-teacher.gguf")
+    if not teacher.exists():
+        write_gguf(ws.teacher, teacher, dtype="F16")
+    sets = ["data.regenerate=true", "data.generation.max_tokens=4"]
+    prompts = teacher_data.prompt_rows(data.load_corpus(ws.data), str(ws.data))
+    generation = teacher_data.generation_key(DataSettings(generation={"max_tokens": 4}))
+    entry = answer_cache.entry(teacher, data.fingerprint(prompts), generation)
+    _write(entry, '{"messages": [{"role": "user", "content": "cut')
+    return ws.build(*set_args(sets), teacher=teacher, out=ws.path("run-cut-answer-cache"))
 
 
 def _not_json(ws: Workspace, name: str, file: str, *extra: str) -> list[str]:
@@ -1068,6 +1085,12 @@ CASES = [
         intact=_read_only_undone,
     ),
     Case(
+        "the machine's answer cache holds a cut file for this teacher and these prompts",
+        _cut_answer_cache,
+        "is unreadable",
+        exit_code=0,
+    ),
+    Case(
         "build.json in the run folder that is not JSON",
         lambda ws: _not_json(ws, "run-bad-build-json", "build.json"),
         "build.json is not valid JSON",
@@ -1416,7 +1439,7 @@ def make_workspace(root: Path, cli=None, teacher: Path | None = None) -> Workspa
 
 def run_cli(args: list[str]) -> tuple[int, str]:
     """The real command line in a child process: exit code and output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400", "EDGEKD_CACHE": ANSWER_CACHE}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
     proc = subprocess.run(
         [sys.executable, "-m", "edgekd.cli", *args],
         capture_output=True,

@@ -27,12 +27,13 @@ def _shown(path: Path, run_dir: Path) -> str:
 
 def artifacts(ctx: Context) -> list[Artifact]:
     """The teacher (unless served: it is not on this machine), the full-precision student and
-    every export, in build order."""
+    the exports (those that ship, or all with bench.artifacts=all), in build order."""
     exports = [s for s in ctx.effective.chain if s.kind == "export" and s.name in ctx.stage_dirs]
+    every = ctx.recipe.bench.artifacts == "all"
     return [
         *([] if ctx.is_served else [benchmark.teacher_artifact(ctx.teacher_source)]),
         Artifact("student", "torch", ctx.latest_model(), role="student"),
-        *benchmark.export_artifacts(exports, ctx.stage_dirs),
+        *[a for a in benchmark.export_artifacts(exports, ctx.stage_dirs) if every or a.shipped],
     ]
 
 

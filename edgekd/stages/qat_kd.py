@@ -36,15 +36,37 @@ if TYPE_CHECKING:
 
 
 class FakeQuant(nn.Module):
-    """A weight parametrization: forward sees the exported values, gradients pass straight."""
+    """A weight parametrization: forward sees the exported values, gradients pass straight.
+
+    The quantized values are kept until `requantize` or a switch between training and
+    evaluation asks for new ones: llama.cpp's search costs several times a training step, so a
+    held-out check quantizes once (not once per batch), and in training a few steps at QAT's
+    learning rate move almost no weight across a rounding boundary.
+    """
 
     def __init__(self, ggml_type: str, importance: torch.Tensor | None = None):
         super().__init__()
         self.ggml_type = ggml_type
         self.register_buffer("importance", importance, persistent=False)
+        self.kept: torch.Tensor | None = None
+
+    def train(self, mode: bool = True) -> FakeQuant:
+        if mode != self.training:
+            self.kept = None
+        return super().train(mode)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.ggml_type, self.importance)
+        if self.kept is None:
+            self.kept = fake_quantize(w.detach(), self.ggml_type, self.importance)
+        # kept + (w - w) is kept exactly; w + (kept - w) can round off its last bit.
+        return self.kept + (w - w.detach())
+
+
+def requantize(model: nn.Module) -> None:
+    """The next forward quantizes the current weights again."""
+    for module in model.modules():
+        if isinstance(module, FakeQuant):
+            module.kept = None
 
 
 def attach_fake_quant(model: nn.Module, imatrix: Imatrix | None = None) -> dict[str, str]:
@@ -104,6 +126,8 @@ def run(ctx: Context, settings: QatKdSettings) -> StageResult:
     best = {"kld": before.kld, "step": 0, "state": None}
 
     def keep_best(step: int, model: nn.Module) -> None:
+        if step % settings.requantize_every == 0:
+            requantize(model)
         if step % settings.eval_every and step != settings.max_steps:
             return
         # Every process takes main's decision: under FSDP gathering the weights is collective.
