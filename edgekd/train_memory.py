@@ -78,7 +78,6 @@ def step_memory(
     gathered = 0.0
     if strategy == "FSDP2" and gpus > 1:
         gathered = 4 * (embeddings + (params - embeddings) / layers) * (1 - 1 / gpus)
-    held = teacher.load_in if teacher.load_in != "full" else teacher.dtype
     tokens = settings.batch_size * seq_len
     act = 2 if settings.scale.mixed_precision != "no" else 4
     per_layer = tokens * hidden * act * _ACTIVATION_UNITS / 2
@@ -96,7 +95,7 @@ def step_memory(
         weights=4 * params / w_div + gathered,
         grads=4 * params / g_div,
         optimizer=8 * params / o_div,
-        teacher=_TEACHER_BYTES[held] * models.param_count(teacher_config),
+        teacher=teacher_bytes(teacher_config, teacher),
         activations=activations,
         logits=logits_bytes(
             rows, student_config.vocab_size, settings.scale.mixed_precision != "no"
@@ -148,3 +147,11 @@ def estimate_lines(
         f"{chunk or 'naive (loss_chunk_tokens=0)'}; naive full logits would be {naive / GB:.1f} GB"
     )
     return lines
+
+
+def teacher_bytes(teacher_config, teacher: TeacherSettings) -> float:
+    """The frozen teacher as it is held (its dtype, or bitsandbytes' 4/8-bit)."""
+    if teacher_config is None:
+        return 0.0
+    held = teacher.load_in if teacher.load_in != "full" else teacher.dtype
+    return _TEACHER_BYTES[held] * models.param_count(teacher_config)
