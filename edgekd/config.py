@@ -381,6 +381,11 @@ class TrainSettings(Strict):
     teacher_logits: Literal["live", "cache"] = Field(
         "live", description="'live': run the teacher each step; 'cache': read <run>/cache/ top-k"
     )
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw",
+        description="'adamw_8bit': bitsandbytes' blockwise 8-bit AdamW, 2 bytes of state a "
+        "parameter instead of 8 (a 1.5B student's full-parameter step on a 24 GB host)",
+    )
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)

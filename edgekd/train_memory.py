@@ -19,6 +19,8 @@ _TEACHER_BYTES = {"4bit": 0.56, "8bit": 1.0, "float32": 4.0, "bfloat16": 2.0, "f
 # Activations kept for backward per token and layer, in units of hidden-size 16-bit values
 # (Korthikanti et al. 2022, with flash attention: no sequence-squared term).
 _ACTIVATION_UNITS = 34
+# AdamW's two moments per parameter: fp32, or bitsandbytes' 8-bit blocks (a scale per 256).
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2}
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ def step_memory(
 ) -> StepMemory:
     """Per-GPU bytes of one training step of `settings` with `gpus` GPUs under `strategy`.
 
-    The student is held in fp32 (master weights) with fp32 gradients and AdamW's two fp32 states;
+    The student is held in fp32 (master weights) with fp32 gradients and AdamW's two states (fp32,
+    or 8-bit);
     ZeRO-2 shards gradients and states, FSDP2 also the weights, of which it holds whole one
     decoder layer at a time and the embedding and LM head through the step (the chunked loss reads
     the head); the frozen teacher is replicated on every GPU; activations and logits are per
@@ -94,7 +97,7 @@ def step_memory(
     return StepMemory(
         weights=4 * params / w_div + gathered,
         grads=4 * params / g_div,
-        optimizer=8 * params / o_div,
+        optimizer=OPTIMIZER_BYTES[settings.optimizer] * params / o_div,
         teacher=teacher_bytes(teacher_config, teacher),
         activations=activations,
         logits=logits_bytes(

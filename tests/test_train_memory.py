@@ -68,3 +68,12 @@ def test_lines_are_labelled_estimates_for_1_2_8_gpus(qwen):
     assert gbs[0] > gbs[1] > gbs[2] > 0
     assert "naive full logits would be" in lines[-1]
     assert _memory(qwen, 1, "DDP").total / GB == pytest.approx(float(ddp[1][:-2]), abs=0.06)
+
+
+def test_an_8bit_optimizer_holds_a_quarter_of_adamw_states(qwen):
+    student, teacher = qwen
+    params = models.param_count(student)
+    train = TrainSettings(optimizer="adamw_8bit")
+    eight = step_memory(student, teacher, TeacherSettings(), train, 256, gpus=1, strategy="DDP")
+    assert eight.optimizer == 2 * params
+    assert _memory(qwen, 1, "DDP").optimizer == 4 * eight.optimizer
