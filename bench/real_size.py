@@ -238,7 +238,8 @@ def parity(run: Path) -> dict:
         if spec.kind != "export" or not report.is_file():
             continue
         r = json.loads(report.read_text())
-        found[spec.name] = {k: v for k, v in r.items() if "parity" in k or k == "quality"}
+        keep = ("f16_vs_torch", "fp32_vs_torch_max_abs_logit_diff", "tokenizer", "sizes", "quality")
+        found[spec.name] = {k: r[k] for k in keep if k in r}
     return found
 
 
@@ -281,7 +282,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra overrides")
     ap.add_argument("--json", type=Path, default=None, help="default: <work>/real_size.json")
+    ap.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        help="print the table of a finished run's JSON again, with the plan's current estimates",
+    )
     args = ap.parse_args()
+    if args.table is not None:
+        result = json.loads(args.table.read_text())
+        stages = [r["stage"] for r in result["stages"]]
+        estimates = plan_estimates(result["profile"], result["overrides"], stages)
+        for r in result["stages"]:
+            r["estimate_gb"] = round(estimates[r["stage"]], 2)
+        print(table(result["stages"]))
+        return
 
     args.work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.work).free

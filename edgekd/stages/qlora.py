@@ -92,10 +92,11 @@ def disk_bytes(s: SizeInputs) -> int:
 
 
 def host_bytes(s: SizeInputs) -> int:
-    """The teacher, the NF4 student with its adapters, and the fp32 student the adapters are merged
-    into while the NF4 one is still held."""
+    """The teacher, the NF4 student with its adapters, and two fp32 students: the one scored before
+    training and the one the adapters are merged into (at Qwen2.5-0.5B's shape the peak held both,
+    the first's pages kept by the allocator after it is freed)."""
     held = host_memory.teacher_bytes(s.teacher_config, s.recipe)
-    held += host_memory.nf4_bytes(s.student_config) + host_memory.fp32_bytes(s.student_config)
+    held += host_memory.nf4_bytes(s.student_config) + 2 * host_memory.fp32_bytes(s.student_config)
     return int(host_memory.common_bytes(s.recipe, s.student_config) + held)
 
 
