@@ -188,13 +188,13 @@ def _tree_rss(root: int) -> int:
 
 
 def run_measured(cmd: list[str], log: Path, env: dict) -> dict:
-    """Run `cmd`; its wall time, the kernel's max RSS of its largest process and the
+    """Run `cmd`; its wall and CPU time, the kernel's max RSS of its largest process and the
     peak of its process tree's summed RSS, sampled every 0.2 s."""
     start = time.perf_counter()
     # /usr/bin/time reads the kernel's high-water mark of the largest process it waited for; a
     # fork of this (larger) process would inherit this one's.
     rss_file = log.with_suffix(".maxrss")
-    cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd]
+    cmd = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file), *cmd]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         peak = [0]
@@ -209,10 +209,12 @@ def run_measured(cmd: list[str], log: Path, env: dict) -> dict:
         proc.wait()
         done.set()
         sampler.join()
-    max_kb = int(rss_file.read_text().split()[-1]) if rss_file.is_file() else 0
+    # The last line: time's own note ("Command exited with non-zero status") comes first.
+    last = rss_file.read_text().splitlines()[-1].split() if rss_file.is_file() else ["0", "0", "0"]
     return {
         "seconds": round(time.perf_counter() - start, 1),
-        "max_rss_gb": round(max_kb * 1024 / GB, 2),
+        "cpu_seconds": round(float(last[1]) + float(last[2]), 1),
+        "max_rss_gb": round(int(last[0]) * 1024 / GB, 2),
         "tree_rss_gb": round(peak[0] / GB, 2),
         "rc": proc.returncode,
     }
@@ -256,16 +258,17 @@ def artifact_sizes(run: Path) -> dict[str, float]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| stage | wall | peak RSS, largest process | peak RSS, process tree | plan's estimate | "
-        "estimate / measured |",
-        "|---|---|---|---|---|---|",
+        "| stage | wall | CPU | peak RSS, largest process | peak RSS, process tree | "
+        "plan's estimate | estimate / measured |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         measured = max(r["max_rss_gb"], r["tree_rss_gb"])
         est = r.get("estimate_gb")
         ratio = f"{est / measured:.2f}" if est and measured else "-"
+        cpu = f"{r['cpu_seconds'] / 60:.1f} min" if "cpu_seconds" in r else "-"
         lines.append(
-            f"| {r['stage']} | {r['seconds'] / 60:.1f} min | {r['max_rss_gb']:.2f} GB | "
+            f"| {r['stage']} | {r['seconds'] / 60:.1f} min | {cpu} | {r['max_rss_gb']:.2f} GB | "
             f"{r['tree_rss_gb']:.2f} GB | {f'{est:.2f} GB' if est else '-'} | {ratio} |"
         )
     return "\n".join(lines)
@@ -281,7 +284,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128, help="data.max_seq_len")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra overrides")
-    ap.add_argument("--json", type=Path, default=None, help="default: <work>/real_size.json")
+    ap.add_argument("--name", default=None, help="run folder <work>/run-NAME; default: --student")
+    ap.add_argument("--json", type=Path, default=None, help="default: <work>/real_size-NAME.json")
     ap.add_argument(
         "--table",
         type=Path,
@@ -314,7 +318,8 @@ def main() -> None:
     child.join()
     if child.exitcode != 0:
         raise SystemExit(f"preparing the models in {args.work} failed")
-    run = args.work / f"run-{args.student}"
+    name = args.name or args.student
+    run = args.work / f"run-{name}"
     overrides = [
         f"teacher.source={teacher}",
         f"student.source={student}",
@@ -342,12 +347,12 @@ def main() -> None:
                "--profile", args.profile, "--out", str(run), "--stages", stage,
                *(a for o in overrides for a in ("--set", o))]  # fmt: skip
         print(f"{time.strftime('%H:%M:%S')} {stage} ...", flush=True)
-        m = run_measured(cmd, args.work / f"{args.student}-{stage}.log", env)
+        m = run_measured(cmd, args.work / f"{name}-{stage}.log", env)
         row = {"stage": stage, **m, "estimate_gb": round(estimates.get(stage, 0), 2)}
         rows.append(row)
         print(f"  {row}", flush=True)
         if m["rc"] != 0:
-            print(f"  {stage} failed: see {args.work / f'{args.student}-{stage}.log'}")
+            print(f"  {stage} failed: see {args.work / f'{name}-{stage}.log'}")
             break
     result = {
         "student": args.student,
@@ -361,7 +366,7 @@ def main() -> None:
     for name, size in result["artifacts_gb"].items():
         print(f"  {name}: {size:.3f} GB")
     print(json.dumps(result["exports"], indent=1))
-    out = args.json or args.work / f"real_size-{args.student}.json"
+    out = args.json or args.work / f"real_size-{name}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 
