@@ -170,11 +170,12 @@ def check(plan: Plan, tokenizer) -> None:
 
 
 def host_bytes(s: SizeInputs) -> int:
-    """The KD step, and the fake-quantized copy of every weight autograd keeps for backward."""
+    """The KD step, the fake-quantized copy of every weight autograd keeps for backward, and the
+    best step's weights kept aside."""
     step = host_memory.train_step_bytes(
         s.student_config, s.teacher_config, s.recipe, s.recipe.qat_kd
     )
-    step += host_memory.fp32_bytes(s.student_config)
+    step += 2 * host_memory.fp32_bytes(s.student_config)
     return int(host_memory.common_bytes(s.recipe, s.student_config) + step)
 
 
