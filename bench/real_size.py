@@ -267,8 +267,9 @@ def table(rows: list[dict]) -> str:
         est = r.get("estimate_gb")
         ratio = f"{est / measured:.2f}" if est and measured else "-"
         cpu = f"{r['cpu_seconds'] / 60:.1f} min" if "cpu_seconds" in r else "-"
+        stage = r["stage"] if r["rc"] == 0 else f"{r['stage']} (stopped: exit {r['rc']})"
         lines.append(
-            f"| {r['stage']} | {r['seconds'] / 60:.1f} min | {cpu} | {r['max_rss_gb']:.2f} GB | "
+            f"| {stage} | {r['seconds'] / 60:.1f} min | {cpu} | {r['max_rss_gb']:.2f} GB | "
             f"{r['tree_rss_gb']:.2f} GB | {f'{est:.2f} GB' if est else '-'} | {ratio} |"
         )
     return "\n".join(lines)
@@ -289,17 +290,20 @@ def main() -> None:
     ap.add_argument(
         "--table",
         type=Path,
+        nargs="+",
         default=None,
-        help="print the table of a finished run's JSON again, with the plan's current estimates",
+        help="print the table of finished runs' JSON again, with the plan's current estimates",
     )
     args = ap.parse_args()
-    if args.table is not None:
-        result = json.loads(args.table.read_text())
-        stages = [r["stage"] for r in result["stages"]]
-        estimates = plan_estimates(result["profile"], result["overrides"], stages)
-        for r in result["stages"]:
-            r["estimate_gb"] = round(estimates[r["stage"]], 2)
-        print(table(result["stages"]))
+    if args.table:
+        rows = []
+        for path in args.table:
+            result = json.loads(path.read_text())
+            stages = [r["stage"] for r in result["stages"]]
+            estimates = plan_estimates(result["profile"], result["overrides"], stages)
+            for r in result["stages"]:
+                rows.append({**r, "estimate_gb": round(estimates[r["stage"]], 2)})
+        print(table(rows))
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
