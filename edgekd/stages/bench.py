@@ -171,11 +171,10 @@ def disk_bytes(s: SizeInputs) -> int:
 
 
 def host_bytes(s: SizeInputs) -> int:
-    """The largest artifact measured at once: the teacher, or the fp32 student."""
-    held = max(
-        host_memory.teacher_bytes(s.teacher_config, s.recipe),
-        host_memory.fp32_bytes(s.student_config),
-    )
+    """The speculative check holds the teacher and the fp32 student in this process; the
+    artifacts are measured one at a time in a child, the teacher the largest of them."""
+    held = host_memory.teacher_bytes(s.teacher_config, s.recipe)
+    held += host_memory.fp32_bytes(s.student_config)
     return int(host_memory.common_bytes(s.recipe, s.student_config) + held)
 
 
