@@ -56,9 +56,6 @@ def fp32_bytes(config) -> float:
 
 
 def nf4_bytes(config) -> float:
-    """A model loaded in bitsandbytes NF4: its linear layers at ~0.56 bytes a weight, the rest
-    (embeddings, norms) in fp32, the compute dtype on a CPU."""
-    params = models.param_count(config)
-    embeddings = config.vocab_size * config.hidden_size
-    embeddings *= 1 if config.tie_word_embeddings else 2
-    return 0.56 * (params - embeddings) + 4.0 * embeddings
+    """A model loaded in bitsandbytes NF4 for qlora on a CPU: the rest in fp32, its compute dtype
+    there."""
+    return train_memory.held_bytes(config, "4bit", "float32")

@@ -152,9 +152,23 @@ def estimate_lines(
     return lines
 
 
+def embedding_params(config) -> int:
+    """The input embedding and the LM head (one matrix when tied)."""
+    return config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+
+
+def held_bytes(config, load_in: str, dtype: str) -> float:
+    """A model as it is held: all in `dtype`, or bitsandbytes' 4/8-bit decoder linears with the
+    embedding and LM head (which it leaves unquantized) in `dtype`."""
+    params = models.param_count(config)
+    if load_in == "full":
+        return _TEACHER_BYTES[dtype] * params
+    embeddings = embedding_params(config)
+    return _TEACHER_BYTES[load_in] * (params - embeddings) + _TEACHER_BYTES[dtype] * embeddings
+
+
 def teacher_bytes(teacher_config, teacher: TeacherSettings) -> float:
-    """The frozen teacher as it is held (its dtype, or bitsandbytes' 4/8-bit)."""
+    """The frozen teacher as it is held; 0 for a served one (not on this machine)."""
     if teacher_config is None:
         return 0.0
-    held = teacher.load_in if teacher.load_in != "full" else teacher.dtype
-    return _TEACHER_BYTES[held] * models.param_count(teacher_config)
+    return held_bytes(teacher_config, teacher.load_in, teacher.dtype)
