@@ -388,6 +388,11 @@ class TrainSettings(Strict):
     teacher_logits: Literal["live", "cache"] = Field(
         "live", description="'live': run the teacher each step; 'cache': read <run>/cache/ top-k"
     )
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw",
+        description="'adamw_8bit': bitsandbytes' blockwise 8-bit AdamW, 2 bytes of state a "
+        "parameter instead of 8 (a 1.5B student's full-parameter step on a 24 GB host)",
+    )
     lr: float = Field(2e-4, gt=0)
     lr_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="after the warmup: cosine decay to 0 at max_steps, or constant"

@@ -245,6 +245,15 @@ def _accelerator(settings: TrainSettings, name: str) -> Accelerator:
     return accelerator
 
 
+def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings):
+    """AdamW over `params`, in fp32 states or bitsandbytes' 8-bit blockwise ones."""
+    if settings.optimizer == "adamw_8bit":
+        from bitsandbytes.optim import AdamW8bit
+
+        return AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
 def train_kd(
     ctx: Context,
     student: torch.nn.Module,
@@ -288,10 +297,9 @@ def train_kd(
     # kd_step_loss reads its weight after the forward: under FSDP that is when the root module
     # (which holds the head) has its whole weights registered.
     student_head = student.get_output_embeddings()
-    optimizer = torch.optim.AdamW(
+    optimizer = make_optimizer(
         [p for p in student.parameters() if p.requires_grad] + list(methods.parameters()),
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
+        settings,
     )
     warmup = math.ceil(settings.warmup_ratio * settings.max_steps)
     if settings.lr_schedule == "constant":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd import benchmark, data, device, models, speculative
+from edgekd import benchmark, data, device, host_memory, models, speculative
 from edgekd.benchmark import Artifact
 from edgekd.config import BenchSettings
 from edgekd.console import console
@@ -171,6 +171,14 @@ def disk_bytes(s: SizeInputs) -> int:
     return 0
 
 
+def host_bytes(s: SizeInputs) -> int:
+    """The speculative check holds the teacher and the fp32 student in this process; the
+    artifacts are measured one at a time in a child, the teacher the largest of them."""
+    held = host_memory.teacher_bytes(s.teacher_config, s.recipe)
+    held += host_memory.fp32_bytes(s.student_config)
+    return int(host_memory.common_bytes(s.recipe, s.student_config) + held)
+
+
 SPEC = StageSpec(
     name="bench",
     settings=BenchSettings,
@@ -178,6 +186,7 @@ SPEC = StageSpec(
     folder="06-bench",
     produces=None,
     disk_bytes=disk_bytes,
+    host_bytes=host_bytes,
     run=run,
     main_only=True,
 )

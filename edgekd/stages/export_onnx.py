@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from edgekd import models
+from edgekd import host_memory, models
 from edgekd.config import ExportOnnxSettings
 from edgekd.context import Context
 from edgekd.evaluate import at_positions, quality
@@ -129,6 +129,12 @@ def outputs(folder: Path, report: dict) -> list[Output]:
     ]
 
 
+def host_bytes(s: SizeInputs) -> int:
+    """The fp32 student, the exporter's traced graph and its ONNX copy."""
+    held = 3 * host_memory.fp32_bytes(s.student_config)
+    return int(host_memory.common_bytes(s.recipe, s.student_config) + held)
+
+
 SPEC = StageSpec(
     name="export_onnx",
     settings=ExportOnnxSettings,
@@ -136,6 +142,7 @@ SPEC = StageSpec(
     folder="05-export-onnx",
     produces="onnx",
     disk_bytes=disk_bytes,
+    host_bytes=host_bytes,
     run=run,
     check=check,
     outputs=outputs,

@@ -15,7 +15,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edgekd import calibration, models
+from edgekd import calibration, host_memory, models
 from edgekd.config import QatKdSettings
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
@@ -193,6 +193,16 @@ def check(plan: Plan, tokenizer) -> None:
     q4_k_m_types(plan.student_config)
 
 
+def host_bytes(s: SizeInputs) -> int:
+    """The KD step, the fake-quantized copy of every weight autograd keeps for backward, and the
+    best step's weights kept aside."""
+    step = host_memory.train_step_bytes(
+        s.student_config, s.teacher_config, s.recipe, s.recipe.qat_kd
+    )
+    step += 2 * host_memory.fp32_bytes(s.student_config)
+    return int(host_memory.common_bytes(s.recipe, s.student_config) + step)
+
+
 SPEC = StageSpec(
     name="qat_kd",
     settings=QatKdSettings,
@@ -200,6 +210,7 @@ SPEC = StageSpec(
     folder="03-qat-kd",
     produces="hf",
     disk_bytes=disk_bytes,
+    host_bytes=host_bytes,
     run=run,
     check=check,
     needs="qat",
