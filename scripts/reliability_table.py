@@ -516,7 +516,8 @@ def _cut_answer_cache(ws: Workspace) -> list[str]:
         write_gguf(ws.teacher, teacher, dtype="F16")
     sets = ["data.regenerate=true", "data.generation.max_tokens=4"]
     prompts = teacher_data.prompt_rows(data.load_corpus(ws.data), str(ws.data))
-    generation = teacher_data.generation_key(DataSettings(generation={"max_tokens": 4}))
+    settings = DataSettings(regenerate=True, generation={"max_tokens": 4})
+    generation = teacher_data.generation_key(settings)
     entry = answer_cache.entry(teacher, data.fingerprint(prompts), generation)
     _write(entry, '{"messages": [{"role": "user", "content": "cut')
     return ws.build(*set_args(sets), teacher=teacher, out=ws.path("run-cut-answer-cache"))
