@@ -3,6 +3,7 @@ format (the runtimes that run the folders are formats/ort.py and formats/ort_gen
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
@@ -126,6 +127,49 @@ class Calibration:
         return iter(self.feeds)
 
 
+@contextlib.contextmanager
+def _zero_points_packed_per_column():
+    """Make onnxruntime's k-quant and GPTQ paths pack 4-bit zero points one column at a time.
+
+    Both build their MatMulNBits nodes with neural_compressor's make_matmul_weight_only_node,
+    which packs the zero points of all columns as one run of nibbles and then reshapes it to
+    (N, -1): when a column has an odd number of blocks (K=576 at block 64 or 128) a column's
+    last zero point shares a byte with the next column's first and the reshape fails ("cannot
+    reshape array of size 2592 into shape (576,newaxis)"). MatMulNBits reads
+    ceil(blocks / 2) bytes per column, so each column is padded to an even count here.
+    """
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    original = weight_only.make_matmul_weight_only_node
+
+    def make_node(node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale,
+                  zero_point, accuracy_level=0):  # fmt: skip
+        if num_bits != 4 or zero_point is None:
+            return original(node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale,
+                            zero_point, accuracy_level)  # fmt: skip
+        q_node, inits = original(
+            node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale, None,
+            accuracy_level,
+        )  # fmt: skip
+        levels = np.asarray(zero_point, dtype=np.uint8).reshape(weight_shape[1], k_blocks)
+        if k_blocks % 2:  # 8, the nibble MatMulNBits takes for a missing zero point
+            levels = np.pad(levels, ((0, 0), (0, 1)), constant_values=8)
+        packed = levels[:, ::2] | (levels[:, 1::2] << 4)
+        name = node.input[1] + "_zp"
+        inits.append(
+            helper.make_tensor(name, TensorProto.UINT8, packed.shape, packed.tobytes(), True)
+        )
+        q_node.input.append(name)  # MatMulNBits' inputs: A, B, scales, zero_points
+        return q_node, inits
+
+    weight_only.make_matmul_weight_only_node = make_node
+    try:
+        yield
+    finally:
+        weight_only.make_matmul_weight_only_node = original
+
+
 def _int4_pass(model, method: str, block_size: int, accuracy_level: int, head: list, calibration):
     """The int4 MatMul pass of `method` (the head excluded); returns the quantizer."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
@@ -211,7 +255,8 @@ def quantize_onnx(
         quantizer.process()
     else:
         quantizer = _int4_pass(model, method, block_size, accuracy_level, head, calibration)
-        quantizer.process()
+        with _zero_points_packed_per_column():
+            quantizer.process()
         # The later passes take what the first left as plain MatMul / Gather: the embedding
         # where the method did only MatMuls, then the head.
         passes = [] if method.startswith("rtn") else [(4, ("Gather",))]

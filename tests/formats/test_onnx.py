@@ -171,3 +171,32 @@ def test_quantize_refuses_bad_block_size(tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(EdgekdError, match="model.onnx"):
         Ort(tmp_path, threads=1).logprobs([[1, 2, 3]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["k_quant", "gptq"])
+def test_odd_block_count_per_column(tokenizer, tmp_path, method):
+    """Rows of 96 at block 32 (three blocks a column, as SmolLM2's 576 at block 64): onnxruntime
+    packs such zero points across columns and fails; quantize_onnx packs them per column, and the
+    model still tracks its float self."""
+    model = save_tiny(tmp_path / "odd", "llama", tokenizer, hidden=96)
+    onnx_dir = export_onnx(tmp_path / "odd", tmp_path / "odd-onnx")
+    seqs = [tokenizer(PROSE)["input_ids"]]
+    calibration = Calibration(onnx_dir, seqs) if method == "gptq" else None
+    out = quantize_onnx(
+        onnx_dir,
+        tmp_path / method,
+        "int4",
+        **{**QUANT, "block_size": 32},
+        method=method,
+        head_bits=8,
+        calibration=calibration,
+    )
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    q_proj = next(n for n in graph.node if n.op_type == "MatMulNBits" and "q_proj" in n.name)
+    assert shapes[q_proj.input[3]] == (96, 2)  # ceil(3 blocks / 2) bytes per output column
+    ref = torch_logprobs(model, seqs)
+    q = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
+    other = save_tiny(tmp_path / "other", "llama", tokenizer, seed=1, hidden=96)
+    assert q.kld < 0.1 * measure(torch_logprobs(other, seqs), ref, seqs).kld
