@@ -11,7 +11,9 @@ from edgekd.formats.onnx import INT4_METHODS, Calibration, export_onnx, quantize
 from edgekd.formats.ort import Ort
 from tests.formats.test_gguf import CHAT, PROSE, measure, save_tiny, torch_logprobs
 
-QUANT = ExportOnnxSettings().model_dump(include={"block_size", "accuracy_level"})
+QUANT = ExportOnnxSettings().model_dump(
+    include={"block_size", "accuracy_level", "int8_projections"}
+)
 DEFAULT = {**QUANT, "method": ExportOnnxSettings().int4_method, "head_bits": 8}
 
 
@@ -200,3 +202,36 @@ def test_odd_block_count_per_column(tokenizer, tmp_path, method):
     q = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
     other = save_tiny(tmp_path / "other", "llama", tokenizer, seed=1, hidden=96)
     assert q.kld < 0.1 * measure(torch_logprobs(other, seqs), ref, seqs).kld
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rtn_asym", "gptq"])
+def test_int8_projections_make_a_mixed_layout(exported, tokenizer, tmp_path, method):
+    """The named projections of every layer in 8 bits, the rest of the body in 4, the head at
+    head_bits; a projection the graph lacks is one clear error."""
+    model, onnx_dir = exported["llama"]
+    seqs = [tokenizer(PROSE)["input_ids"]]
+    calibration = Calibration(onnx_dir, seqs) if method == "gptq" else None
+    settings = {**QUANT, "method": method, "calibration": calibration, "head_bits": 4}
+    wide = ["v_proj", "down_proj"]
+    out = quantize_onnx(
+        onnx_dir, tmp_path / "mixed", "int4", **{**settings, "int8_projections": wide}
+    )
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    bits = _bits(graph)
+    assert bits.pop("lm_head") == 4
+    assert len(bits) == 2 * 7
+    assert {n: b for n, b in bits.items() if b == 8} == {
+        n: 8 for n in bits if any(f"/{p}/" in n for p in wide)
+    }
+    assert sum(b == 8 for b in bits.values()) == 2 * len(wide)
+    ref = torch_logprobs(model, seqs)
+    mixed = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
+    plain = quantize_onnx(
+        onnx_dir, tmp_path / "plain", "int4", **{**settings, "int8_projections": []}
+    )
+    assert mixed.kld < measure(Ort(plain, threads=2).logprobs(seqs), ref, seqs).kld
+    with pytest.raises(EdgekdError, match="no w_proj MatMul"):
+        quantize_onnx(
+            onnx_dir, tmp_path / "bad", "int4", **{**settings, "int8_projections": ["w_proj"]}
+        )
