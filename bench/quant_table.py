@@ -43,8 +43,11 @@ ONNX_INT4 = [
     # Mixed layouts: where Q4_K_M spends more than 4 bits on this student (v: Q8_0; the other
     # attention and gate/up matrices: Q5_0; ffn_down Q6_K in some layers).
     ("rtn_asym", 32, 8, ("v_proj",)),
+    ("rtn_asym", 32, 8, ("k_proj", "v_proj")),
+    ("rtn_asym", 32, 8, ("v_proj", "down_proj")),
     ("rtn_asym", 32, 8, ("down_proj",)),
     ("rtn_asym", 32, 8, ATTENTION),
+    ("rtn_asym", 32, 8, (*ATTENTION, "down_proj")),
     ("rtn_asym", 32, 8, ("gate_proj", "up_proj")),
     ("rtn_asym", 32, 8, (*ATTENTION, "gate_proj", "up_proj")),
 ]
