@@ -479,7 +479,7 @@ class ExportOnnxSettings(Strict):
         8, description="int4 export's output matrix (lm_head) width; 32 keeps it float"
     )
     int8_projections: list[OnnxProjection] = Field(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"],
+        ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
         description="int4 export: these projections of every layer in 8-bit MatMulNBits instead "
         "(as Q4_K_M keeps some matrices above 4 bits); chosen by bench/quant_table.py",
     )
