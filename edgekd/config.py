@@ -27,6 +27,10 @@ from edgekd.tasks import SHIPPED as SHIPPED_TASKS
 
 GgufQuant = Literal["Q4_K_M", "Q5_K_M", "Q8_0"]
 OnnxQuant = Literal["int4", "int8"]
+# A Llama-family layer's projections, as they name the MatMuls optimum-onnx exports.
+OnnxProjection = Literal[
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+]
 
 
 class Strict(BaseModel):
@@ -500,6 +504,11 @@ class ExportOnnxSettings(Strict):
     )
     head_bits: Literal[4, 8, 32] = Field(
         8, description="int4 export's output matrix (lm_head) width; 32 keeps it float"
+    )
+    int8_projections: list[OnnxProjection] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+        description="int4 export: these projections of every layer in 8-bit MatMulNBits instead "
+        "(as Q4_K_M keeps some matrices above 4 bits); chosen by bench/quant_table.py",
     )
     gptq_sequences: int = Field(16, gt=0, description="training sequences GPTQ calibrates on")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(

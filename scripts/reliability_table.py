@@ -716,6 +716,12 @@ CASES = [
         "'export_gguf.quant' = '../../../tmp/x'",
     ),
     Case(
+        "`--set` naming a projection ONNX int4 has no 8-bit option for "
+        "(`export_onnx.int8_projections=[w_proj]`)",
+        lambda ws: ws.build("--set", "export_onnx.int8_projections=[w_proj]"),
+        "'export_onnx.int8_projections.0' = 'w_proj'",
+    ),
+    Case(
         "unknown stage (`--stages distil`)",
         lambda ws: _with(ws.build(), "--stages", "distil"),
         "unknown stage 'distil'",

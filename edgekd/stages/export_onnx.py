@@ -57,6 +57,7 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
             accuracy_level=settings.accuracy_level,
             method=settings.int4_method,
             head_bits=settings.head_bits,
+            int8_projections=settings.int8_projections,
             calibration=calibration,
         )
         seconds[f"quantize_{kind}"] = time.perf_counter() - start
@@ -70,7 +71,12 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
         "method": {
             "int4": f"onnxruntime MatMulNBits {settings.int4_method}, block {settings.block_size}, "
             f"{'float' if settings.head_bits == 32 else f'{settings.head_bits}-bit'} head, "
-            "4-bit embedding",
+            + (
+                f"8-bit {', '.join(settings.int8_projections)}, "
+                if settings.int8_projections
+                else ""
+            )
+            + "4-bit embedding",
             "int8": f"onnxruntime MatMulNBits 8-bit symmetric, block {settings.block_size}, "
             "float embedding",
         },
