@@ -56,7 +56,9 @@ class FakeQuant(nn.Module):
         return super().train(mode)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.kept is None:
+        # Under FSDP the same weight comes as a full tensor in the forward and as a sharded
+        # DTensor when the loss reads the head: values kept for one are not the other's.
+        if self.kept is None or type(self.kept) is not type(w) or self.kept.shape != w.shape:
             self.kept = fake_quantize(w.detach(), self.ggml_type, self.importance)
         # kept + (w - w) is kept exactly; w + (kept - w) can round off its last bit.
         return self.kept + (w - w.detach())
