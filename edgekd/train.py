@@ -549,6 +549,9 @@ def _save_checkpoint(
     tmp = ckpt.with_name(f".{ckpt.name}.tmp")
     if accelerator.is_main_process:
         atomic.remove(tmp)
+        # Made before the barrier: under FSDP every process writes its shard into it, and
+        # accelerate creates the folder in the main process only.
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:

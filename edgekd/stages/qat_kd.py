@@ -58,8 +58,9 @@ class FakeQuant(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         # Under FSDP the same weight comes as a full tensor in the forward and as a sharded
         # DTensor when the loss reads the head: values kept for one are not the other's.
-        if self.kept is None or type(self.kept) is not type(w) or self.kept.shape != w.shape:
-            self.kept = fake_quantize(w.detach(), self.ggml_type, self.importance)
+        fresh = w.detach()  # a Parameter's is a Tensor, a sharded one's a DTensor
+        if self.kept is None or type(self.kept) is not type(fresh) or self.kept.shape != w.shape:
+            self.kept = fake_quantize(fresh, self.ggml_type, self.importance)
         # kept + (w - w) is kept exactly; w + (kept - w) can round off its last bit.
         return self.kept + (w - w.detach())
 
