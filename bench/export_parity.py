@@ -199,6 +199,7 @@ def main() -> None:
             accuracy_level=settings.accuracy_level,
             method=settings.int4_method,
             head_bits=settings.head_bits,
+            int8_projections=settings.int8_projections,
         )
         print(f"  {kind:<14} {time.perf_counter() - t:.1f} s, {size_mb(out):.1f} MB")
         measure(kind, Ort(out, threads=args.threads).logprobs(seqs), reference, seqs)

@@ -8,7 +8,8 @@ student's ONNX (the build's fp32 export) in 8 bits and in 4 bits by each of onnx
 MatMulNBits methods, block sizes and head widths, in onnxruntime. The gap is an artifact's kld
 minus that of the float student it was made from.
 
-    nice python bench/quant_table.py RUN_DIR [--work DIR] [--only gguf|onnx] [--json out.json]
+    nice python bench/quant_table.py RUN_DIR [--work DIR] [--only gguf|onnx] [--student final]
+        [--int4 ROW ...] [--json out.json]
 
 The run folder is only read; everything is written under --work (a temporary folder by default).
 """
@@ -27,19 +28,38 @@ from edgekd import calibration, data, models
 from edgekd.config import ExportGgufSettings, ExportOnnxSettings, load_recipe
 from edgekd.evaluate import HeldOut, evaluate_torch, load_reference, quality
 from edgekd.formats import gguf, onnx
+from edgekd.formats import imatrix as imatrix_file
 from edgekd.formats.gguf_weighted import quantize_weighted
 from edgekd.formats.registry import open_runtime
 
-# (method, block size, head bits) of the ONNX int4 rows.
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# (method, block size, head bits, projections in 8 bits) of the ONNX int4 rows.
 ONNX_INT4 = [
-    *[("rtn_sym", b, 8) for b in (32, 64, 128)],
-    *[("rtn_asym", b, 8) for b in (32, 64, 128)],
-    ("hqq", 32, 8),
-    *[("k_quant", b, 8) for b in (32, 64)],
-    *[("gptq", b, 8) for b in (32, 64)],
-    ("rtn_asym", 64, 4),
-    ("rtn_asym", 64, 32),
+    *[("rtn_sym", b, 8, ()) for b in (32, 64, 128)],
+    *[("rtn_asym", b, 8, ()) for b in (32, 64, 128)],
+    *[(m, b, 8, ()) for m in ("hqq", "k_quant", "gptq") for b in (32, 64, 128)],
+    ("rtn_asym", 64, 4, ()),
+    ("rtn_asym", 64, 32, ()),
+    # Mixed layouts: where Q4_K_M spends more than 4 bits on this student (v: Q8_0; the other
+    # attention and gate/up matrices: Q5_0; ffn_down Q6_K in some layers).
+    ("rtn_asym", 32, 8, ("v_proj",)),
+    ("rtn_asym", 32, 8, ("k_proj", "v_proj")),
+    ("rtn_asym", 32, 8, ("v_proj", "down_proj")),
+    ("rtn_asym", 32, 8, ("down_proj",)),
+    ("rtn_asym", 32, 8, ATTENTION),
+    ("rtn_asym", 32, 8, (*ATTENTION, "down_proj")),
+    ("rtn_asym", 32, 8, ("gate_proj", "up_proj")),
+    ("rtn_asym", 32, 8, (*ATTENTION, "gate_proj", "up_proj")),
 ]
+
+
+# The students a run folder holds, by --student choice: (stage folder, label in the rows).
+STUDENTS = {"final": ("03-qat-kd", "final"), "before-qat": ("02-qlora", "before qat_kd")}
+
+
+def int4_key(method: str, block: int, head: int, wide: tuple[str, ...]) -> str:
+    """A row's name for --int4: METHOD-BLOCK-hHEAD, then -8bit-PROJ+PROJ for a mixed layout."""
+    return f"{method}-{block}-h{head}" + (f"-8bit-{'+'.join(wide)}" if wide else "")
 
 
 def folder_bytes(path: Path) -> int:
@@ -51,12 +71,16 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--work", type=Path)
     ap.add_argument("--only", choices=["gguf", "onnx"])
+    ap.add_argument(
+        "--student", action="append", choices=list(STUDENTS), help="only these students' rows"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gptq-sequences", type=int, default=16)
     ap.add_argument(
         "--int4",
         action="append",
-        help="only these ONNX int4 rows, by method or METHOD-BLOCK-hHEAD (then no int8 row)",
+        help="only these ONNX int4 rows, by method or METHOD-BLOCK-hHEAD[-8bit-PROJ+PROJ] "
+        "(then no int8 row)",
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -67,9 +91,11 @@ def main() -> None:
     rows = data.read_jsonl(next((args.run / "cache").glob("corpus-*.jsonl")))
     train, held = data.split_heldout(rows, s.heldout_fraction, s.max_heldout)
     # The final student first: it is what the build ships.
-    students = {"final": args.run / "03-qat-kd" / "model"}
-    students["before qat_kd"] = args.run / "02-qlora" / "model"
-    tokenizer = models.load_tokenizer(models.resolve_source(str(students["final"]), role="student"))
+    wanted = args.student or list(STUDENTS)
+    students = {STUDENTS[k][1]: args.run / STUDENTS[k][0] / "model" for k in wanted}
+    tokenizer = models.load_tokenizer(
+        models.resolve_source(str(next(iter(students.values()))), role="student")
+    )
     heldout = HeldOut.from_examples(data.tokenize_rows(held, tokenizer, max_len=s.max_seq_len))
     reference = load_reference(next((args.run / "cache").glob("reference-*.safetensors")))
     train_ids = [ex.input_ids for ex in data.tokenize_rows(train, tokenizer, max_len=s.max_seq_len)]
@@ -110,13 +136,19 @@ def main() -> None:
         )
         start = time.perf_counter()
         g = ExportGgufSettings()
-        imatrix = calibration.collect(
-            model, train_ids, g.imatrix_chunks, g.imatrix_chunk_size, "training split"
-        )
+        # A student qat_kd trained against the weighted search ships with the imatrix it trained
+        # against (of qat_kd's input), as export_gguf takes it; any other gets its own.
+        if (beside := imatrix_file.beside(model_dir)).is_file():
+            imatrix, made = imatrix_file.read(beside), "qat_kd's input"
+        else:
+            imatrix = calibration.collect(
+                model, train_ids, g.imatrix_chunks, g.imatrix_chunk_size, "training split"
+            )
+            made = "its own"
         weighted = out / "imatrix.gguf"
         quantize_weighted(f16, plain, weighted, imatrix, "imatrix.gguf")
         add(
-            f"Q4_K_M {label}, imatrix ({imatrix.chunk_count} chunks)",
+            f"Q4_K_M {label}, imatrix of {made} ({imatrix.chunk_count} chunks)",
             "llama.cpp",
             weighted,
             measure(weighted),
@@ -138,6 +170,7 @@ def main() -> None:
                 accuracy_level=o.accuracy_level,
                 method=o.int4_method,
                 head_bits=o.head_bits,
+                int8_projections=o.int8_projections,
             )
             q8 = measure(int8)
             add(
@@ -148,10 +181,11 @@ def main() -> None:
                 floats["final"],
                 time.perf_counter() - start,
             )
-        for method, block, head in ONNX_INT4:
-            if args.int4 and not {method, f"{method}-{block}-h{head}"} & set(args.int4):
+        for method, block, head, wide in ONNX_INT4:
+            key = int4_key(method, block, head, wide)
+            if args.int4 and not {method, key} & set(args.int4):
                 continue
-            name = f"onnx-int4-{method}-{block}-h{head}"
+            name = f"onnx-int4-{key}"
             start = time.perf_counter()
             calib = None
             if method == "gptq":
@@ -165,6 +199,7 @@ def main() -> None:
                     accuracy_level=o.accuracy_level,
                     method=method,
                     head_bits=head,
+                    int8_projections=list(wide),
                     calibration=calib,
                 )
             except Exception as e:  # noqa: BLE001  (a method that fails is a row that says so)
@@ -172,6 +207,7 @@ def main() -> None:
                 table.append({"artifact": name, "error": f"{type(e).__name__}: {e}"})
                 continue
             head_text = "float head" if head == 32 else f"{head}-bit head"
+            head_text += f", 8-bit {' '.join(wide)}" if wide else ""
             add(
                 f"ONNX int4 final, {method}, block {block}, {head_text}",
                 "onnxruntime",

@@ -27,6 +27,10 @@ from edgekd.tasks import SHIPPED as SHIPPED_TASKS
 
 GgufQuant = Literal["Q4_K_M", "Q5_K_M", "Q8_0"]
 OnnxQuant = Literal["int4", "int8"]
+# A Llama-family layer's projections, as they name the MatMuls optimum-onnx exports.
+OnnxProjection = Literal[
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+]
 
 
 class Strict(BaseModel):
@@ -271,6 +275,11 @@ class DataSettings(Strict):
     max_heldout: int = Field(24, gt=0)
     num_prompts: int | None = Field(None, gt=0, description="use only the first N shipped prompts")
     pack: bool = False
+    answer_cache: bool = Field(
+        True,
+        description="reuse a GGUF teacher's answers that an earlier build on this machine wrote "
+        "(in $EDGEKD_CACHE, else ~/.cache/edgekd); false: the teacher answers again",
+    )
     generation: GenerationSettings = GenerationSettings()
     cot: CotSettings = CotSettings()
 
@@ -278,8 +287,10 @@ class DataSettings(Strict):
 class KDSettings(Strict):
     """The KD loss: alpha * T^2 * D(teacher || student) + (1 - alpha) * CE(hard labels)."""
 
-    temperature: float = Field(2.0, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1)
+    # Pure forward KL at T = 1, the measure the held-out kld reports, trained best in a sweep
+    # at equal budget (docs/methods.md, "The default recipe").
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(1.0, ge=0, le=1)
     divergence: str = Field("forward_kl", description="one of edgekd.losses.DIVERGENCES")
     skew_alpha: float = Field(0.1, ge=0, le=1, description="mixture weight of skew_*_kl")
     jsd_beta: float = Field(0.5, ge=0, le=1, description="mixture weight of jsd")
@@ -381,7 +392,15 @@ class TrainSettings(Strict):
     teacher_logits: Literal["live", "cache"] = Field(
         "live", description="'live': run the teacher each step; 'cache': read <run>/cache/ top-k"
     )
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw",
+        description="'adamw_8bit': bitsandbytes' blockwise 8-bit AdamW, 2 bytes of state a "
+        "parameter instead of 8 (a 1.5B student's full-parameter step on a 24 GB host)",
+    )
     lr: float = Field(2e-4, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="after the warmup: cosine decay to 0 at max_steps, or constant"
+    )
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_steps: int = Field(40, gt=0)
@@ -409,13 +428,19 @@ class SelfDistillSettings(Strict):
 
 
 class DistillSettings(TrainSettings):
+    # One example per step at lr 1e-4: at an equal number of examples, four times the updates of
+    # batches of 4 measured far better (docs/methods.md, "The default recipe").
+    lr: float = Field(1e-4, gt=0)
+    max_steps: int = Field(200, gt=0)
+    batch_size: int = Field(1, gt=0)
     self_distill: SelfDistillSettings = SelfDistillSettings()
 
 
 class QLoraSettings(TrainSettings):
-    """LoRA adapters on the student loaded in 4-bit NF4, trained with the KD loss, then merged."""
+    """LoRA adapters on the student loaded in 4-bit NF4, trained with the KD loss, then merged.
+    Off by default: on the default build its time buys more as distill steps."""
 
-    enabled: bool = True
+    enabled: bool = False
     lr: float = Field(2e-4, gt=0)
     max_steps: int = Field(30, gt=0)
     rank: int = Field(16, gt=0)
@@ -432,8 +457,14 @@ class QatKdSettings(TrainSettings):
 
     enabled: bool = True
     lr: float = Field(5e-5, gt=0)
-    max_steps: int = Field(30, gt=0)
-    eval_every: int = Field(10, gt=0, description="steps between held-out checks; best is kept")
+    max_steps: int = Field(10, gt=0)
+    eval_every: int = Field(5, gt=0, description="steps between held-out checks; best is kept")
+    requantize_every: int = Field(
+        1,
+        gt=0,
+        description="steps between runs of llama.cpp's quantizer search on the weights; the "
+        "quantized values are kept in between (held-out checks always quantize afresh)",
+    )
 
 
 class SpeculativeSettings(Strict):
@@ -474,6 +505,11 @@ class ExportOnnxSettings(Strict):
     head_bits: Literal[4, 8, 32] = Field(
         8, description="int4 export's output matrix (lm_head) width; 32 keeps it float"
     )
+    int8_projections: list[OnnxProjection] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+        description="int4 export: these projections of every layer in 8-bit MatMulNBits instead "
+        "(as Q4_K_M keeps some matrices above 4 bits); chosen by bench/quant_table.py",
+    )
     gptq_sequences: int = Field(16, gt=0, description="training sequences GPTQ calibrates on")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         4, description="MatMulNBits compute type: 4 = int8 (fast on CPU), 0 = unset (fp32)"
@@ -490,7 +526,12 @@ class ExportOnnxSettings(Strict):
 class BenchSettings(Strict):
     """How the bench stage measures each artifact (kept small: the host is usually shared)."""
 
-    runs: int = Field(5, gt=0, description="timed runs per artifact; reported as median and range")
+    runs: int = Field(3, gt=0, description="timed runs per artifact; reported as median and range")
+    artifacts: Literal["shipped", "all"] = Field(
+        "shipped",
+        description="shipped: the teacher, the float student and the exports that ship; all: "
+        "also the F16 GGUF and fp32 ONNX (their parity is proven by the exports either way)",
+    )
     warmup_runs: int = Field(1, ge=0, description="untimed runs before the timed ones")
     prompt_tokens: int = Field(128, gt=0, description="prompt length for prompt processing")
     decode_tokens: int = Field(32, gt=0, description="tokens decoded per timed run")

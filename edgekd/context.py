@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate import PartialState
 
-from edgekd import data, logit_cache, models, served, teacher_data
+from edgekd import answer_cache, data, logit_cache, models, served, teacher_data
 from edgekd.config import Profile, Recipe, settings_hash
 from edgekd.console import console
 from edgekd.errors import EdgekdError
@@ -134,16 +134,33 @@ class Context:
             prompts = teacher_data.prompt_rows(data.load_corpus(settings.source), settings.source)
         else:
             prompts = data.default_prompts()[: settings.num_prompts]
-        key = settings_hash(
-            self.teacher_key,
-            data.fingerprint(prompts),
-            teacher_data.generation_key(settings),
-        )
+        fingerprint, generation = data.fingerprint(prompts), teacher_data.generation_key(settings)
+        key = settings_hash(self.teacher_key, fingerprint, generation)
         path = self.cache_path(f"corpus-{key[:16]}.jsonl")
         with self.state.main_process_first():
             if not path.exists() and self.is_main:
-                data.write_jsonl_atomic(path, teacher_data.teacher_rows(self, prompts))
+                data.write_jsonl_atomic(path, self._answered(prompts, fingerprint, generation))
         return data.read_jsonl(path)
+
+    def _answered(self, prompts: list[dict], fingerprint: str, generation: dict) -> list[dict]:
+        """The teacher's answers: from the machine's answer cache where a GGUF teacher answered
+        the same prompts the same way before, else written now (and kept there)."""
+        shared = None
+        if self.recipe.data.answer_cache and teacher_data.answered_by_llama_cpp(self):
+            shared = answer_cache.entry(self.teacher_source.path, fingerprint, generation)
+            rows = answer_cache.load(shared)
+            if rows is not None:
+                console.print(
+                    f"teacher answers: {len(rows)} reused from {shared} "
+                    "(--set data.answer_cache=false answers again)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                return rows
+        rows = teacher_data.teacher_rows(self, prompts)
+        if shared is not None:
+            answer_cache.store(shared, rows)
+        return rows
 
     @cached_property
     def _split(self) -> tuple[list[dict], list[dict]]:

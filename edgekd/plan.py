@@ -41,6 +41,7 @@ class Plan:
     host_gflops: float = 0.0
     disk_bytes: dict[str, int] = field(default_factory=dict)  # per stage, an estimate
     memory: list[str] = field(default_factory=list)  # the training step's per-GPU estimate
+    host_memory: dict[str, int] = field(default_factory=dict)  # per stage peak RSS, an estimate
 
     @property
     def fits(self) -> bool:
@@ -81,6 +82,11 @@ class Plan:
             lines.append(
                 f"disk      ~{sum(self.disk_bytes.values()) / GB:.1f} GB for the run folder "
                 "(estimate: weights, checkpoints, exports, teacher log-probs)"
+            )
+        if self.host_memory:
+            lines.append(
+                "host RAM  peak resident memory per stage on this host (estimate): "
+                + ", ".join(f"{s} {b / GB:.1f} GB" for s, b in self.host_memory.items())
             )
         lines += self.memory
         for stage, n in self.tokens.items():
@@ -197,8 +203,10 @@ def make_plan(
         gguf_bytes=plan.student_q_bytes,
         recipe=recipe,
         effective=effective,
+        teacher_config=teacher_config,
     )
     plan.disk_bytes = {s: spec_of(s).disk_bytes(sizes) for s in stages}
+    plan.host_memory = {s: spec_of(s).host_bytes(sizes) for s in stages}
     # A served teacher's passes run on its server, not here.
     teacher_flops = 0 if served else 2 * models.param_count(teacher_config)
     train_flops = 6 * models.param_count(student_config) + teacher_flops

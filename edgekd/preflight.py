@@ -215,11 +215,12 @@ def guidance(recipe: Recipe, plan: Plan) -> list[str]:
                 f"{stage}.kd.temperature={s.kd.temperature}: {why}; Hinton et al. 2015 (Distilling "
                 "the Knowledge in a Neural Network) and LLM practice use 1-20, 2-5 to start"
             )
-        if "alpha" not in s.kd.model_fields_set and not 0.5 <= s.kd.alpha <= 0.9:
+        if "alpha" not in s.kd.model_fields_set and not 0.5 <= s.kd.alpha <= 1:
             out.append(
-                f"{stage}.kd.alpha={s.kd.alpha} (a default, not your choice) is outside 0.5-0.9, "
+                f"{stage}.kd.alpha={s.kd.alpha} (a default, not your choice) is outside 0.5-1, "
                 "the usual weight of the soft targets against the hard labels (Hinton et al. 2015; "
-                "DistilBERT, Sanh et al. 2019); set it explicitly to silence this"
+                "DistilBERT, Sanh et al. 2019; LLM distillation often uses the soft targets "
+                "alone); set it explicitly to silence this"
             )
         if s.feature.weight > 0 and ratio is not None and not 0.1 <= ratio <= 0.3:
             out.append(

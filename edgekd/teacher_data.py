@@ -131,6 +131,11 @@ def one_pass_answers(ctx: Context) -> list[dict]:
     return [row for row in rows if row.get("tops")]
 
 
+def answered_by_llama_cpp(ctx: Context) -> bool:
+    """Whether the teacher's answers come from a GGUF file decoded by llama.cpp (no beams)."""
+    return ctx.teacher_source.kind == "gguf" and ctx.recipe.data.generation.strategy != "beam"
+
+
 def _generate(ctx: Context, prompts: list[dict]) -> list[dict]:
     g = ctx.recipe.data.generation
     beams = g.beams if g.strategy == "beam" else 1
@@ -161,7 +166,7 @@ def _generate(ctx: Context, prompts: list[dict]) -> list[dict]:
             top_k=top_k,
         )
         return [answered_row(p, a) for p, a in zip(prompts, answers, strict=True)]
-    if ctx.teacher_source.kind == "gguf" and beams == 1:
+    if answered_by_llama_cpp(ctx):
         teacher = open_runtime(ctx.teacher_source.path, threads=ctx.threads)
         parallel = g.parallel
     else:

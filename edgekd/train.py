@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from edgekd import atomic, models, on_policy
 from edgekd.chunked_kd import chunked_kd_loss, head_logits
@@ -245,6 +245,15 @@ def _accelerator(settings: TrainSettings, name: str) -> Accelerator:
     return accelerator
 
 
+def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings):
+    """AdamW over `params`, in fp32 states or bitsandbytes' 8-bit blockwise ones."""
+    if settings.optimizer == "adamw_8bit":
+        from bitsandbytes.optim import AdamW8bit
+
+        return AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
 def train_kd(
     ctx: Context,
     student: torch.nn.Module,
@@ -288,14 +297,15 @@ def train_kd(
     # kd_step_loss reads its weight after the forward: under FSDP that is when the root module
     # (which holds the head) has its whole weights registered.
     student_head = student.get_output_embeddings()
-    optimizer = torch.optim.AdamW(
+    optimizer = make_optimizer(
         [p for p in student.parameters() if p.requires_grad] + list(methods.parameters()),
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
+        settings,
     )
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(settings.warmup_ratio * settings.max_steps), settings.max_steps
-    )
+    warmup = math.ceil(settings.warmup_ratio * settings.max_steps)
+    if settings.lr_schedule == "constant":
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    else:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.max_steps)
     if (ds := accelerator.state.deepspeed_plugin) is not None:
         # accelerate sizes DeepSpeed's batch from a dataloader, and edgekd batches itself; the
         # recipe's clipping wins over the config's, as its precision does.
@@ -539,6 +549,9 @@ def _save_checkpoint(
     tmp = ckpt.with_name(f".{ckpt.name}.tmp")
     if accelerator.is_main_process:
         atomic.remove(tmp)
+        # Made before the barrier: under FSDP every process writes its shard into it, and
+        # accelerate creates the folder in the main process only.
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:

@@ -19,6 +19,8 @@ _TEACHER_BYTES = {"4bit": 0.56, "8bit": 1.0, "float32": 4.0, "bfloat16": 2.0, "f
 # Activations kept for backward per token and layer, in units of hidden-size 16-bit values
 # (Korthikanti et al. 2022, with flash attention: no sequence-squared term).
 _ACTIVATION_UNITS = 34
+# AdamW's two moments per parameter: fp32, or bitsandbytes' 8-bit blocks (a scale per 256).
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2}
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ def step_memory(
 ) -> StepMemory:
     """Per-GPU bytes of one training step of `settings` with `gpus` GPUs under `strategy`.
 
-    The student is held in fp32 (master weights) with fp32 gradients and AdamW's two fp32 states;
+    The student is held in fp32 (master weights) with fp32 gradients and AdamW's two states (fp32,
+    or 8-bit);
     ZeRO-2 shards gradients and states, FSDP2 also the weights, of which it holds whole one
     decoder layer at a time and the embedding and LM head through the step (the chunked loss reads
     the head); the frozen teacher is replicated on every GPU; activations and logits are per
@@ -78,7 +81,6 @@ def step_memory(
     gathered = 0.0
     if strategy == "FSDP2" and gpus > 1:
         gathered = 4 * (embeddings + (params - embeddings) / layers) * (1 - 1 / gpus)
-    held = teacher.load_in if teacher.load_in != "full" else teacher.dtype
     tokens = settings.batch_size * seq_len
     act = 2 if settings.scale.mixed_precision != "no" else 4
     per_layer = tokens * hidden * act * _ACTIVATION_UNITS / 2
@@ -95,8 +97,8 @@ def step_memory(
     return StepMemory(
         weights=4 * params / w_div + gathered,
         grads=4 * params / g_div,
-        optimizer=8 * params / o_div,
-        teacher=_TEACHER_BYTES[held] * models.param_count(teacher_config),
+        optimizer=OPTIMIZER_BYTES[settings.optimizer] * params / o_div,
+        teacher=teacher_bytes(teacher_config, teacher),
         activations=activations,
         logits=logits_bytes(
             rows, student_config.vocab_size, settings.scale.mixed_precision != "no"
@@ -148,3 +150,25 @@ def estimate_lines(
         f"{chunk or 'naive (loss_chunk_tokens=0)'}; naive full logits would be {naive / GB:.1f} GB"
     )
     return lines
+
+
+def embedding_params(config) -> int:
+    """The input embedding and the LM head (one matrix when tied)."""
+    return config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+
+
+def held_bytes(config, load_in: str, dtype: str) -> float:
+    """A model as it is held: all in `dtype`, or bitsandbytes' 4/8-bit decoder linears with the
+    embedding and LM head (which it leaves unquantized) in `dtype`."""
+    params = models.param_count(config)
+    if load_in == "full":
+        return _TEACHER_BYTES[dtype] * params
+    embeddings = embedding_params(config)
+    return _TEACHER_BYTES[load_in] * (params - embeddings) + _TEACHER_BYTES[dtype] * embeddings
+
+
+def teacher_bytes(teacher_config, teacher: TeacherSettings) -> float:
+    """The frozen teacher as it is held; 0 for a served one (not on this machine)."""
+    if teacher_config is None:
+        return 0.0
+    return held_bytes(teacher_config, teacher.load_in, teacher.dtype)

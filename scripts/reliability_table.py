@@ -50,6 +50,9 @@ from edgekd.testing import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# The builds here never read or fill the user's machine-wide answer cache.
+os.environ["EDGEKD_CACHE"] = tempfile.mkdtemp(prefix="edgekd-reliability-cache-")
+atexit.register(shutil.rmtree, os.environ["EDGEKD_CACHE"], ignore_errors=True)
 FAST = [*FAST_BUILD, "distill.max_steps=2"]
 
 
@@ -502,6 +505,24 @@ def _read_only_undone(ws: Workspace) -> str:
     return "nothing written"
 
 
+def _cut_answer_cache(ws: Workspace) -> list[str]:
+    """The machine's cached answers of a GGUF teacher to the workspace's prompts, cut short."""
+    from edgekd import answer_cache, data, teacher_data
+    from edgekd.config import DataSettings
+    from edgekd.formats.gguf import write_gguf
+
+    teacher = ws.path("answering-teacher.gguf")
+    if not teacher.exists():
+        write_gguf(ws.teacher, teacher, dtype="F16")
+    sets = ["data.regenerate=true", "data.generation.max_tokens=4"]
+    prompts = teacher_data.prompt_rows(data.load_corpus(ws.data), str(ws.data))
+    settings = DataSettings(regenerate=True, generation={"max_tokens": 4})
+    generation = teacher_data.generation_key(settings)
+    entry = answer_cache.entry(teacher, data.fingerprint(prompts), generation)
+    _write(entry, '{"messages": [{"role": "user", "content": "cut')
+    return ws.build(*set_args(sets), teacher=teacher, out=ws.path("run-cut-answer-cache"))
+
+
 def _not_json(ws: Workspace, name: str, file: str, *extra: str) -> list[str]:
     copy = _run_copy(ws, name)
     _write(copy / file, "{ not json")
@@ -693,6 +714,12 @@ CASES = [
         "`--set` aiming an export file outside the run (`export_gguf.quant=../../../tmp/x`)",
         lambda ws: ws.build("--set", "export_gguf.quant=../../../tmp/x"),
         "'export_gguf.quant' = '../../../tmp/x'",
+    ),
+    Case(
+        "`--set` naming a projection ONNX int4 has no 8-bit option for "
+        "(`export_onnx.int8_projections=[w_proj]`)",
+        lambda ws: ws.build("--set", "export_onnx.int8_projections=[w_proj]"),
+        "'export_onnx.int8_projections.0' = 'w_proj'",
     ),
     Case(
         "unknown stage (`--stages distil`)",
@@ -1063,6 +1090,12 @@ CASES = [
         "cannot write in",
         fast=False,  # needs a read-only mount where the user is root
         intact=_read_only_undone,
+    ),
+    Case(
+        "the machine's answer cache holds a cut file for this teacher and these prompts",
+        _cut_answer_cache,
+        "is unreadable",
+        exit_code=0,
     ),
     Case(
         "build.json in the run folder that is not JSON",

@@ -2,6 +2,7 @@
 built by edgekd.testing (which scripts/reliability_table.py shares)."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,15 @@ from edgekd.testing import (
 # tiny forward pass 30 times slower; subprocesses the tests start inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# The machine-wide answer cache is never the user's: session fixtures get this one, each test its
+# own (below).
+os.environ["EDGEKD_CACHE"] = tempfile.mkdtemp(prefix="edgekd-test-cache-")
+
+
+@pytest.fixture(autouse=True)
+def _own_answer_cache(tmp_path, monkeypatch):
+    """Each test its own machine-wide answer cache: none reuses another's teacher answers."""
+    monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "edgekd-cache"))
 
 
 @pytest.fixture(scope="session")

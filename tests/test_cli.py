@@ -131,6 +131,14 @@ def test_example_recipes_plan_from_configs_alone():
     for strategy in ("DDP", "ZeRO-2", "FSDP2"):
         assert f"\n          {strategy} " in mid.output
     assert "logits 2.9 GB chunked (1024 tokens); naive full logits would be 23.2 GB" in mid.output
+    # Each stage's peak on the host, from its spec. The recipe's held-out reference dominates
+    # distill's: fp32 log-probs over 152k tokens at up to 256 x 1024 positions (148 GB), beside
+    # the bf16 7B teacher (14 GB) and the 1.5B student with AdamW (23 GB).
+    host = next(line for line in mid.output.splitlines() if line.startswith("host RAM"))
+    for stage in ("distill", "qlora", "qat_kd", "export_gguf", "export_onnx", "bench"):
+        assert f" {stage} " in host
+    distill = float(host.split(" distill ")[1].split(" GB")[0])
+    assert 148 + 14 + 23 < distill < 148 + 14 + 23 + 6  # + logits, activations, runtime
 
 
 def _pruned_dry_run(recipe, profile, *sets):

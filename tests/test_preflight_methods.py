@@ -33,9 +33,9 @@ def test_alpha_warns_only_when_not_chosen(tiny_teacher_dir):
     recipe, plan = _plan(tiny_teacher_dir, ["distill.kd.alpha=0.3"])
     assert guidance(recipe, plan) == []  # the user chose it
     # A default outside the range (none ships today): fields_set says nobody chose it.
-    recipe.distill.kd = KDSettings.model_construct(_fields_set=set(), alpha=1.0)
+    recipe.distill.kd = KDSettings.model_construct(_fields_set=set(), alpha=0.3)
     (msg,) = guidance(recipe, plan)
-    assert msg.startswith("distill.kd.alpha=1.0") and "0.5-0.9" in msg
+    assert msg.startswith("distill.kd.alpha=0.3") and "0.5-1" in msg
 
 
 def test_feature_kd_warns_outside_0_1_to_0_3_of_the_teacher(tiny_teacher_dir):

@@ -3,6 +3,7 @@ format (the runtimes that run the folders are formats/ort.py and formats/ort_gen
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
@@ -126,11 +127,76 @@ class Calibration:
         return iter(self.feeds)
 
 
-def _int4_pass(model, method: str, block_size: int, accuracy_level: int, head: list, calibration):
-    """The int4 MatMul pass of `method` (the head excluded); returns the quantizer."""
+@contextlib.contextmanager
+def _zero_points_packed_per_column():
+    """Make onnxruntime's k-quant and GPTQ paths pack 4-bit zero points one column at a time.
+
+    Both build their MatMulNBits nodes with neural_compressor's make_matmul_weight_only_node,
+    which packs the zero points of all columns as one run of nibbles and then reshapes it to
+    (N, -1): when a column has an odd number of blocks (K=576 at block 64 or 128) a column's
+    last zero point shares a byte with the next column's first and the reshape fails ("cannot
+    reshape array of size 2592 into shape (576,newaxis)"). MatMulNBits reads
+    ceil(blocks / 2) bytes per column, so each column is padded to an even count here.
+    """
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    original = weight_only.make_matmul_weight_only_node
+
+    def make_node(node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale,
+                  zero_point, accuracy_level=0):  # fmt: skip
+        if num_bits != 4 or zero_point is None:
+            return original(node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale,
+                            zero_point, accuracy_level)  # fmt: skip
+        q_node, inits = original(
+            node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale, None,
+            accuracy_level,
+        )  # fmt: skip
+        levels = np.asarray(zero_point, dtype=np.uint8).reshape(weight_shape[1], k_blocks)
+        if k_blocks % 2:  # 8, the nibble MatMulNBits takes for a missing zero point
+            levels = np.pad(levels, ((0, 0), (0, 1)), constant_values=8)
+        packed = levels[:, ::2] | (levels[:, 1::2] << 4)
+        name = node.input[1] + "_zp"
+        inits.append(
+            helper.make_tensor(name, TensorProto.UINT8, packed.shape, packed.tobytes(), True)
+        )
+        q_node.input.append(name)  # MatMulNBits' inputs: A, B, scales, zero_points
+        return q_node, inits
+
+    weight_only.make_matmul_weight_only_node = make_node
+    try:
+        yield
+    finally:
+        weight_only.make_matmul_weight_only_node = original
+
+
+def _int8_nodes(model, projections: list[str]) -> list[str]:
+    """The MatMuls of these projections (optimum names them /model/layers.N/.../v_proj/MatMul)."""
+    nodes = []
+    for proj in projections:
+        found = [
+            n.name for n in model.graph.node if n.op_type == "MatMul" and f"/{proj}/" in n.name
+        ]
+        if not found:
+            raise EdgekdError(
+                f"export_onnx.int8_projections: the exported graph has no {proj} MatMul; "
+                "remove it from the list"
+            )
+        nodes += found
+    return nodes
+
+
+def _int4_pass(
+    model, method: str, block_size: int, accuracy_level: int, exclude: list, calibration
+):
+    """The int4 MatMul pass of `method` (the `exclude` nodes left as they are): its quantizer."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    common = {"block_size": block_size, "accuracy_level": accuracy_level, "nodes_to_exclude": head}
+    common = {
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        "nodes_to_exclude": exclude,
+    }
     if method in ("rtn_sym", "rtn_asym"):
         return _nbits_quantizer_class()(
             model,
@@ -151,10 +217,10 @@ def _int4_pass(model, method: str, block_size: int, accuracy_level: int, head: l
         model, bits=4, is_symmetric=False, algo_config=config, **common
     )
     if method == "gptq":
-        # onnxruntime hands GPTQ no excluded nodes (it does for RTN and k-quant): mark the head
-        # "fp32", the way it marks them for those, so the head pass finds it unquantized.
+        # onnxruntime hands GPTQ no excluded nodes (it does for RTN and k-quant): mark them
+        # "fp32", the way it marks them for those, so the later passes find them unquantized.
         nodes = quantizer._generate_q4_node_config
-        quantizer._generate_q4_node_config = lambda: {**nodes(), **dict.fromkeys(head, "fp32")}
+        quantizer._generate_q4_node_config = lambda: {**nodes(), **dict.fromkeys(exclude, "fp32")}
     return quantizer
 
 
@@ -167,6 +233,7 @@ def quantize_onnx(
     accuracy_level: int,
     method: str,
     head_bits: int,
+    int8_projections: list[str],
     calibration=None,
 ) -> Path:
     """Quantize an exported folder's weights into `out_dir`, a folder with the same files.
@@ -175,7 +242,8 @@ def quantize_onnx(
     quantizer; activations stay float. 'int4': MatMul weights by `method` (one of INT4_METHODS;
     gptq takes `calibration`, an onnxruntime CalibrationDataReader) and the token embedding
     (GatherBlockQuantized, round to nearest, 4 bits: the only width onnxruntime gives a Gather)
-    in 4 bits, the output matrix (lm_head) in `head_bits` (8 or 4; 32 keeps it float); 'int8':
+    in 4 bits, the MatMuls of `int8_projections` (names like v_proj) in 8 bits, symmetric, the
+    output matrix (lm_head) in `head_bits` (8 or 4; 32 keeps it float); 'int8':
     every MatMul weight in 8 bits, symmetric, the embedding stays float. `accuracy_level` is
     MatMulNBits' compute type: 4 multiplies in int8 on the CPU.
     """
@@ -210,21 +278,25 @@ def quantize_onnx(
         )
         quantizer.process()
     else:
-        quantizer = _int4_pass(model, method, block_size, accuracy_level, head, calibration)
-        quantizer.process()
+        wide = _int8_nodes(model, int8_projections)
+        quantizer = _int4_pass(model, method, block_size, accuracy_level, head + wide, calibration)
+        with _zero_points_packed_per_column():
+            quantizer.process()
         # The later passes take what the first left as plain MatMul / Gather: the embedding
-        # where the method did only MatMuls, then the head.
-        passes = [] if method.startswith("rtn") else [(4, ("Gather",))]
+        # where the method did only MatMuls, the 8-bit projections, then the head.
+        passes = [] if method.startswith("rtn") else [(4, ("Gather",), [])]
+        passes += [(8, ("MatMul",), head)] if wide else []
         # The output matrix in 8 bits, as llama.cpp's Q4_K_M keeps it at 6-8: on SmolLM2-135M
         # it cut KL from 0.46 to 0.39 for 14 MB.
-        passes += [(head_bits, ("MatMul",))] if head and head_bits < 32 else []
-        for bits, ops in passes:
+        passes += [(head_bits, ("MatMul",), [])] if head and head_bits < 32 else []
+        for bits, ops, exclude in passes:
             quantizer = quantizer_class(
                 quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model,
                 bits=bits,
                 block_size=block_size,
                 is_symmetric=True,
                 op_types_to_quantize=ops,
+                nodes_to_exclude=exclude,
             )
             quantizer.process()
     with atomic_path(out_dir) as tmp:

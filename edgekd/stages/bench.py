@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd import benchmark, data, device, models, speculative
+from edgekd import benchmark, data, device, host_memory, models, speculative
 from edgekd.benchmark import Artifact
 from edgekd.config import BenchSettings
 from edgekd.console import console
@@ -27,12 +27,13 @@ def _shown(path: Path, run_dir: Path) -> str:
 
 def artifacts(ctx: Context) -> list[Artifact]:
     """The teacher (unless served: it is not on this machine), the full-precision student and
-    every export, in build order."""
+    the exports (those that ship, or all with bench.artifacts=all), in build order."""
     exports = [s for s in ctx.effective.chain if s.kind == "export" and s.name in ctx.stage_dirs]
+    every = ctx.recipe.bench.artifacts == "all"
     return [
         *([] if ctx.is_served else [benchmark.teacher_artifact(ctx.teacher_source)]),
         Artifact("student", "torch", ctx.latest_model(), role="student"),
-        *benchmark.export_artifacts(exports, ctx.stage_dirs),
+        *[a for a in benchmark.export_artifacts(exports, ctx.stage_dirs) if every or a.shipped],
     ]
 
 
@@ -170,6 +171,14 @@ def disk_bytes(s: SizeInputs) -> int:
     return 0
 
 
+def host_bytes(s: SizeInputs) -> int:
+    """The speculative check holds the teacher and the fp32 student in this process; the
+    artifacts are measured one at a time in a child, the teacher the largest of them."""
+    held = host_memory.teacher_bytes(s.teacher_config, s.recipe)
+    held += host_memory.fp32_bytes(s.student_config)
+    return int(host_memory.common_bytes(s.recipe, s.student_config) + held)
+
+
 SPEC = StageSpec(
     name="bench",
     settings=BenchSettings,
@@ -177,6 +186,7 @@ SPEC = StageSpec(
     folder="06-bench",
     produces=None,
     disk_bytes=disk_bytes,
+    host_bytes=host_bytes,
     run=run,
     main_only=True,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from edgekd import evaluate, models, student
+from edgekd import evaluate, host_memory, models, student
 from edgekd.config import DistillSettings
 from edgekd.context import Context
 from edgekd.data import collate, padding_id
@@ -99,6 +99,14 @@ def disk_bytes(s: SizeInputs) -> int:
     return 16 * s.params + 2 * s.student_config.vocab_size * scored
 
 
+def host_bytes(s: SizeInputs) -> int:
+    """The runtime, the held-out reference and the KD step (student, gradients, AdamW, teacher)."""
+    step = host_memory.train_step_bytes(
+        s.student_config, s.teacher_config, s.recipe, s.recipe.distill
+    )
+    return int(host_memory.common_bytes(s.recipe, s.student_config) + step)
+
+
 SPEC = StageSpec(
     name="distill",
     settings=DistillSettings,
@@ -106,6 +114,7 @@ SPEC = StageSpec(
     folder="01-distill",
     produces="hf",
     disk_bytes=disk_bytes,
+    host_bytes=host_bytes,
     run=run,
     # Its KD targets come from the logit cache: another cache folder or top_k is another output.
     keyed_with=("student", "logit_cache"),

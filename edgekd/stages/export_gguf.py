@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgekd import calibration, models
+from edgekd import calibration, host_memory, models
 from edgekd.config import ExportGgufSettings
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
@@ -131,6 +131,12 @@ def outputs(folder: Path, report: dict) -> list[Output]:
     return found
 
 
+def host_bytes(s: SizeInputs) -> int:
+    """The fp32 student and the F16 GGUF llama.cpp scores."""
+    held = 1.5 * host_memory.fp32_bytes(s.student_config)
+    return int(host_memory.common_bytes(s.recipe, s.student_config) + held)
+
+
 SPEC = StageSpec(
     name="export_gguf",
     settings=ExportGgufSettings,
@@ -138,6 +144,7 @@ SPEC = StageSpec(
     folder="04-export-gguf",
     produces="gguf",
     disk_bytes=disk_bytes,
+    host_bytes=host_bytes,
     run=run,
     check=check,
     outputs=outputs,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from edgekd import models
+from edgekd import host_memory, models
 from edgekd.config import ExportOnnxSettings
 from edgekd.context import Context
 from edgekd.evaluate import at_positions, quality
@@ -57,6 +57,7 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
             accuracy_level=settings.accuracy_level,
             method=settings.int4_method,
             head_bits=settings.head_bits,
+            int8_projections=settings.int8_projections,
             calibration=calibration,
         )
         seconds[f"quantize_{kind}"] = time.perf_counter() - start
@@ -70,7 +71,12 @@ def run(ctx: Context, settings: ExportOnnxSettings) -> StageResult:
         "method": {
             "int4": f"onnxruntime MatMulNBits {settings.int4_method}, block {settings.block_size}, "
             f"{'float' if settings.head_bits == 32 else f'{settings.head_bits}-bit'} head, "
-            "4-bit embedding",
+            + (
+                f"8-bit {', '.join(settings.int8_projections)}, "
+                if settings.int8_projections
+                else ""
+            )
+            + "4-bit embedding",
             "int8": f"onnxruntime MatMulNBits 8-bit symmetric, block {settings.block_size}, "
             "float embedding",
         },
@@ -129,6 +135,12 @@ def outputs(folder: Path, report: dict) -> list[Output]:
     ]
 
 
+def host_bytes(s: SizeInputs) -> int:
+    """The fp32 student, the exporter's traced graph and its ONNX copy."""
+    held = 3 * host_memory.fp32_bytes(s.student_config)
+    return int(host_memory.common_bytes(s.recipe, s.student_config) + held)
+
+
 SPEC = StageSpec(
     name="export_onnx",
     settings=ExportOnnxSettings,
@@ -136,6 +148,7 @@ SPEC = StageSpec(
     folder="05-export-onnx",
     produces="onnx",
     disk_bytes=disk_bytes,
+    host_bytes=host_bytes,
     run=run,
     check=check,
     outputs=outputs,

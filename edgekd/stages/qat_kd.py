@@ -15,7 +15,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edgekd import calibration, models
+from edgekd import calibration, host_memory, models
 from edgekd.config import QatKdSettings
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
@@ -36,15 +36,40 @@ if TYPE_CHECKING:
 
 
 class FakeQuant(nn.Module):
-    """A weight parametrization: forward sees the exported values, gradients pass straight."""
+    """A weight parametrization: forward sees the exported values, gradients pass straight.
+
+    The quantized values are kept until `requantize` or a switch between training and
+    evaluation asks for new ones: llama.cpp's search costs several times a training step, so a
+    held-out check quantizes once (not once per batch), and in training a few steps at QAT's
+    learning rate move almost no weight across a rounding boundary.
+    """
 
     def __init__(self, ggml_type: str, importance: torch.Tensor | None = None):
         super().__init__()
         self.ggml_type = ggml_type
         self.register_buffer("importance", importance, persistent=False)
+        self.kept: torch.Tensor | None = None
+
+    def train(self, mode: bool = True) -> FakeQuant:
+        if mode != self.training:
+            self.kept = None
+        return super().train(mode)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.ggml_type, self.importance)
+        # Under FSDP the same weight comes as a full tensor in the forward and as a sharded
+        # DTensor when the loss reads the head: values kept for one are not the other's.
+        fresh = w.detach()  # a Parameter's is a Tensor, a sharded one's a DTensor
+        if self.kept is None or type(self.kept) is not type(fresh) or self.kept.shape != w.shape:
+            self.kept = fake_quantize(fresh, self.ggml_type, self.importance)
+        # kept + (w - w) is kept exactly; w + (kept - w) can round off its last bit.
+        return self.kept + (w - w.detach())
+
+
+def requantize(model: nn.Module) -> None:
+    """The next forward quantizes the current weights again."""
+    for module in model.modules():
+        if isinstance(module, FakeQuant):
+            module.kept = None
 
 
 def attach_fake_quant(model: nn.Module, imatrix: Imatrix | None = None) -> dict[str, str]:
@@ -104,6 +129,8 @@ def run(ctx: Context, settings: QatKdSettings) -> StageResult:
     best = {"kld": before.kld, "step": 0, "state": None}
 
     def keep_best(step: int, model: nn.Module) -> None:
+        if step % settings.requantize_every == 0:
+            requantize(model)
         if step % settings.eval_every and step != settings.max_steps:
             return
         # Every process takes main's decision: under FSDP gathering the weights is collective.
@@ -169,6 +196,16 @@ def check(plan: Plan, tokenizer) -> None:
     q4_k_m_types(plan.student_config)
 
 
+def host_bytes(s: SizeInputs) -> int:
+    """The KD step, the fake-quantized copy of every weight autograd keeps for backward, and the
+    best step's weights kept aside."""
+    step = host_memory.train_step_bytes(
+        s.student_config, s.teacher_config, s.recipe, s.recipe.qat_kd
+    )
+    step += 2 * host_memory.fp32_bytes(s.student_config)
+    return int(host_memory.common_bytes(s.recipe, s.student_config) + step)
+
+
 SPEC = StageSpec(
     name="qat_kd",
     settings=QatKdSettings,
@@ -176,6 +213,7 @@ SPEC = StageSpec(
     folder="03-qat-kd",
     produces="hf",
     disk_bytes=disk_bytes,
+    host_bytes=host_bytes,
     run=run,
     check=check,
     needs="qat",

@@ -8,7 +8,7 @@ from bitsandbytes.nn import Linear4bit
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from edgekd import models
+from edgekd import host_memory, models
 from edgekd.config import QLoraSettings
 from edgekd.context import Context
 from edgekd.evaluate import evaluate_torch
@@ -91,6 +91,15 @@ def disk_bytes(s: SizeInputs) -> int:
     return 5 * s.params
 
 
+def host_bytes(s: SizeInputs) -> int:
+    """The teacher, the NF4 student with its adapters, and two fp32 students: the one scored before
+    training and the one the adapters are merged into (at Qwen2.5-0.5B's shape the peak held both,
+    the first's pages kept by the allocator after it is freed)."""
+    held = host_memory.teacher_bytes(s.teacher_config, s.recipe)
+    held += host_memory.nf4_bytes(s.student_config) + 2 * host_memory.fp32_bytes(s.student_config)
+    return int(host_memory.common_bytes(s.recipe, s.student_config) + held)
+
+
 SPEC = StageSpec(
     name="qlora",
     settings=QLoraSettings,
@@ -98,6 +107,7 @@ SPEC = StageSpec(
     folder="02-qlora",
     produces="hf",
     disk_bytes=disk_bytes,
+    host_bytes=host_bytes,
     run=run,
     # Its KD targets may come from the logit cache: another folder or top_k is another output.
     keyed_with=("logit_cache",),

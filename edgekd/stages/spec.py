@@ -28,7 +28,7 @@ KINDS: tuple[Kind, ...] = ("train", "export", "bench")  # the order a build runs
 
 @dataclass(frozen=True)
 class SizeInputs:
-    """What a disk estimate is computed from: configs and settings, no weights.
+    """What a disk or memory estimate is computed from: configs and settings, no weights.
 
     fp32 weights are 4 bytes a parameter; a training checkpoint adds the weights again and
     AdamW's two moments (12)."""
@@ -38,6 +38,7 @@ class SizeInputs:
     gguf_bytes: int  # the student's GGUF at the build's effective quant type
     recipe: Recipe
     effective: Effective
+    teacher_config: object | None = None  # None: a served teacher, not on this machine
 
 
 class Output(NamedTuple):
@@ -61,6 +62,8 @@ class StageSpec:
     produces: the format of what it writes ("hf" model folder, "gguf", "onnx"), or None. An export
         stage is in the build when the profile's `formats` lists it, or when asked for by name.
     disk_bytes: its peak size in the run folder, estimated before the build.
+    host_bytes: its peak resident memory on the host (its process and the children it runs),
+        estimated before the build.
     run: run(ctx, settings) -> StageResult, in its partial folder `ctx.work_dir`.
     check: check(plan, tokenizer), what the stage needs of the student before any work; raises
         EdgekdError with one clear line.
@@ -77,6 +80,7 @@ class StageSpec:
     folder: str
     produces: str | None
     disk_bytes: Callable[[SizeInputs], int]
+    host_bytes: Callable[[SizeInputs], int]
     run: Callable[[Context, BaseModel], StageResult]
     check: Callable[[Plan, object], None] | None = None
     outputs: Callable[[Path, dict], list[Output]] | None = None

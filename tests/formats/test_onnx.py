@@ -11,7 +11,9 @@ from edgekd.formats.onnx import INT4_METHODS, Calibration, export_onnx, quantize
 from edgekd.formats.ort import Ort
 from tests.formats.test_gguf import CHAT, PROSE, measure, save_tiny, torch_logprobs
 
-QUANT = ExportOnnxSettings().model_dump(include={"block_size", "accuracy_level"})
+QUANT = ExportOnnxSettings().model_dump(
+    include={"block_size", "accuracy_level", "int8_projections"}
+)
 DEFAULT = {**QUANT, "method": ExportOnnxSettings().int4_method, "head_bits": 8}
 
 
@@ -85,7 +87,10 @@ def test_quantized_loads_and_stays_close(exported, tokenizer, tmp_path, kind):
     bits = _bits(graph)
     assert len(bits) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
     assert bits.pop("lm_head") == 8
-    assert set(bits.values()) == {4 if kind == "int4" else 8}
+    wide = QUANT["int8_projections"] if kind == "int4" else []
+    assert {
+        n: 4 if kind == "int4" and not any(f"/{p}/" in n for p in wide) else 8 for n in bits
+    } == bits
     # Level 4 (int8 compute) on every node: without it the 8-bit kernel is ~15x slower on CPU.
     levels = {
         a.i
@@ -136,7 +141,7 @@ def test_every_int4_method_quantizes_every_matmul(exported, tokenizer, tmp_path,
         onnx_dir,
         tmp_path / method,
         "int4",
-        **QUANT,
+        **{**QUANT, "int8_projections": []},
         method=method,
         head_bits=HEAD_BITS[method],
         calibration=calibration,
@@ -171,3 +176,65 @@ def test_quantize_refuses_bad_block_size(tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(EdgekdError, match="model.onnx"):
         Ort(tmp_path, threads=1).logprobs([[1, 2, 3]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["k_quant", "gptq"])
+def test_odd_block_count_per_column(tokenizer, tmp_path, method):
+    """Rows of 96 at block 32 (three blocks a column, as SmolLM2's 576 at block 64): onnxruntime
+    packs such zero points across columns and fails; quantize_onnx packs them per column, and the
+    model still tracks its float self."""
+    model = save_tiny(tmp_path / "odd", "llama", tokenizer, hidden=96)
+    onnx_dir = export_onnx(tmp_path / "odd", tmp_path / "odd-onnx")
+    seqs = [tokenizer(PROSE)["input_ids"]]
+    calibration = Calibration(onnx_dir, seqs) if method == "gptq" else None
+    out = quantize_onnx(
+        onnx_dir,
+        tmp_path / method,
+        "int4",
+        **{**QUANT, "block_size": 32, "int8_projections": []},
+        method=method,
+        head_bits=8,
+        calibration=calibration,
+    )
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    q_proj = next(n for n in graph.node if n.op_type == "MatMulNBits" and "q_proj" in n.name)
+    assert shapes[q_proj.input[3]] == (96, 2)  # ceil(3 blocks / 2) bytes per output column
+    ref = torch_logprobs(model, seqs)
+    q = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
+    other = save_tiny(tmp_path / "other", "llama", tokenizer, seed=1, hidden=96)
+    assert q.kld < 0.1 * measure(torch_logprobs(other, seqs), ref, seqs).kld
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rtn_asym", "gptq"])
+def test_int8_projections_make_a_mixed_layout(exported, tokenizer, tmp_path, method):
+    """The named projections of every layer in 8 bits, the rest of the body in 4, the head at
+    head_bits; a projection the graph lacks is one clear error."""
+    model, onnx_dir = exported["llama"]
+    seqs = [tokenizer(PROSE)["input_ids"]]
+    calibration = Calibration(onnx_dir, seqs) if method == "gptq" else None
+    settings = {**QUANT, "method": method, "calibration": calibration, "head_bits": 4}
+    wide = ["v_proj", "down_proj"]
+    out = quantize_onnx(
+        onnx_dir, tmp_path / "mixed", "int4", **{**settings, "int8_projections": wide}
+    )
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    bits = _bits(graph)
+    assert bits.pop("lm_head") == 4
+    assert len(bits) == 2 * 7
+    assert {n: b for n, b in bits.items() if b == 8} == {
+        n: 8 for n in bits if any(f"/{p}/" in n for p in wide)
+    }
+    assert sum(b == 8 for b in bits.values()) == 2 * len(wide)
+    ref = torch_logprobs(model, seqs)
+    mixed = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
+    plain = quantize_onnx(
+        onnx_dir, tmp_path / "plain", "int4", **{**settings, "int8_projections": []}
+    )
+    assert mixed.kld < measure(Ort(plain, threads=2).logprobs(seqs), ref, seqs).kld
+    with pytest.raises(EdgekdError, match="no w_proj MatMul"):
+        quantize_onnx(
+            onnx_dir, tmp_path / "bad", "int4", **{**settings, "int8_projections": ["w_proj"]}
+        )

@@ -20,6 +20,7 @@ SMALL = [
     "qat_kd.enabled=false",
     "eval.threads=1",
     "bench.runs=2",
+    "bench.artifacts=all",
     "bench.warmup_runs=0",
     "bench.prompt_tokens=24",
     "bench.decode_tokens=4",

@@ -9,7 +9,7 @@ from edgekd.config import load_profile, load_recipe
 from edgekd.errors import EdgekdError
 from edgekd.plan import make_plan
 from edgekd.quant.gguf_k import fake_quantize
-from edgekd.stages.qat_kd import attach_fake_quant, check, detach_fake_quant
+from edgekd.stages.qat_kd import attach_fake_quant, check, detach_fake_quant, requantize
 from tests.stages.conftest import fast_recipe
 
 
@@ -39,6 +39,28 @@ def test_fake_quant_parametrization_round_trip(tiny_teacher_dir):
     for k, v in model.state_dict().items():
         assert torch.equal(v, plain[k]), k
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_training_keeps_the_quantized_values_until_requantize(tiny_teacher_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    kind = attach_fake_quant(model)["model.layers.0.self_attn.q_proj.weight"]
+    q = model.model.layers[0].self_attn.q_proj
+    raw = q.parametrizations.weight.original
+    model.train()
+    first = q.weight.detach().clone()
+    with torch.no_grad():
+        raw.add_(0.05 * torch.randn_like(raw))  # far across rounding boundaries
+    moved = fake_quantize(raw.detach(), kind)
+    assert torch.equal(q.weight, first) and not torch.equal(first, moved)
+    # Gradients still pass straight to the float weights.
+    q.weight.sum().backward()
+    assert torch.equal(raw.grad, torch.ones_like(raw))
+    requantize(model)
+    assert torch.equal(q.weight, moved)
+    with torch.no_grad():
+        raw.add_(0.05 * torch.randn_like(raw))
+    model.eval()  # a held-out check always sees the current weights quantized
+    assert torch.equal(q.weight, fake_quantize(raw.detach(), kind))
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ def test_each_stage_has_its_recipe_section_and_exports_a_profile_format():
 
 def test_a_spec_refuses_an_unnumbered_folder_and_an_export_without_outputs():
     base = dict(settings=Recipe, produces="gguf", disk_bytes=lambda s: 0, run=lambda c, s: None)
+    base["host_bytes"] = base["disk_bytes"]
     with pytest.raises(ValueError, match="'NN-name'"):
         StageSpec(name="x", kind="train", folder="x", **base)
     with pytest.raises(ValueError, match="its format and its outputs"):
