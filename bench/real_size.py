@@ -31,13 +31,9 @@ import time
 from pathlib import Path
 
 GB = 1024**3
-# Qwen2.5-1.5B-Instruct's config.json (huggingface.co/Qwen/Qwen2.5-1.5B-Instruct), the fields a
-# Qwen2ForCausalLM reads.
-QWEN25_1_5B = dict(
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
+# What Qwen2.5-0.5B-Instruct's and Qwen2.5-1.5B-Instruct's config.json
+# (huggingface.co/Qwen/Qwen2.5-{0.5B,1.5B}-Instruct) share, of the fields a Qwen2ForCausalLM reads.
+QWEN25 = dict(
     num_key_value_heads=2,
     vocab_size=151936,
     tie_word_embeddings=True,
@@ -46,19 +42,11 @@ QWEN25_1_5B = dict(
     max_position_embeddings=32768,
     hidden_act="silu",
 )
-# Qwen2.5-0.5B-Instruct's config.json (huggingface.co/Qwen/Qwen2.5-0.5B-Instruct).
+QWEN25_1_5B = dict(
+    QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12
+)
 QWEN25_0_5B = dict(
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=32768,
-    hidden_act="silu",
+    QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14
 )
 SHAPES = {"0.5b": QWEN25_0_5B, "1.5b": QWEN25_1_5B}
 LLAMA_CPP_PYTHON = "0.3.36"
