@@ -54,6 +54,7 @@ VOCAB_GGUF = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/models/ggml-
 # Every stage at a handful of steps; both exports; a short bench.
 FEW_STEPS = [
     "data.regenerate=false",
+    "qlora.enabled=true",
     "data.max_heldout=4",
     "eval.sample_max_tokens=8",
     *(
