@@ -47,6 +47,10 @@ class Artifact:
     path: Path
     role: str = "export"  # "teacher", "student" or "export"
     shipped: bool = False  # one of the profile's device formats: judged against its budget
+    # Held-out scores already measured on this build's slice and reference (by the stage named
+    # in quality_from, in the same runtime): reported, not measured again.
+    quality: dict | None = None
+    quality_from: str | None = None
 
 
 def teacher_artifact(src) -> Artifact:
@@ -67,7 +71,16 @@ def export_artifacts(specs, stage_dirs: dict[str, Path]) -> list[Artifact]:
         report = folder / REPORT_JSON
         report = json.loads(report.read_text()) if report.is_file() else {}
         for out in spec.outputs(folder, report):
-            found.append(Artifact(out.name, runtime_of(out.path), out.path, shipped=out.shipped))
+            found.append(
+                Artifact(
+                    out.name,
+                    runtime_of(out.path),
+                    out.path,
+                    shipped=out.shipped,
+                    quality=out.quality,
+                    quality_from=spec.name if out.quality else None,
+                )
+            )
     return found
 
 
@@ -339,7 +352,7 @@ def benchmark_artifact(
         warmup_runs=settings.warmup_runs,
         questions=questions,
         answer_max_tokens=settings.answer_max_tokens,
-        heldout=None if heldout_file is None else str(heldout_file),
+        heldout=None if heldout_file is None or artifact.quality else str(heldout_file),
     )
     row = artifact_row(
         artifact,
@@ -352,6 +365,8 @@ def benchmark_artifact(
         decode_tokens=settings.decode_tokens,
         size_bytes=size_on_disk(artifact.path),
     )
+    if artifact.quality and heldout_file is not None:
+        row["quality"], row["quality_from"] = artifact.quality, artifact.quality_from
     if artifact.shipped and settings.memory_cap:
         # What a device does with the model: load, prompt, decode. The scoring and answers after
         # it are the harness's (a second model in memory), not in the peak the host child

@@ -133,7 +133,15 @@ class Context:
         if settings.source is not None:
             prompts = teacher_data.prompt_rows(data.load_corpus(settings.source), settings.source)
         else:
-            prompts = data.default_prompts()[: settings.num_prompts]
+            shipped = data.default_prompts()[: settings.num_prompts]
+            prompts = teacher_data.worth_answering(shipped, settings, self.effective.train_examples)
+            if len(prompts) < len(shipped):
+                console.print(
+                    f"corpus: the teacher's answers to {len(prompts)} of the {len(shipped)} "
+                    f"shipped prompts, the held-out slice's and the "
+                    f"{self.effective.train_examples} examples the longest training stage draws",
+                    highlight=False,
+                )
         fingerprint, generation = data.fingerprint(prompts), teacher_data.generation_key(settings)
         key = settings_hash(self.teacher_key, fingerprint, generation)
         path = self.cache_path(f"corpus-{key[:16]}.jsonl")

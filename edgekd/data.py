@@ -257,12 +257,24 @@ def split_heldout(
 ) -> tuple[list[dict], list[dict]]:
     """(train, heldout) by heldout_mask; held-out rows past max_heldout (the ones with the highest
     hash) are dropped from both, so nothing chosen for evaluation is ever trained on."""
+    train, heldout = split_indices(rows, fraction, max_heldout)
+    return [rows[i] for i in train], [rows[i] for i in heldout]
+
+
+def split_indices(
+    rows: list[dict], fraction: float, max_heldout: int
+) -> tuple[list[int], list[int]]:
+    """split_heldout's (train, heldout) as row indices, each in row order."""
     mask = heldout_mask(rows, fraction)
     chosen = sorted((i for i, m in enumerate(mask) if m), key=lambda i: _hash_score(rows[i]))
     keep = set(chosen[:max_heldout])
-    train = [r for r, m in zip(rows, mask, strict=True) if not m]
-    heldout = [r for i, r in enumerate(rows) if i in keep]
-    return train, heldout
+    train = [i for i, m in enumerate(mask) if not m]
+    return train, sorted(keep)
+
+
+def by_hash(rows: list[dict], indices: list[int]) -> list[int]:
+    """The indices ordered by their rows' split hash: a stable, category-blind order."""
+    return sorted(indices, key=lambda i: _hash_score(rows[i]))
 
 
 @dataclass

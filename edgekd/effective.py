@@ -29,6 +29,10 @@ class Effective:
     # export_gguf.imatrix when the chain exports GGUF: qat_kd then trains against the weighted
     # search too.
     gguf_imatrix: bool = False
+    # Examples the longest training stage of the chain draws in one process (max_steps x
+    # batch_size x grad_accum); None without one. The shipped prompts answered are that many
+    # besides the held-out slice's.
+    train_examples: int | None = None
 
 
 def build_chain(profile: Profile, recipe: Recipe, requested: list[str]) -> tuple[StageSpec, ...]:
@@ -67,4 +71,11 @@ def resolve(profile: Profile, recipe: Recipe, requested: list[str]) -> Effective
         bench_threads=bench_threads(profile.threads, recipe.bench.threads),
         chain=chain,
         gguf_imatrix=recipe.export_gguf.imatrix and any(s.produces == "gguf" for s in chain),
+        train_examples=max(
+            (
+                t.max_steps * t.batch_size * t.grad_accum
+                for t in (getattr(recipe, s.name) for s in chain if s.kind == "train")
+            ),
+            default=None,
+        ),
     )

@@ -166,8 +166,7 @@ def load_config(src: ModelSource):
 
     Reading a GGUF parses every tensor's header and extent, so a cut-short file fails here."""
     if src.kind == "gguf":
-        with readable(f"GGUF file {src.path}"):
-            return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name)
+        return copy.deepcopy(_gguf_once(_gguf_config, src.path))
     folder = local_folder(src)
     with readable(f"model config {folder / 'config.json'}"):
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
@@ -176,13 +175,33 @@ def load_config(src: ModelSource):
 def gguf_reader(path: Path) -> GGUFReader:
     """A GGUF file's parsed header and tensor index, read once per version of the file: parsing
     takes seconds, and preflight and the build both need the tokenizer metadata and the sizes."""
+    return _gguf_once(_gguf_reader, path)
+
+
+def _gguf_once(read, path: Path):
+    """read(path, size, mtime) through its cache: once per version of the file."""
     st = Path(path).stat()
-    return _gguf_reader(Path(path), st.st_size, st.st_mtime_ns)
+    return read(Path(path), st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4)
 def _gguf_reader(path: Path, size: int, mtime_ns: int) -> GGUFReader:
     return GGUFReader(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: Path, size: int, mtime_ns: int):
+    # transformers parses the whole header again for each config it reads from a GGUF.
+    with readable(f"GGUF file {path}"):
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(path: Path, size: int, mtime_ns: int):
+    with readable(f"GGUF file {path}"):
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        _apply_gguf_tokenizer_metadata(tok, path)
+    return tok
 
 
 # llama.cpp pre-tokenizer names whose digit handling transformers' GGUF loader drops.
@@ -223,10 +242,8 @@ def _apply_gguf_tokenizer_metadata(tok, path: Path) -> None:
 def load_tokenizer(src: ModelSource):
     """The model's tokenizer (rebuilt from the GGUF metadata for GGUF files)."""
     if src.kind == "gguf":
-        with readable(f"GGUF file {src.path}"):
-            tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
-            _apply_gguf_tokenizer_metadata(tok, src.path)
-        return tok
+        # A copy: callers set padding and such on theirs.
+        return copy.deepcopy(_gguf_once(_gguf_tokenizer, src.path))
     folder = local_folder(src)
     with readable(f"tokenizer in {folder}"):
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

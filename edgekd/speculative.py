@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from edgekd.evaluate import HeldOut
-from edgekd.formats.hf_torch import HfTorch
 from edgekd.tokens import common_prefix
 
 
@@ -25,13 +24,25 @@ def heldout_prompts(heldout: HeldOut, n: int) -> list[list[int]]:
     return prompts
 
 
-def _draft(model, context: list[int], k: int) -> list[int]:
-    """k greedy tokens of `model` after context, with its KV cache."""
-    runtime = HfTorch.from_model(model, tokenizer=None)
-    tokens = [runtime.first(context)]
-    for _ in range(k - 1):
-        tokens.append(runtime.next(tokens[-1]))
-    return tokens
+class _Cached:
+    """A causal LM over a growing token sequence, with a KV cache that keeps the prefix it has
+    seen: each call feeds only what the cache lacks, and a rejected draft is cut off again."""
+
+    def __init__(self, model):
+        self.model, self.past, self.length = model, None, 0
+        self.device = next(model.parameters()).device
+
+    def logits(self, seq: list[int]) -> torch.Tensor:
+        """The logits of positions self.length .. len(seq) - 1 of seq."""
+        ids = torch.tensor([seq[self.length :]], device=self.device)
+        out = self.model(input_ids=ids, past_key_values=self.past, use_cache=True)
+        self.past, self.length = out.past_key_values, len(seq)
+        return out.logits[0]
+
+    def keep(self, n: int) -> None:
+        """Forget every position from n on."""
+        self.past.crop(n)
+        self.length = n
 
 
 @torch.no_grad()
@@ -40,15 +51,18 @@ def speculative_decode(
 ) -> tuple[list[int], list[int]]:
     """Greedy speculative decoding of one prompt: the new tokens (the target's own greedy text,
     up to its end token or about max_new_tokens) and the accepted draft length of each pass."""
-    device = next(target_model.parameters()).device
     eos = target_model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    drafter, target = _Cached(draft_model), _Cached(target_model)
     context, accepted = list(prompt), []
     while len(context) - len(prompt) < max_new_tokens:
-        draft = _draft(draft_model, context, draft_len)
-        full = torch.tensor([context + draft], device=device)
-        # Position len(context) - 1 + i predicts draft[i]; the last one follows the whole draft.
-        verified = target_model(input_ids=full).logits[0, len(context) - 1 :].argmax(-1).tolist()
+        draft: list[int] = []
+        for _ in range(draft_len):
+            draft.append(int(drafter.logits(context + draft)[-1].argmax()))
+        # The target's cache ends before context's last token, whose logits predict draft[0];
+        # position len(context) - 1 + i predicts draft[i], the last one follows the whole draft.
+        start = target.length
+        verified = target.logits(context + draft)[len(context) - 1 - start :].argmax(-1).tolist()
         n = common_prefix(draft, verified)
         accepted.append(n)
         new = [*draft[:n], verified[n]]
@@ -56,6 +70,10 @@ def speculative_decode(
         context += new if ended is None else new[: ended + 1]
         if ended is not None:
             break
+        # Both caches keep context less its last token: the accepted draft was computed right,
+        # the target's own token after it not yet fed (the drafter never fed its last draft).
+        target.keep(len(context) - 1)
+        drafter.keep(min(drafter.length, len(context) - 1))
     return context[len(prompt) :], accepted
 
 

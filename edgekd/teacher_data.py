@@ -115,6 +115,21 @@ def answered_row(prompt_row: dict, answer: str) -> dict:
     return row
 
 
+def worth_answering(
+    prompts: list[dict], settings: DataSettings, train_examples: int | None
+) -> list[dict]:
+    """The prompts a build uses, in their order: the held-out slice's,
+    the one the whole set gives, so it stays put whatever the training length; and of the rest,
+    the `train_examples` with the lowest split hash (every one when None). The shipped prompts
+    come grouped by category; the hash picks across all of them."""
+    if train_examples is None:
+        return prompts
+    rows = [answered_row(p, "") for p in prompts]
+    train, heldout = data.split_indices(rows, settings.heldout_fraction, settings.max_heldout)
+    keep = set(heldout) | set(data.by_hash(rows, train)[:train_examples])
+    return [p for i, p in enumerate(prompts) if i in keep]
+
+
 def answers_journal(ctx: Context) -> Path:
     """Where the served teacher's answers (and the log-probs they came with) are journaled."""
     key = settings_hash(ctx.teacher_key, generation_key(ctx.recipe.data))

@@ -127,7 +127,10 @@ def outputs(folder: Path, report: dict) -> list[Output]:
     found = []
     for path in sorted(folder.glob("model-*.gguf")):
         quant = path.stem.removeprefix("model-")
-        found.append(Output(f"student GGUF {quant}", path, shipped=quant == report.get("quant")))
+        scored = report.get("quality", {}).get(f"gguf {quant} (llama.cpp)")
+        found.append(
+            Output(f"student GGUF {quant}", path, quant == report.get("quant"), quality=scored)
+        )
     return found
 
 

@@ -130,7 +130,12 @@ def outputs(folder: Path, report: dict) -> list[Output]:
     shipped = report.get("quant") or []
     folders = [p.parent for p in folder.glob("*/model.onnx")]  # a genai folder holds one too
     return [
-        Output(f"student ONNX {f.name}", f, shipped=f.name in shipped)
+        Output(
+            f"student ONNX {f.name}",
+            f,
+            shipped=f.name in shipped,
+            quality=report.get("quality", {}).get(f"onnx {f.name} (onnxruntime)"),
+        )
         for f in sorted(folders, key=lambda f: (f.name != "fp32", f.name))
     ]
 

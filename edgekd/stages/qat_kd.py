@@ -35,6 +35,19 @@ if TYPE_CHECKING:
     from edgekd.plan import Plan
 
 
+class _StraightThrough(torch.autograd.Function):
+    """The quantized values forward, the gradient straight to the weight backward: without the
+    full-size copy that `kept + (w - w.detach())` would make of every weight in each forward."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return kept.view_as(kept)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 class FakeQuant(nn.Module):
     """A weight parametrization: forward sees the exported values, gradients pass straight.
 
@@ -61,8 +74,8 @@ class FakeQuant(nn.Module):
         fresh = w.detach()  # a Parameter's is a Tensor, a sharded one's a DTensor
         if self.kept is None or type(self.kept) is not type(fresh) or self.kept.shape != w.shape:
             self.kept = fake_quantize(fresh, self.ggml_type, self.importance)
-        # kept + (w - w) is kept exactly; w + (kept - w) can round off its last bit.
-        return self.kept + (w - w.detach())
+        # The kept values exactly (w + (kept - w) could round off their last bit).
+        return _StraightThrough.apply(w, self.kept)
 
 
 def requantize(model: nn.Module) -> None:
@@ -126,7 +139,7 @@ def run(ctx: Context, settings: QatKdSettings) -> StageResult:
     before = evaluate_torch(student, ctx.heldout, reference)
     quality_rows["fake Q4_K_M before"] = before.as_dict()
 
-    best = {"kld": before.kld, "step": 0, "state": None}
+    best = {"quality": before, "step": 0, "state": None}
 
     def keep_best(step: int, model: nn.Module) -> None:
         if step % settings.requantize_every == 0:
@@ -134,9 +147,9 @@ def run(ctx: Context, settings: QatKdSettings) -> StageResult:
         if step % settings.eval_every and step != settings.max_steps:
             return
         # Every process takes main's decision: under FSDP gathering the weights is collective.
-        kld = broadcast_object_list([evaluate_torch(model, ctx.heldout, reference).kld])[0]
-        if kld < best["kld"]:
-            best.update(kld=kld, step=step, state=full_state_dict(model))
+        checked = broadcast_object_list([evaluate_torch(model, ctx.heldout, reference)])[0]
+        if checked.kld < best["quality"].kld:
+            best.update(quality=checked, step=step, state=full_state_dict(model))
 
     curve, train_report = train_kd(ctx, student, settings, name="qat_kd", on_step=keep_best)
     if best["state"] is not None:
@@ -145,9 +158,11 @@ def run(ctx: Context, settings: QatKdSettings) -> StageResult:
     report = {"best_step": best["step"], "types": Counter(types.values()), "training": train_report}
     report["fake_quantizer"] = "llama.cpp's imatrix-weighted search" if imatrix else "llama.cpp's"
     if ctx.is_main:
-        quality_rows["fake Q4_K_M after"] = evaluate_torch(
-            student, ctx.heldout, reference
-        ).as_dict()
+        # A check that improved kept its weights, and its scores are theirs (checks quantize
+        # afresh); else the last weights stay, not yet scored.
+        kept = best["state"] is not None
+        after = best["quality"] if kept else evaluate_torch(student, ctx.heldout, reference)
+        quality_rows["fake Q4_K_M after"] = after.as_dict()
         detach_fake_quant(student)
         quality_rows["student after"] = evaluate_torch(student, ctx.heldout, reference).as_dict()
         saved = models.save_model(student, ctx.tokenizer, ctx.work_dir / "model")

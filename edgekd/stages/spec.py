@@ -47,6 +47,9 @@ class Output(NamedTuple):
     name: str
     path: Path
     shipped: bool  # what the build exports for the profile (not only a reference like F16)
+    # Its held-out scores as the stage measured them, on the run's slice against its reference:
+    # bench reports them rather than measuring the same thing again.
+    quality: dict | None = None
 
 
 @dataclass(frozen=True)
