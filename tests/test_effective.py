@@ -30,6 +30,16 @@ def test_chain_follows_the_profile_formats_and_the_enabled_flags():
     assert asked == ["distill", "qlora", "qat_kd", "export_gguf", "export_onnx", "bench"]
 
 
+def test_train_examples_is_what_the_longest_training_stage_draws():
+    profile = load_profile("phone-1gb")
+    recipe = load_recipe(None, ["distill.max_steps=7", "distill.grad_accum=2", "qat_kd.max_steps=9"])
+    assert resolve(profile, recipe, []).train_examples == max(7 * 4 * 2, 9 * 4)
+    off = load_recipe(None, ["distill.max_steps=1", "qat_kd.max_steps=30"])
+    assert resolve(profile, off, []).train_examples == 30 * 4
+    short = load_recipe(None, ["distill.max_steps=1", "qat_kd.enabled=false"])
+    assert resolve(profile, short, ["export_gguf"]).train_examples == 4
+
+
 def test_export_quant_override_is_fit_checked_at_its_size():
     # The embedded teacher's 20-layer student: ~77 MB at Q4_K_M, ~102 MB at Q8_0, + 30 MB of KV.
     profile = load_profile("phone-1gb").model_copy(update={"memory_budget_mb": 120})

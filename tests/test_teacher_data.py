@@ -5,7 +5,15 @@ import pytest
 
 from edgekd.config import DataSettings, GenerationSettings
 from edgekd.errors import EdgekdError
-from edgekd.teacher_data import generation_key, keep_correct, prompt_rows, with_instruction
+from edgekd import data
+from edgekd.teacher_data import (
+    answered_row,
+    generation_key,
+    keep_correct,
+    prompt_rows,
+    with_instruction,
+    worth_answering,
+)
 
 
 def _chat(user, reply=None, **extra):
@@ -71,3 +79,23 @@ def test_cot_instruction_and_answer_filter():
     kept, counts = keep_correct(rows)
     assert kept == [rows[0], rows[2], rows[3]]
     assert counts == {"checkable": 3, "right": 2, "dropped": 1}
+
+
+def test_only_the_prompts_a_build_uses_are_answered():
+    shipped, settings = data.default_prompts(), DataSettings()
+
+    def slices(prompts):
+        rows = [answered_row(p, "answer") for p in prompts]
+        return data.split_heldout(rows, settings.heldout_fraction, settings.max_heldout)
+
+    assert worth_answering(shipped, settings, None) == shipped
+    picked = worth_answering(shipped, settings, 100)
+    train, heldout = slices(picked)
+    # The held-out slice is the whole set's, whatever the training length; then exactly the
+    # examples training draws, from every category (the shipped file is grouped by category).
+    assert heldout == slices(shipped)[1] and len(train) == 100
+    assert {p["category"] for p in picked} == {p["category"] for p in shipped}
+    # A longer training answers a superset: the answers already written stay useful.
+    longer = worth_answering(shipped, settings, 150)
+    assert all(p in longer for p in picked)
+    assert worth_answering(shipped, settings, 10_000) != shipped  # unused held-out rows skipped

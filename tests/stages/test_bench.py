@@ -101,6 +101,16 @@ def test_bench_measures_every_artifact(built):
     assert set(report["ratios"]["decode_vs_teacher"]) == set(rows) - {"teacher"}
     assert set(report["inputs"]) == {"distill", "export_gguf", "export_onnx"}
     assert report["questions"]["asked"] == 2
+    # An export's held-out scores are the ones its stage measured on the same slice, reported
+    # rather than measured again; what no stage scored (the teacher, the student) bench measures.
+    for stage, name, key in (
+        ("04-export-gguf", "student GGUF Q4_K_M", "gguf Q4_K_M (llama.cpp)"),
+        ("05-export-onnx", "student ONNX int4", "onnx int4 (onnxruntime)"),
+    ):
+        scored = json.loads((run / stage / "report.json").read_text())["quality"][key]
+        assert rows[name]["quality"] == scored
+        assert rows[name]["quality_from"] == stage[3:].replace("-", "_")
+    assert "quality_from" not in rows["student"] and rows["student"]["quality"]["tokens"] > 0
     # The stage's quality rows are the bench's own measurements.
     assert (
         report["quality"]["student ONNX int4 (onnxruntime)"] == rows["student ONNX int4"]["quality"]
