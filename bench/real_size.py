@@ -356,8 +356,8 @@ def main() -> None:
         "exports": parity(run),
     }
     print(table(rows))
-    for name, size in result["artifacts_gb"].items():
-        print(f"  {name}: {size:.3f} GB")
+    for artifact, size in result["artifacts_gb"].items():
+        print(f"  {artifact}: {size:.3f} GB")
     print(json.dumps(result["exports"], indent=1))
     out = args.json or args.work / f"real_size-{name}.json"
     out.write_text(json.dumps(result, indent=1))
