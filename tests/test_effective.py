@@ -32,7 +32,8 @@ def test_chain_follows_the_profile_formats_and_the_enabled_flags():
 
 def test_train_examples_is_what_the_longest_training_stage_draws():
     profile = load_profile("phone-1gb")
-    recipe = load_recipe(None, ["distill.max_steps=7", "distill.grad_accum=2", "qat_kd.max_steps=9"])
+    sets = ["distill.max_steps=7", "distill.grad_accum=2", "qat_kd.max_steps=9"]
+    recipe = load_recipe(None, sets)
     assert resolve(profile, recipe, []).train_examples == max(7 * 4 * 2, 9 * 4)
     off = load_recipe(None, ["distill.max_steps=1", "qat_kd.max_steps=30"])
     assert resolve(profile, off, []).train_examples == 30 * 4

@@ -3,9 +3,9 @@ and answer filter."""
 
 import pytest
 
+from edgekd import data
 from edgekd.config import DataSettings, GenerationSettings
 from edgekd.errors import EdgekdError
-from edgekd import data
 from edgekd.teacher_data import (
     answered_row,
     generation_key,
