@@ -7,6 +7,7 @@ every stage (and a resumed build) reuses them.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -102,6 +103,12 @@ class Context:
                 models.resolve_source(self.recipe.student.source, role="student")
             )
         return models.load_tokenizer(self.teacher_source)
+
+    def release_teacher(self) -> None:
+        """Let go of the in-process teacher (loaded again if asked for again): a stage that
+        loads other models after its last use of it holds one model less."""
+        self.__dict__.pop("teacher", None)
+        gc.collect()
 
     @cached_property
     def teacher(self) -> torch.nn.Module:

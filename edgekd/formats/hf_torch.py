@@ -109,7 +109,7 @@ def generate_token_ids(
 
 
 # Tokens one scoring forward pass holds: its logits over a 50k vocabulary take 200 MB.
-_SCORE_TOKENS = 1024
+SCORE_TOKENS = 1024
 
 
 def _length_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -183,7 +183,7 @@ class HfTorch(Runtime):
 
         inputs = [ids[:-1] for ids, _ in requests]
         out: list[Continuation] = [None] * len(requests)  # type: ignore[list-item]
-        for batch in _length_batches([len(x) for x in inputs], _SCORE_TOKENS):
+        for batch in _length_batches([len(x) for x in inputs], SCORE_TOKENS):
             width = len(inputs[batch[0]])
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):

@@ -16,6 +16,7 @@ from edgekd.config import BenchSettings
 from edgekd.console import console
 from edgekd.context import Context
 from edgekd.errors import EdgekdError
+from edgekd.formats.hf_torch import SCORE_TOKENS
 from edgekd.rundir import StageResult, read_done
 from edgekd.stages.spec import SizeInputs, StageSpec
 
@@ -160,6 +161,8 @@ def run(ctx: Context, settings: BenchSettings) -> StageResult:
     # Speculative decoding needs the teacher's logits in this process.
     if settings.speculative.prompts and not ctx.is_served:
         report["speculative"] = _speculative(ctx, settings, threads)
+    # The task scores load each artifact here, the teacher among them.
+    ctx.release_teacher()
     if settings.tasks:
         _score_tasks(ctx, settings, found, rows, threads)
     quality = {f"{r['name']} ({r['runtime']})": r["quality"] for r in rows}
@@ -172,11 +175,15 @@ def disk_bytes(s: SizeInputs) -> int:
 
 
 def host_bytes(s: SizeInputs) -> int:
-    """The speculative check holds the teacher and the fp32 student in this process; the
-    artifacts are measured one at a time in a child, the teacher the largest of them."""
-    held = host_memory.teacher_bytes(s.teacher_config, s.recipe)
-    held += host_memory.fp32_bytes(s.student_config)
-    return int(host_memory.common_bytes(s.recipe, s.student_config) + held)
+    """The larger of the speculative check (the teacher and the fp32 student in this process)
+    and the task scores after it (one artifact at a time in this process, the teacher the
+    largest, with a batch's logits and their fp32 copy); the artifacts' own measures run in a
+    child, one at a time."""
+    teacher = host_memory.teacher_bytes(s.teacher_config, s.recipe)
+    speculative = teacher + host_memory.fp32_bytes(s.student_config)
+    logits = 2 * 4 * SCORE_TOKENS * s.student_config.vocab_size
+    tasks = teacher + logits if s.recipe.bench.tasks else 0
+    return int(host_memory.common_bytes(s.recipe, s.student_config) + max(speculative, tasks))
 
 
 SPEC = StageSpec(
