@@ -92,9 +92,11 @@ def test_diverging_lr_stops_distill_and_keeps_the_last_good_checkpoint(
     tiny_teacher_dir, chat_jsonl, tmp_path, chunk
 ):
     run = tmp_path / "run"
+    # One warmup step at lr 0: the first update does nothing, so the weights diverge at step 2
+    # and its gradient is the first non-finite one.
     bad = [
         "distill.max_steps=6", "distill.checkpoint_every=2", "distill.lr=1e30",
-        f"distill.scale.loss_chunk_tokens={chunk}",
+        f"distill.scale.loss_chunk_tokens={chunk}", "distill.warmup_ratio=0.1",
     ]  # fmt: skip
     rc, out = _build(run, tiny_teacher_dir, chat_jsonl, *bad)
     assert rc == 2, out
@@ -139,7 +141,9 @@ def test_non_finite_training_terms_stop_distill(
     tiny_teacher_dir, chat_jsonl, tmp_path, extra, expect
 ):
     run = tmp_path / "run"
-    rc, out = _build(run, tiny_teacher_dir, chat_jsonl, "distill.max_steps=8", *extra)
+    # One warmup step at lr 0 (as above): the steps named are the ones after it.
+    warmup = "distill.warmup_ratio=0.1"
+    rc, out = _build(run, tiny_teacher_dir, chat_jsonl, "distill.max_steps=8", warmup, *extra)
     assert rc == 2, out
     line = _error_line(out)
     assert expect in line and "training stopped, nothing saved or marked done" in line

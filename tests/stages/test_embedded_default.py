@@ -13,7 +13,10 @@ def test_embedded_default_student_exports_match_torch(tmp_path, chat_jsonl):
     recipe = load_recipe(
         None,
         [
+            # One step, all warmup (lr 0): the exports of the pruned student as pruning made it,
+            # whose held-out top tokens are clear of F16's rounding.
             "distill.max_steps=1",
+            "distill.warmup_ratio=0.5",
             "distill.batch_size=2",
             "data.max_seq_len=64",
             "qlora.enabled=false",
