@@ -28,13 +28,27 @@ def _weights_bytes(onnx_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_files(onnx_dir))
 
 
+# Bytes one protobuf message can hold. optimum's post-processing of an export (which stores a tied
+# embedding once) loads the whole model into one, so past it the export fails there.
+PROTOBUF_LIMIT = 2**31
+
+
+def post_processable(params: int) -> bool:
+    """Whether optimum can post-process the export of a model of `params` parameters: its fp32
+    weights fit one protobuf message (a Qwen2.5-0.5B does, just; a 1.5B does not)."""
+    return 4 * params < PROTOBUF_LIMIT
+
+
 def export_onnx(model_dir: Path, out_dir: Path) -> Path:
     """Export a Hugging Face folder to `out_dir` (fp32, KV cache), with its tokenizer.json."""
     from optimum.exporters.onnx import main_export
 
+    from edgekd import models
+
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise EdgekdError(f"{model_dir} has no tokenizer.json: save the tokenizer with the model")
+    params = models.params_at(model_dir)
     with atomic_path(out_dir) as tmp:
         main_export(
             str(model_dir),
@@ -45,6 +59,8 @@ def export_onnx(model_dir: Path, out_dir: Path) -> Path:
             do_validation=False,  # parity is measured by the caller, in its own report
             local_files_only=True,
             library_name="transformers",
+            # Past the limit a tied embedding stays two weights (embedding and head).
+            no_post_process=params is not None and not post_processable(params),
         )
         # transformers may save a sentencepiece file that disagrees with tokenizer.json.
         (tmp / "tokenizer.model").unlink(missing_ok=True)

@@ -238,3 +238,10 @@ def test_int8_projections_make_a_mixed_layout(exported, tokenizer, tmp_path, met
         quantize_onnx(
             onnx_dir, tmp_path / "bad", "int4", **{**settings, "int8_projections": ["w_proj"]}
         )
+
+
+def test_post_processing_only_below_the_protobuf_limit():
+    # Qwen2.5-0.5B's and -1.5B's parameter counts: optimum's post-processing of the second
+    # fails to serialize its one proto (measured by bench/real_size.py).
+    assert onnx_module.post_processable(494_032_768)
+    assert not onnx_module.post_processable(1_543_714_304)
