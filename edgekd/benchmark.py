@@ -341,6 +341,7 @@ def benchmark_artifact(
 ) -> dict:
     """Every measure of one artifact against the profile, as one report row."""
     cost = checked_cost(artifact, profile.context_length)
+    already_scored = heldout_file is not None and bool(artifact.quality)
     job = Job(
         runtime=artifact.runtime,
         path=str(artifact.path),
@@ -352,7 +353,7 @@ def benchmark_artifact(
         warmup_runs=settings.warmup_runs,
         questions=questions,
         answer_max_tokens=settings.answer_max_tokens,
-        heldout=None if heldout_file is None or artifact.quality else str(heldout_file),
+        heldout=None if heldout_file is None or already_scored else str(heldout_file),
     )
     row = artifact_row(
         artifact,
@@ -365,7 +366,7 @@ def benchmark_artifact(
         decode_tokens=settings.decode_tokens,
         size_bytes=size_on_disk(artifact.path),
     )
-    if artifact.quality and heldout_file is not None:
+    if already_scored:
         row["quality"], row["quality_from"] = artifact.quality, artifact.quality_from
     if artifact.shipped and settings.memory_cap:
         # What a device does with the model: load, prompt, decode. The scoring and answers after

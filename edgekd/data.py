@@ -266,10 +266,9 @@ def split_indices(
 ) -> tuple[list[int], list[int]]:
     """split_heldout's (train, heldout) as row indices, each in row order."""
     mask = heldout_mask(rows, fraction)
-    chosen = sorted((i for i, m in enumerate(mask) if m), key=lambda i: _hash_score(rows[i]))
-    keep = set(chosen[:max_heldout])
+    chosen = by_hash(rows, [i for i, m in enumerate(mask) if m])
     train = [i for i, m in enumerate(mask) if not m]
-    return train, sorted(keep)
+    return train, sorted(chosen[:max_heldout])
 
 
 def by_hash(rows: list[dict], indices: list[int]) -> list[int]:

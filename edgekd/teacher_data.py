@@ -118,10 +118,10 @@ def answered_row(prompt_row: dict, answer: str) -> dict:
 def worth_answering(
     prompts: list[dict], settings: DataSettings, train_examples: int | None
 ) -> list[dict]:
-    """The prompts a build uses, in their order: the held-out slice's,
-    the one the whole set gives, so it stays put whatever the training length; and of the rest,
-    the `train_examples` with the lowest split hash (every one when None). The shipped prompts
-    come grouped by category; the hash picks across all of them."""
+    """The prompts a build uses, in their order: the held-out slice's (the one the whole set
+    gives, so it stays put whatever the training length) and, of the rest, the `train_examples`
+    with the lowest split hash (every one when None). The shipped prompts come grouped by
+    category; the hash picks across all of them."""
     if train_examples is None:
         return prompts
     rows = [answered_row(p, "") for p in prompts]

@@ -30,6 +30,30 @@ def greedy_torch(model, tokenizer, messages, max_tokens):
     return tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)
 
 
+def _int4(onnx_dir, out, seqs, method, *, head_bits, **quant):
+    """quantize_onnx's int4 by `method` (gptq calibrated on `seqs`), all 4-bit in the body, with
+    QUANT's settings but for `quant`."""
+    calibration = Calibration(onnx_dir, seqs) if method == "gptq" else None
+    return quantize_onnx(
+        onnx_dir,
+        out,
+        "int4",
+        **{**QUANT, "int8_projections": [], **quant},
+        method=method,
+        head_bits=head_bits,
+        calibration=calibration,
+    )
+
+
+def _assert_tracks_its_float_self(out, model, seqs, tokenizer, tmp_path, **shape):
+    """The quantized folder's kld to its float model is under a tenth of another random model's
+    of the same shape."""
+    ref = torch_logprobs(model, seqs)
+    q = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
+    other = save_tiny(tmp_path / "other", "llama", tokenizer, seed=1, **shape)
+    assert q.kld < 0.1 * measure(torch_logprobs(other, seqs), ref, seqs).kld
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizer):
     """A tiny Qwen2 (q/k/v biases, untied) and a tiny Llama (tied), exported once."""
@@ -136,26 +160,14 @@ def test_every_int4_method_quantizes_every_matmul(exported, tokenizer, tmp_path,
     the embedding in 4 bits, and a model that still tracks its float self."""
     model, onnx_dir = exported["llama"]
     seqs = [tokenizer(PROSE)["input_ids"]]
-    calibration = Calibration(onnx_dir, seqs) if method == "gptq" else None
-    out = quantize_onnx(
-        onnx_dir,
-        tmp_path / method,
-        "int4",
-        **{**QUANT, "int8_projections": []},
-        method=method,
-        head_bits=HEAD_BITS[method],
-        calibration=calibration,
-    )
+    out = _int4(onnx_dir, tmp_path / method, seqs, method, head_bits=HEAD_BITS[method])
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     bits = _bits(graph)
     head = bits.pop("lm_head", 32)
     assert head == HEAD_BITS[method]
     assert len(bits) == 2 * 7 and set(bits.values()) == {4}
     assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
-    ref = torch_logprobs(model, seqs)
-    q = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
-    other = save_tiny(tmp_path / "other", "llama", tokenizer, seed=1)
-    assert q.kld < 0.1 * measure(torch_logprobs(other, seqs), ref, seqs).kld
+    _assert_tracks_its_float_self(out, model, seqs, tokenizer, tmp_path)
 
 
 def test_quantize_refuses_unknown_method(tmp_path):
@@ -187,24 +199,12 @@ def test_odd_block_count_per_column(tokenizer, tmp_path, method):
     model = save_tiny(tmp_path / "odd", "llama", tokenizer, hidden=96)
     onnx_dir = export_onnx(tmp_path / "odd", tmp_path / "odd-onnx")
     seqs = [tokenizer(PROSE)["input_ids"]]
-    calibration = Calibration(onnx_dir, seqs) if method == "gptq" else None
-    out = quantize_onnx(
-        onnx_dir,
-        tmp_path / method,
-        "int4",
-        **{**QUANT, "block_size": 32, "int8_projections": []},
-        method=method,
-        head_bits=8,
-        calibration=calibration,
-    )
+    out = _int4(onnx_dir, tmp_path / method, seqs, method, head_bits=8, block_size=32)
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     shapes = {i.name: tuple(i.dims) for i in graph.initializer}
     q_proj = next(n for n in graph.node if n.op_type == "MatMulNBits" and "q_proj" in n.name)
     assert shapes[q_proj.input[3]] == (96, 2)  # ceil(3 blocks / 2) bytes per output column
-    ref = torch_logprobs(model, seqs)
-    q = measure(Ort(out, threads=2).logprobs(seqs), ref, seqs)
-    other = save_tiny(tmp_path / "other", "llama", tokenizer, seed=1, hidden=96)
-    assert q.kld < 0.1 * measure(torch_logprobs(other, seqs), ref, seqs).kld
+    _assert_tracks_its_float_self(out, model, seqs, tokenizer, tmp_path, hidden=96)
 
 
 @pytest.mark.slow
